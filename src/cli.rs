@@ -1,0 +1,177 @@
+//! Command line and environment. The Go task-executor's flags and variables keep working,
+//! including Go's single-dash long flags (`-listen-addr=...`) and running without a subcommand,
+//! so existing Pool templates can exec sandlet in its place.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::process::shim::ShimArgs;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sandlet",
+    version,
+    about = "In-sandbox agent: OpenSandbox task executor (and exec API) in one binary"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
+pub enum Command {
+    /// Serve the task API (the default when no subcommand is given).
+    Serve(ServeArgs),
+    /// Internal: supervise one task (started by sandlet itself).
+    #[command(hide = true)]
+    Shim(ShimArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Where task records and output live.
+    #[arg(long, env = "DATA_DIR", default_value = "/var/lib/sandbox/tasks")]
+    pub data_dir: PathBuf,
+    /// Address of the task API.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:5758")]
+    pub listen_addr: SocketAddr,
+    /// Run tasks inside the main container of the pod (sidecar placement).
+    #[arg(long, env = "ENABLE_SIDECAR_MODE", num_args = 0..=1, default_value = "false",
+          default_missing_value = "true", value_parser = parse_go_bool)]
+    pub enable_sidecar_mode: bool,
+    /// Value of the SANDBOX_MAIN_CONTAINER marker that identifies the main container.
+    #[arg(long, env = "MAIN_CONTAINER_NAME", default_value = "main")]
+    pub main_container_name: String,
+    /// File holding the bearer token required on every route but /health.
+    #[arg(long, env = "SANDLET_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Tasks not yet ended, at most.
+    #[arg(long, env = "SANDLET_MAX_ACTIVE_TASKS", default_value_t = 64)]
+    pub max_active_tasks: usize,
+    /// Tasks kept, ended ones included, at most.
+    #[arg(long, env = "SANDLET_MAX_TASKS", default_value_t = 1024)]
+    pub max_tasks: usize,
+    /// Seconds between SIGTERM and SIGKILL when a task's process tree is stopped.
+    #[arg(long, env = "SANDLET_STOP_GRACE_SECONDS", default_value_t = 10)]
+    pub stop_grace_seconds: u64,
+    /// Bytes of stdout (and of stderr) kept per task: the newest output, between half and all of this.
+    #[arg(long, env = "SANDLET_TASK_LOG_LIMIT_BYTES", default_value_t = 16 << 20)]
+    pub task_log_limit_bytes: u64,
+    /// Largest request body accepted.
+    #[arg(long, env = "SANDLET_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Log format on stderr.
+    #[arg(long, env = "SANDLET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter, in RUST_LOG syntax.
+    #[arg(long, env = "SANDLET_LOG", default_value = "info")]
+    pub log_level: String,
+    /// Accepted for compatibility with the Go executor; unused (container mode does not exist).
+    #[arg(long, env = "CRI_SOCKET", hide = true)]
+    pub cri_socket: Option<String>,
+    /// Accepted for compatibility with the Go executor; sandlet logs to stderr.
+    #[arg(long, hide = true)]
+    pub log_dir: Option<String>,
+    #[arg(long, hide = true)]
+    pub log_max_size: Option<String>,
+    #[arg(long, hide = true)]
+    pub log_max_backups: Option<String>,
+    #[arg(long, hide = true)]
+    pub log_max_age: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Go's `strconv.ParseBool`, which its flag package uses.
+fn parse_go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean")),
+    }
+}
+
+/// The Go executor's flag names, which Go also accepts with a single dash.
+const GO_FLAGS: &[&str] = &[
+    "data-dir",
+    "listen-addr",
+    "cri-socket",
+    "enable-sidecar-mode",
+    "main-container-name",
+    "log-dir",
+    "log-max-size",
+    "log-max-backups",
+    "log-max-age",
+];
+
+/// Rewrites `-listen-addr=x` (Go style) to `--listen-addr=x`.
+pub fn normalize_go_flags(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    args.into_iter()
+        .map(|arg| {
+            let Some(s) = arg.to_str() else { return arg };
+            let Some(rest) = s.strip_prefix('-').filter(|r| !r.starts_with('-')) else {
+                return arg;
+            };
+            let name = rest.split('=').next().unwrap_or_default();
+            if GO_FLAGS.contains(&name) {
+                format!("-{s}").into()
+            } else {
+                arg
+            }
+        })
+        .collect()
+}
+
+impl Cli {
+    pub fn parse_args() -> Cli {
+        Cli::parse_from(normalize_go_flags(std::env::args_os()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from(normalize_go_flags(args.iter().map(OsString::from))).unwrap();
+        match cli.command {
+            Some(Command::Serve(a)) => a,
+            None => cli.serve,
+            Some(Command::Shim(_)) => panic!("shim"),
+        }
+    }
+
+    #[test]
+    fn go_style_flags_work_without_subcommand() {
+        let a = parse(&[
+            "task-executor",
+            "-listen-addr=127.0.0.1:9",
+            "-data-dir",
+            "/d",
+            "-enable-sidecar-mode",
+        ]);
+        assert_eq!(a.listen_addr.to_string(), "127.0.0.1:9");
+        assert_eq!(a.data_dir, PathBuf::from("/d"));
+        assert!(a.enable_sidecar_mode);
+        let b = parse(&[
+            "sandlet",
+            "serve",
+            "--enable-sidecar-mode=false",
+            "--max-active-tasks",
+            "3",
+        ]);
+        assert!(!b.enable_sidecar_mode);
+        assert_eq!(b.max_active_tasks, 3);
+    }
+}

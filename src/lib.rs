@@ -1,0 +1,11 @@
+//! sandlet: the in-sandbox agent for Kubernetes AI sandboxes. It serves OpenSandbox's
+//! task-executor API and supervises the tasks it is given.
+
+pub mod atomic_file;
+pub mod cli;
+pub mod error;
+pub mod http;
+pub mod process;
+pub mod serve;
+pub mod tasks;
+pub mod telemetry;

@@ -1,0 +1,65 @@
+//! Starting, watching and stopping process trees.
+//!
+//! Every task runs under a *shim*: sandlet re-executed in its `shim` role (the conmon /
+//! containerd-shim pattern). The shim is the task's parent and the subreaper of its tree; it
+//! copies the task's output into bounded log files and records the exit status in the task's
+//! directory before it tells sandlet. Because the shim, not sandlet, is the parent, a task keeps
+//! running and its exit status is still recorded while sandlet itself is down or restarting.
+
+mod identity;
+mod launch;
+mod output;
+mod pidfd;
+mod reaper;
+pub mod shim;
+mod tree;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub use identity::{ProcessIdentity, stat};
+pub use launch::{ExitWatch, LaunchSpec, Launched, launch, read_exit_record};
+pub use output::{LogChunk, read_log};
+pub use pidfd::PidFd;
+pub use reaper::Reaper;
+pub use tree::Tree;
+
+/// How a process ended, as the kernel or sandlet saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Outcome {
+    Exited {
+        code: i32,
+    },
+    Signaled {
+        signal: i32,
+    },
+    StartFailed {
+        message: String,
+    },
+    /// sandlet could not learn how the process ended; `reason` says why.
+    Lost {
+        reason: String,
+        message: String,
+    },
+}
+
+/// `run.json`, written by the shim once the task's process exists.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunRecord {
+    pub shim: ProcessIdentity,
+    pub task: ProcessIdentity,
+    pub started_at: DateTime<Utc>,
+}
+
+/// `exit.json`, written durably by the shim when the task's process has ended (or failed to start).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitRecord {
+    pub finished_at: DateTime<Utc>,
+    pub outcome: Outcome,
+}
+
+pub const RUN_FILE: &str = "run.json";
+pub const EXIT_FILE: &str = "exit.json";

@@ -1,0 +1,91 @@
+//! pidfds: a handle that stays bound to one process (no pid-reuse races) and becomes readable
+//! when it exits, so exits are awaited, never polled.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use tokio::io::unix::AsyncFd;
+
+use super::ProcessIdentity;
+
+pub struct PidFd {
+    fd: AsyncFd<OwnedFd>,
+    pid: i32,
+}
+
+impl PidFd {
+    /// Opens a pidfd for `pid`. The caller checks identity afterwards when the pid is not its
+    /// own unreaped child (see [`PidFd::open_identity`]).
+    pub fn open(pid: i32) -> io::Result<Self> {
+        // SAFETY: plain syscall; the returned fd (CLOEXEC by the kernel) is owned here.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        // SAFETY: the OwnedFd stays inside the AsyncFd, open and unchanged, for its whole life.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        Ok(PidFd { fd, pid })
+    }
+
+    /// Opens a pidfd and then confirms the process is still the one named by `identity`; the
+    /// order matters: once the fd is open the pid cannot be recycled behind it.
+    pub fn open_identity(identity: ProcessIdentity) -> io::Result<Self> {
+        let fd = Self::open(identity.pid)?;
+        if ProcessIdentity::of(identity.pid)? != identity {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        Ok(fd)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Completes when the process has exited.
+    pub async fn exited(&self) -> io::Result<()> {
+        let mut guard = self.fd.readable().await?;
+        guard.retain_ready();
+        Ok(())
+    }
+
+    pub fn send_signal(&self, signal: i32) -> io::Result<()> {
+        let fd = self.fd.get_ref().as_raw_fd();
+        // SAFETY: plain syscall on an fd we own.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd,
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Reaps the process if it is our exited child. Only the owner of a child calls this.
+    pub fn reap(&self) -> io::Result<()> {
+        let fd = self.fd.get_ref().as_raw_fd();
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid with a zeroed siginfo buffer we own.
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                fd as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The shim role: `sandlet shim --task-dir DIR --log-limit N -- PROGRAM ARGS...`.
+//!
+//! Started by sandlet for each task, with its standard input set to the write end of a report
+//! pipe (the only fd sandlet can hand over without a fork-time hook, which would cost sandlet
+//! the posix_spawn fast path). The shim
+//! 1. becomes a child subreaper, so the task's whole tree stays below it;
+//! 2. starts the task in its own process group, stdout and stderr on pipes;
+//! 3. writes `run.json`, then reports `S <pid> <start_ticks> <shim_start_ticks> <unix_nanos>`;
+//! 4. copies output into bounded log segments until the task is reaped and its pipes are drained
+//!    (for at most [`DRAIN_GRACE`] once reaped, so a grandchild holding a pipe cannot hold back
+//!    the exit);
+//! 5. writes `exit.json` durably, then reports `X`;
+//! 6. keeps reaping (and logging) what is left of the tree until it has no children, then exits.
+//!
+//! A start failure writes `exit.json` and reports `E <message>`. The shim ignores the usual
+//! termination signals: sandlet stops the tree below it, and the shim must outlive that to
+//! record the result.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use super::output::SegmentWriter;
+use super::{EXIT_FILE, ExitRecord, Outcome, ProcessIdentity, RUN_FILE, RunRecord};
+use crate::atomic_file::{self, Durability};
+
+/// How long a reaped task's pipes may stay open (held by a descendant) before its exit is
+/// recorded anyway.
+pub const DRAIN_GRACE: Duration = Duration::from_millis(100);
+
+#[derive(Debug, clap::Args)]
+pub struct ShimArgs {
+    #[arg(long)]
+    pub task_dir: PathBuf,
+    #[arg(long)]
+    pub log_limit: u64,
+    #[arg(last = true, required = true)]
+    pub argv: Vec<OsString>,
+}
+
+/// Runs the shim; returns the process exit code.
+pub fn run(args: ShimArgs) -> i32 {
+    // SAFETY: fd 0 is the report pipe sandlet gave us (module docs); nothing else owns it.
+    let mut report = unsafe { File::from_raw_fd(0) };
+    match supervise(&args, &mut report) {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = writeln!(report, "E shim failed: {e}");
+            1
+        }
+    }
+}
+
+fn supervise(args: &ShimArgs, report: &mut File) -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true)?;
+    let mut handled = SigSet::empty();
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
+        handled.add(sig);
+    }
+    // Blocked signals arrive on the signalfd; std clears the mask again in the task's process.
+    handled.thread_block()?;
+    let signals = SignalFd::with_flags(&handled, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
+
+    let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    let mut command = Command::new(&args.argv[0]);
+    command
+        .args(&args.argv[1..])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(blocking(out_w)?)
+        .stderr(blocking(err_w)?);
+    // SAFETY: only async-signal-safe calls (sigprocmask, sigaction) between fork and exec.
+    unsafe { command.pre_exec(reset_signals) };
+    let spawned = command.spawn();
+    // Our copies of the write ends must go, or the pipes never reach EOF.
+    drop(command);
+    let child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            let message = format!("cannot start {:?}: {e}", args.argv[0]);
+            let record = ExitRecord {
+                finished_at: Utc::now(),
+                outcome: Outcome::StartFailed {
+                    message: message.clone(),
+                },
+            };
+            atomic_file::write_json(&args.task_dir.join(EXIT_FILE), &record, Durability::Durable)?;
+            writeln!(report, "E {message}")?;
+            return Ok(());
+        }
+    };
+    let task_pid = child.id() as i32;
+    let started_at = Utc::now();
+    let run = RunRecord {
+        shim: ProcessIdentity::of(std::process::id() as i32)?,
+        task: ProcessIdentity::of(task_pid)?,
+        started_at,
+    };
+    atomic_file::write_json(&args.task_dir.join(RUN_FILE), &run, Durability::Atomic)?;
+    writeln!(
+        report,
+        "S {} {} {} {}",
+        run.task.pid,
+        run.task.start_ticks,
+        run.shim.start_ticks,
+        started_at.timestamp_nanos_opt().unwrap_or(0)
+    )?;
+
+    let mut outputs = [
+        Output {
+            pipe: Some(out_r),
+            log: SegmentWriter::create(&args.task_dir, "stdout", args.log_limit)?,
+        },
+        Output {
+            pipe: Some(err_r),
+            log: SegmentWriter::create(&args.task_dir, "stderr", args.log_limit)?,
+        },
+    ];
+    let mut ended: Option<(ExitRecord, Instant)> = None;
+    let mut reported = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let no_children = reap(task_pid, &mut ended)?;
+        if !reported
+            && let Some((record, reaped_at)) = &ended
+            && (outputs.iter().all(|o| o.pipe.is_none()) || reaped_at.elapsed() >= DRAIN_GRACE)
+        {
+            atomic_file::write_json(&args.task_dir.join(EXIT_FILE), record, Durability::Durable)?;
+            // sandlet may be gone (it is being restarted); the exit file is the record.
+            let _ = writeln!(report, "X");
+            reported = true;
+        }
+        if reported && no_children {
+            break;
+        }
+        let timeout = match (&ended, reported) {
+            (Some((_, reaped_at)), false) => {
+                let left = DRAIN_GRACE.saturating_sub(reaped_at.elapsed());
+                PollTimeout::try_from(left.as_millis().max(1) as u64).unwrap_or(PollTimeout::MAX)
+            }
+            _ => PollTimeout::NONE,
+        };
+        let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        let open: Vec<usize> = (0..outputs.len())
+            .filter(|&i| outputs[i].pipe.is_some())
+            .collect();
+        for &i in &open {
+            fds.push(PollFd::new(
+                outputs[i].pipe.as_ref().expect("open").as_fd(),
+                PollFlags::POLLIN,
+            ));
+        }
+        match poll(&mut fds, timeout) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        drop(fds);
+        while let Ok(Some(_)) = signals.read_signal() {}
+        for &i in &open {
+            outputs[i].copy(&mut buf)?;
+        }
+    }
+    for output in &mut outputs {
+        output.copy(&mut buf)?;
+    }
+    Ok(())
+}
+
+struct Output {
+    pipe: Option<OwnedFd>,
+    log: SegmentWriter,
+}
+
+impl Output {
+    /// Copies what the pipe holds now; closes it at EOF.
+    fn copy(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        let Some(pipe) = &self.pipe else {
+            return Ok(());
+        };
+        let mut file = File::from(pipe.try_clone()?);
+        loop {
+            match file.read(buf) {
+                Ok(0) => {
+                    self.pipe = None;
+                    return Ok(());
+                }
+                Ok(n) => self.log.write(&buf[..n])?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Reaps every exited child; records the task's own ending. Returns true when no child is left.
+fn reap(task_pid: i32, ended: &mut Option<(ExitRecord, Instant)>) -> io::Result<bool> {
+    loop {
+        let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => return Ok(false),
+            Ok(status) => status,
+            Err(Errno::ECHILD) => return Ok(true),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if status.pid() != Some(Pid::from_raw(task_pid)) {
+            continue; // an orphan of the task's tree
+        }
+        let outcome = match status {
+            WaitStatus::Exited(_, code) => Outcome::Exited { code },
+            WaitStatus::Signaled(_, signal, _) => Outcome::Signaled {
+                signal: signal as i32,
+            },
+            _ => continue,
+        };
+        *ended = Some((
+            ExitRecord {
+                finished_at: Utc::now(),
+                outcome,
+            },
+            Instant::now(),
+        ));
+    }
+}
+
+/// A task starts with no blocked signals and every disposition at its default, whatever the
+/// shim blocks and whatever sandlet's own environment ignored (a `nohup`ed SIGHUP, say).
+fn reset_signals() -> io::Result<()> {
+    SigSet::empty().thread_set_mask()?;
+    for signal in Signal::iterator().filter(|s| !matches!(s, Signal::SIGKILL | Signal::SIGSTOP)) {
+        // SAFETY: installing SIG_DFL runs no handler code.
+        unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl) }?;
+    }
+    Ok(())
+}
+
+/// The task gets ordinary blocking pipe ends; only the shim's read ends are non-blocking.
+fn blocking(fd: OwnedFd) -> io::Result<OwnedFd> {
+    let flags = OFlag::from_bits_truncate(nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?);
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK),
+    )?;
+    Ok(fd)
+}

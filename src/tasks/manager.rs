@@ -1,0 +1,665 @@
+//! The task table: one lock-protected map in creation order, a version bumped on every visible
+//! change, and a broadcast of those changes (the change feed). Disk writes under the lock are
+//! small renames without fsync; the only fsyncs are of final results.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::Utc;
+use indexmap::IndexMap;
+use tokio::sync::{broadcast, mpsc};
+
+use super::TaskError;
+use super::state::{Outcome, StopCause, TaskState};
+use super::store::{Store, TaskRecord, Verdict};
+use super::supervisor::{Watched, supervise};
+use super::validate::check_task;
+use super::wire::{Process, Task};
+use crate::atomic_file::{self, Durability};
+use crate::process::{self, ExitRecord, ExitWatch, LaunchSpec, PidFd, Reaper, RunRecord, Tree};
+
+#[derive(Debug, Clone)]
+pub struct TaskConfig {
+    pub data_dir: PathBuf,
+    /// Tasks not yet terminal, at most.
+    pub max_active: usize,
+    /// Tasks kept (terminal ones included), at most.
+    pub max_tasks: usize,
+    /// Between SIGTERM and SIGKILL when a task's tree is stopped.
+    pub stop_grace: Duration,
+    /// Bytes of each output stream kept per task.
+    pub log_limit: u64,
+}
+
+/// A change to the task table, numbered by the table's version.
+#[derive(Debug, Clone)]
+pub enum FeedEvent {
+    Task { version: u64, task: Box<Task> },
+    Deleted { version: u64, name: String },
+}
+
+#[derive(Clone)]
+pub struct TaskManager(Arc<Shared>);
+
+struct Shared {
+    config: TaskConfig,
+    store: Store,
+    reaper: Arc<Reaper>,
+    inner: Mutex<Inner>,
+    feed: broadcast::Sender<FeedEvent>,
+}
+
+struct Inner {
+    tasks: IndexMap<String, Entry>,
+    version: u64,
+    next_seq: u64,
+}
+
+struct Entry {
+    record: TaskRecord,
+    state: TaskState,
+    /// Stop requests to the task's supervisor, while one watches the task's tree.
+    control: Option<mpsc::UnboundedSender<()>>,
+}
+
+impl Entry {
+    fn wire(&self) -> Task {
+        Task {
+            name: self.record.name.clone(),
+            deletion_timestamp: self.record.removal_requested_at,
+            process: Some(self.record.process.clone()),
+            pod_template_spec: None,
+            process_status: Some(self.state.to_wire()),
+            pod_status: None,
+        }
+    }
+}
+
+/// A task that was accepted and is to be started.
+struct ToStart {
+    name: String,
+    seq: u64,
+    process: Process,
+}
+
+impl TaskManager {
+    /// Opens the data dir and recovers every task recorded there (see `recover`).
+    pub fn open(config: TaskConfig, reaper: Arc<Reaper>) -> Result<TaskManager, TaskError> {
+        let store = Store::open(&config.data_dir)?;
+        let (feed, _) = broadcast::channel(1024);
+        let manager = TaskManager(Arc::new(Shared {
+            config,
+            store,
+            reaper,
+            inner: Mutex::new(Inner {
+                tasks: IndexMap::new(),
+                version: 0,
+                next_seq: 1,
+            }),
+            feed,
+        }));
+        manager.recover()?;
+        Ok(manager)
+    }
+
+    pub fn list(&self) -> Vec<Task> {
+        self.lock().tasks.values().map(Entry::wire).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<Task> {
+        self.lock().tasks.get(name).map(Entry::wire)
+    }
+
+    /// The current table and its version, plus every change after it.
+    pub fn subscribe(&self) -> (u64, Vec<Task>, broadcast::Receiver<FeedEvent>) {
+        let inner = self.lock();
+        let rx = self.0.feed.subscribe();
+        (
+            inner.version,
+            inner.tasks.values().map(Entry::wire).collect(),
+            rx,
+        )
+    }
+
+    /// Where a task's files are, and whether it has ended (its output is complete).
+    pub fn output_of(&self, name: &str) -> Result<(PathBuf, bool), TaskError> {
+        let inner = self.lock();
+        let entry = inner
+            .tasks
+            .get(name)
+            .ok_or_else(|| TaskError::NotFound(name.into()))?;
+        Ok((self.0.store.task_dir(name), entry.state.is_terminal()))
+    }
+
+    /// `POST /setTasks`: makes the table match `desired`. The whole list is checked before
+    /// anything changes; tasks not in it are stopped and then forgotten.
+    pub async fn sync(&self, desired: Vec<Task>) -> Result<Vec<Task>, TaskError> {
+        let mut wanted: IndexMap<String, Process> = IndexMap::new();
+        for task in &desired {
+            let process = check_task(task).map_err(TaskError::Invalid)?;
+            if wanted.insert(task.name.clone(), process).is_some() {
+                return Err(TaskError::Invalid(format!(
+                    "task {:?} appears more than once",
+                    task.name
+                )));
+            }
+        }
+        let to_start = {
+            let mut inner = self.lock();
+            let to_start = self.admit(&mut inner, &wanted)?;
+            let unwanted: Vec<String> = inner
+                .tasks
+                .keys()
+                .filter(|n| !wanted.contains_key(*n))
+                .cloned()
+                .collect();
+            for name in unwanted {
+                self.request_removal(&mut inner, &name);
+            }
+            to_start
+        };
+        self.start_all(to_start).await;
+        Ok(self.list())
+    }
+
+    /// `POST /tasks`: adds one task. Returns whether it was created (an identical existing task
+    /// is left as it is).
+    pub async fn create(&self, task: Task) -> Result<(bool, Task), TaskError> {
+        let process = check_task(&task).map_err(TaskError::Invalid)?;
+        let wanted = IndexMap::from([(task.name.clone(), process)]);
+        let to_start = {
+            let mut inner = self.lock();
+            self.admit(&mut inner, &wanted)?
+        };
+        let created = !to_start.is_empty();
+        self.start_all(to_start).await;
+        let task = self
+            .get(&task.name)
+            .ok_or_else(|| TaskError::NotFound(task.name.clone()))?;
+        Ok((created, task))
+    }
+
+    /// `DELETE /tasks/{name}`: stops the task's tree, then forgets it. Unknown names are fine.
+    pub fn remove(&self, name: &str) {
+        let mut inner = self.lock();
+        self.request_removal(&mut inner, name);
+    }
+
+    /// Checks conflicts and limits for `wanted`, then records the new tasks. Nothing is changed
+    /// unless everything passes.
+    fn admit(
+        &self,
+        inner: &mut Inner,
+        wanted: &IndexMap<String, Process>,
+    ) -> Result<Vec<ToStart>, TaskError> {
+        let mut new = Vec::new();
+        for (name, process) in wanted {
+            match inner.tasks.get(name) {
+                Some(e) if e.record.removal_requested_at.is_some() => {
+                    return Err(TaskError::Conflict(format!(
+                        "task {name:?} is being removed; add it again once it is gone"
+                    )));
+                }
+                Some(e) if e.record.process != *process => {
+                    return Err(TaskError::Conflict(format!(
+                        "task {name:?} already exists with a different spec; a task's spec cannot change: remove it first or use a new name"
+                    )));
+                }
+                Some(_) => {}
+                None => new.push((name, process)),
+            }
+        }
+        if new.is_empty() {
+            return Ok(Vec::new());
+        }
+        let config = &self.0.config;
+        let active = inner
+            .tasks
+            .values()
+            .filter(|e| !e.state.is_terminal())
+            .count()
+            + new.len();
+        if active > config.max_active {
+            return Err(TaskError::Limit(format!(
+                "{active} tasks would be active; the limit is {} (--max-active-tasks)",
+                config.max_active
+            )));
+        }
+        let kept = inner.tasks.len() + new.len();
+        if kept > config.max_tasks {
+            return Err(TaskError::Limit(format!(
+                "{kept} tasks would be kept; the limit is {} (--max-tasks); remove finished tasks first",
+                config.max_tasks
+            )));
+        }
+        let mut records: Vec<TaskRecord> = Vec::new();
+        for (i, (name, process)) in new.iter().enumerate() {
+            let record = TaskRecord::new(
+                inner.next_seq + i as u64,
+                (*name).clone(),
+                (*process).clone(),
+            );
+            if let Err(e) = self.0.store.create(&record) {
+                for written in &records {
+                    let _ = self.0.store.delete(&written.name);
+                }
+                return Err(e.into());
+            }
+            records.push(record);
+        }
+        inner.next_seq += records.len() as u64;
+        let mut to_start = Vec::new();
+        for record in records {
+            to_start.push(ToStart {
+                name: record.name.clone(),
+                seq: record.seq,
+                process: record.process.clone(),
+            });
+            let entry = Entry {
+                record,
+                state: TaskState::Waiting,
+                control: None,
+            };
+            let task = entry.wire();
+            inner.tasks.insert(task.name.clone(), entry);
+            self.publish_task(inner, task);
+        }
+        Ok(to_start)
+    }
+
+    async fn start_all(&self, to_start: Vec<ToStart>) {
+        futures_util::future::join_all(to_start.into_iter().map(|t| self.start(t))).await;
+    }
+
+    async fn start(&self, task: ToStart) {
+        let dir = self.0.store.task_dir(&task.name);
+        let (program, rest) = task
+            .process
+            .command
+            .split_first()
+            .expect("validated: command is not empty");
+        let args: Vec<String> = rest.iter().chain(&task.process.args).cloned().collect();
+        let spec = LaunchSpec {
+            task_dir: &dir,
+            program,
+            args: &args,
+            env: task_env(&task.process),
+            working_dir: (!task.process.working_dir.is_empty())
+                .then(|| Path::new(&task.process.working_dir)),
+            log_limit: self.0.config.log_limit,
+        };
+        let launched = process::launch(&self.0.reaper, spec).await;
+        let mut inner = self.lock();
+        let Some(entry) = inner
+            .tasks
+            .get_mut(&task.name)
+            .filter(|e| e.record.seq == task.seq)
+        else {
+            return;
+        };
+        match launched {
+            Ok(launched) => {
+                tracing::info!(task = %task.name, pid = launched.task.pid, "task started");
+                entry.state = TaskState::Running {
+                    started_at: launched.started_at,
+                };
+                let (tx, rx) = mpsc::unbounded_channel();
+                if entry.record.removal_requested_at.is_some() {
+                    let _ = tx.send(());
+                }
+                entry.control = Some(tx);
+                let timeout = task.process.timeout_seconds;
+                let watched = Watched {
+                    tree: Tree {
+                        shim: launched.shim,
+                        pgid: launched.task.pid,
+                    },
+                    shim: Some(launched.shim_pidfd),
+                    shim_is_child: true,
+                    exit: Some(launched.exit),
+                    deadline: (timeout > 0).then(|| {
+                        (
+                            tokio::time::Instant::now() + Duration::from_secs(timeout as u64),
+                            timeout,
+                        )
+                    }),
+                };
+                let wire = entry.wire();
+                self.publish_task(&mut inner, wire);
+                tokio::spawn(supervise(self.clone(), task.name, task.seq, watched, rx));
+            }
+            Err(message) => {
+                tracing::warn!(task = %task.name, %message, "task could not start");
+                let verdict = Verdict {
+                    started_at: None,
+                    finished_at: Utc::now(),
+                    outcome: Outcome::StartFailed { message },
+                };
+                self.settle(&mut inner, &task.name, verdict);
+            }
+        }
+    }
+
+    /// Records an ending sandlet decided itself, durably, and publishes it.
+    fn settle(&self, inner: &mut Inner, name: &str, verdict: Verdict) {
+        let Some(entry) = inner.tasks.get_mut(name) else {
+            return;
+        };
+        entry.state = TaskState::Terminated {
+            started_at: verdict.started_at,
+            finished_at: verdict.finished_at,
+            outcome: verdict.outcome.clone(),
+            stopped_by: entry.record.stop_cause.clone(),
+        };
+        entry.record.verdict = Some(verdict);
+        self.save(&entry.record, Durability::Durable);
+        if entry.record.removal_requested_at.is_some() && entry.control.is_none() {
+            self.forget(inner, name);
+        } else {
+            let wire = entry.wire();
+            self.publish_task(inner, wire);
+        }
+    }
+
+    fn request_removal(&self, inner: &mut Inner, name: &str) {
+        let Some(entry) = inner.tasks.get_mut(name) else {
+            return;
+        };
+        if entry.record.removal_requested_at.is_some() {
+            return;
+        }
+        entry.record.removal_requested_at = Some(Utc::now());
+        if !entry.state.is_terminal() && entry.record.stop_cause.is_none() {
+            entry.record.stop_cause = Some(StopCause::Removed);
+        }
+        self.save(&entry.record, Durability::Atomic);
+        match &entry.control {
+            None if entry.state.is_terminal() => self.forget(inner, name),
+            control => {
+                if let Some(control) = control {
+                    let _ = control.send(());
+                }
+                let wire = entry.wire();
+                self.publish_task(inner, wire);
+            }
+        }
+    }
+
+    fn forget(&self, inner: &mut Inner, name: &str) {
+        if let Err(e) = self.0.store.delete(name) {
+            tracing::error!(task = name, error = %e, "could not delete the task's directory");
+        }
+        inner.tasks.shift_remove(name);
+        inner.version += 1;
+        tracing::info!(task = name, "task forgotten");
+        let _ = self.0.feed.send(FeedEvent::Deleted {
+            version: inner.version,
+            name: name.to_string(),
+        });
+    }
+
+    fn publish_task(&self, inner: &mut Inner, task: Task) {
+        inner.version += 1;
+        let _ = self.0.feed.send(FeedEvent::Task {
+            version: inner.version,
+            task: Box::new(task),
+        });
+    }
+
+    fn save(&self, record: &TaskRecord, durability: Durability) {
+        if let Err(e) = self.0.store.save(record, durability) {
+            tracing::error!(task = %record.name, error = %e, "could not persist the task record");
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.0.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // --- called by supervisors ---
+
+    pub(super) fn reaper(&self) -> &Reaper {
+        &self.0.reaper
+    }
+
+    pub(super) fn stop_grace(&self) -> Duration {
+        self.0.config.stop_grace
+    }
+
+    pub(super) fn on_exit(&self, name: &str, seq: u64, ended: ExitRecord) {
+        let mut inner = self.lock();
+        let Some(entry) = inner.tasks.get_mut(name).filter(|e| e.record.seq == seq) else {
+            return;
+        };
+        let started_at = match entry.state {
+            TaskState::Running { started_at } => Some(started_at),
+            _ => None,
+        };
+        tracing::info!(task = name, outcome = ?ended.outcome, "task ended");
+        if matches!(ended.outcome, Outcome::Lost { .. }) {
+            let verdict = Verdict {
+                started_at,
+                finished_at: ended.finished_at,
+                outcome: ended.outcome,
+            };
+            self.settle(&mut inner, name, verdict);
+            return;
+        }
+        entry.state = TaskState::Terminated {
+            started_at,
+            finished_at: ended.finished_at,
+            outcome: ended.outcome,
+            stopped_by: entry.record.stop_cause.clone(),
+        };
+        let wire = entry.wire();
+        self.publish_task(&mut inner, wire);
+    }
+
+    pub(super) fn on_timeout(&self, name: &str, seq: u64, seconds: i64) {
+        let mut inner = self.lock();
+        let Some(entry) = inner.tasks.get_mut(name).filter(|e| e.record.seq == seq) else {
+            return;
+        };
+        if entry.record.stop_cause.is_none() && !entry.state.is_terminal() {
+            entry.record.stop_cause = Some(StopCause::Timeout { seconds });
+            self.save(&entry.record, Durability::Atomic);
+        }
+    }
+
+    pub(super) fn on_tree_gone(&self, name: &str, seq: u64) {
+        let mut inner = self.lock();
+        let Some(entry) = inner.tasks.get_mut(name).filter(|e| e.record.seq == seq) else {
+            return;
+        };
+        entry.control = None;
+        if entry.record.removal_requested_at.is_some() && entry.state.is_terminal() {
+            self.forget(&mut inner, name);
+        }
+    }
+
+    // --- recovery ---
+
+    /// Rebuilds the table from disk after a (re)start. Nothing is started or re-run:
+    /// - a task with a recorded ending keeps it (including an exit that happened while sandlet
+    ///   was down, which its shim recorded);
+    /// - a task whose process still runs (same pid *and* start time) is re-adopted: watched
+    ///   through a pidfd, its timeout and stop requests enforced again;
+    /// - a task whose process is gone without a recorded exit is failed as `ProcessLost`;
+    /// - a task that was never started is failed as `NotStarted`.
+    fn recover(&self) -> Result<(), TaskError> {
+        let records = self.0.store.load_all()?;
+        let mut inner = self.lock();
+        for record in records {
+            let name = record.name.clone();
+            let seq = record.seq;
+            let dir = self.0.store.task_dir(&name);
+            let run: Option<RunRecord> = atomic_file::read_json(&dir.join(process::RUN_FILE))
+                .unwrap_or_else(|e| {
+                    tracing::warn!(task = %name, error = %e, "unreadable run record");
+                    None
+                });
+            let (state, watched, verdict) = recover_one(&record, &dir, run.as_ref());
+            inner.next_seq = inner.next_seq.max(seq + 1);
+            let mut entry = Entry {
+                record,
+                state,
+                control: None,
+            };
+            if let Some(verdict) = verdict {
+                entry.record.verdict = Some(verdict);
+                self.save(&entry.record, Durability::Durable);
+            }
+            tracing::info!(task = %name, state = ?entry.state, watched = watched.is_some(), "recovered task");
+            if let Some(watched) = watched {
+                let (tx, rx) = mpsc::unbounded_channel();
+                if entry.record.removal_requested_at.is_some() {
+                    let _ = tx.send(());
+                }
+                entry.control = Some(tx);
+                tokio::spawn(supervise(self.clone(), name.clone(), seq, watched, rx));
+            }
+            let forget_now = entry.record.removal_requested_at.is_some()
+                && entry.state.is_terminal()
+                && entry.control.is_none();
+            inner.tasks.insert(name.clone(), entry);
+            if forget_now {
+                self.forget(&mut inner, &name);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A recovered task's state, what is left to watch, and a verdict to record if sandlet decided one.
+fn recover_one(
+    record: &TaskRecord,
+    dir: &Path,
+    run: Option<&RunRecord>,
+) -> (TaskState, Option<Watched>, Option<Verdict>) {
+    let terminated = |started_at, finished_at, outcome| TaskState::Terminated {
+        started_at,
+        finished_at,
+        outcome,
+        stopped_by: record.stop_cause.clone(),
+    };
+    // A shim still alive means part of the tree may be left to stop.
+    let leftover = |run: Option<&RunRecord>| {
+        let run = run?;
+        let shim = PidFd::open_identity(run.shim).ok()?;
+        let tree = Tree {
+            shim: run.shim,
+            pgid: run.task.pid,
+        };
+        Some(Watched {
+            tree,
+            shim: Some(shim),
+            shim_is_child: false,
+            exit: None,
+            deadline: None,
+        })
+    };
+
+    if let Some(v) = &record.verdict {
+        return (
+            terminated(v.started_at, v.finished_at, v.outcome.clone()),
+            leftover(run),
+            None,
+        );
+    }
+    if let Some(ended) = process::read_exit_record(dir) {
+        return (
+            terminated(run.map(|r| r.started_at), ended.finished_at, ended.outcome),
+            leftover(run),
+            None,
+        );
+    }
+    let Some(run) = run else {
+        let verdict = Verdict {
+            started_at: None,
+            finished_at: Utc::now(),
+            outcome: Outcome::Lost {
+                reason: "NotStarted".into(),
+                message: "sandlet stopped before this task's process was started; it was not run"
+                    .into(),
+            },
+        };
+        return (
+            terminated(None, verdict.finished_at, verdict.outcome.clone()),
+            None,
+            Some(verdict),
+        );
+    };
+    match PidFd::open_identity(run.task) {
+        Ok(task_fd) if run.task.is_alive() => {
+            let timeout = record.process.timeout_seconds;
+            let deadline = (timeout > 0).then(|| {
+                let elapsed = (Utc::now() - run.started_at).to_std().unwrap_or_default();
+                let left = Duration::from_secs(timeout as u64).saturating_sub(elapsed);
+                (tokio::time::Instant::now() + left, timeout)
+            });
+            let exit = ExitWatch::Adopted {
+                task: task_fd,
+                shim: run.shim,
+                dir: dir.to_owned(),
+            };
+            let shim = PidFd::open_identity(run.shim).ok();
+            let watched = Watched {
+                tree: Tree {
+                    shim: run.shim,
+                    pgid: run.task.pid,
+                },
+                shim,
+                shim_is_child: false,
+                exit: Some(exit),
+                deadline,
+            };
+            (
+                TaskState::Running {
+                    started_at: run.started_at,
+                },
+                Some(watched),
+                None,
+            )
+        }
+        _ => {
+            // The shim may have recorded the exit between the first look and now.
+            if let Some(ended) = process::read_exit_record(dir) {
+                return (
+                    terminated(Some(run.started_at), ended.finished_at, ended.outcome),
+                    leftover(Some(run)),
+                    None,
+                );
+            }
+            let verdict = Verdict {
+                started_at: Some(run.started_at),
+                finished_at: Utc::now(),
+                outcome: Outcome::Lost {
+                    reason: "ProcessLost".into(),
+                    message: "the task's process ended while sandlet was not running and no exit status was recorded".into(),
+                },
+            };
+            (
+                terminated(
+                    Some(run.started_at),
+                    verdict.finished_at,
+                    verdict.outcome.clone(),
+                ),
+                leftover(Some(run)),
+                Some(verdict),
+            )
+        }
+    }
+}
+
+/// The task's environment: sandlet's own, then the task's variables (the last value wins, as
+/// with the Go executor).
+fn task_env(process: &Process) -> Vec<(OsString, OsString)> {
+    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+    for var in &process.env {
+        env.insert(var.name.clone().into(), var.value.clone().into());
+    }
+    env.into_iter().collect()
+}

@@ -1,0 +1,139 @@
+//! Task records on disk: `<data dir>/<task name>/task.json`, written by sandlet, next to the
+//! shim's `run.json`, `exit.json` and log segments in the same directory.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::state::{Outcome, StopCause};
+use super::wire::Process;
+use crate::atomic_file::{self, Durability};
+
+pub const RECORD_FILE: &str = "task.json";
+/// Bumped when the record's meaning changes; records of other formats are left alone.
+const FORMAT: u32 = 1;
+
+/// What sandlet itself knows about a task; what the shim knows lives in its own files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRecord {
+    pub sandlet_record: u32,
+    /// Creation order, kept across restarts (the Go client reads the first task).
+    pub seq: u64,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub process: Process,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal_requested_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_cause: Option<StopCause>,
+    /// An ending sandlet decided itself (start failure, lost process), so that it reads the same
+    /// after every restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<Verdict>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Verdict {
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: DateTime<Utc>,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens the data dir, creating it, and proves it writable.
+    pub fn open(root: &Path) -> io::Result<Store> {
+        fs::create_dir_all(root)?;
+        let probe = root.join(".sandlet-write-probe");
+        fs::write(&probe, b"")?;
+        fs::remove_file(&probe)?;
+        Ok(Store {
+            root: root.to_owned(),
+        })
+    }
+
+    pub fn task_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    pub fn create(&self, record: &TaskRecord) -> io::Result<()> {
+        let dir = self.task_dir(&record.name);
+        // A leftover directory of a forgotten task (sandlet died while deleting it) is replaced.
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        fs::create_dir(&dir)?;
+        let written = self.save(record, Durability::Atomic);
+        if written.is_err() {
+            let _ = fs::remove_dir_all(&dir);
+        }
+        written
+    }
+
+    pub fn save(&self, record: &TaskRecord, durability: Durability) -> io::Result<()> {
+        atomic_file::write_json(
+            &self.task_dir(&record.name).join(RECORD_FILE),
+            record,
+            durability,
+        )
+    }
+
+    pub fn delete(&self, name: &str) -> io::Result<()> {
+        match fs::remove_dir_all(self.task_dir(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every readable sandlet record, in creation order. Anything else is logged and skipped.
+    pub fn load_all(&self) -> io::Result<Vec<TaskRecord>> {
+        let mut records = Vec::new();
+        for entry in fs::read_dir(&self.root)? {
+            let entry = entry?;
+            if !entry.file_type()?.is_dir() {
+                continue;
+            }
+            let path = entry.path().join(RECORD_FILE);
+            match atomic_file::read_json::<TaskRecord>(&path) {
+                Ok(Some(r))
+                    if r.sandlet_record == FORMAT
+                        && entry.file_name().to_str() == Some(r.name.as_str()) =>
+                {
+                    records.push(r)
+                }
+                Ok(_) => {
+                    tracing::warn!(path = %entry.path().display(), "not a sandlet task directory; left alone")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "unreadable task record; left alone")
+                }
+            }
+        }
+        records.sort_by_key(|r| r.seq);
+        Ok(records)
+    }
+}
+
+impl TaskRecord {
+    pub fn new(seq: u64, name: String, process: Process) -> Self {
+        TaskRecord {
+            sandlet_record: FORMAT,
+            seq,
+            name,
+            created_at: Utc::now(),
+            process,
+            removal_requested_at: None,
+            stop_cause: None,
+            verdict: None,
+        }
+    }
+}
