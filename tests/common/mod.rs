@@ -1,0 +1,398 @@
+//! Test harness: boots the real `sandlet` binary on a free loopback port with its own data dir,
+//! talks to it over HTTP, and on drop kills it and every process tree it started (shims outlive
+//! sandlet by design, so they are found by their task dir).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub struct Sandlet {
+    pub child: Option<Child>,
+    pub base: String,
+    pub data: tempfile::TempDir,
+    pub extra_args: Vec<String>,
+    pub token: Option<String>,
+    pub stderr_log: PathBuf,
+    agent: ureq::Agent,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    /// Asserts an error reply: the status and a `{"code","message"}` body with that code.
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "body: {}", self.text());
+        let body = self.json();
+        assert_eq!(body["code"], code, "body: {body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "body: {body}"
+        );
+    }
+}
+
+impl Sandlet {
+    pub fn start(extra_args: &[&str]) -> Sandlet {
+        Self::start_with(extra_args, None)
+    }
+
+    pub fn start_with(extra_args: &[&str], token: Option<&str>) -> Sandlet {
+        let data = tempfile::Builder::new()
+            .prefix("sandlet-test-")
+            .tempdir()
+            .unwrap();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        let mut s = Sandlet {
+            child: None,
+            base: String::new(),
+            stderr_log: data.path().with_extension("stderr.log"),
+            data,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            token: token.map(str::to_string),
+            agent,
+        };
+        s.boot();
+        s
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data.path().join("tasks")
+    }
+
+    /// Starts (or restarts) the binary on the same data dir and waits until it answers.
+    pub fn boot(&mut self) {
+        let port = free_port();
+        self.base = format!("http://127.0.0.1:{port}");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandlet"));
+        cmd.arg("serve")
+            .arg("--listen-addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(&self.extra_args)
+            .env("SANDLET_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.stderr_log)
+                    .unwrap(),
+            );
+        if let Some(token) = &self.token {
+            let path = self.data.path().join("token");
+            std::fs::write(&path, format!("{token}\n")).unwrap();
+            cmd.arg("--token-file").arg(path);
+        }
+        self.child = Some(cmd.spawn().expect("start sandlet"));
+        wait_until("sandlet answers /health", || {
+            self.try_get("/health").is_some_and(|r| r.status == 200)
+        });
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        token: Option<&str>,
+    ) -> Option<Reply> {
+        let url = format!("{}{}", self.base, path);
+        let mut builder = ureq::http::Request::builder().method(method).uri(&url);
+        if let Some(t) = token.or(self.token.as_deref()) {
+            builder = builder.header("Authorization", format!("Bearer {t}"));
+        }
+        let result = match body {
+            Some(b) => self.agent.run(
+                builder
+                    .header("Content-Type", "application/json")
+                    .body(b.to_vec())
+                    .unwrap(),
+            ),
+            None => self.agent.run(builder.body(()).unwrap()),
+        };
+        let mut resp = result.ok()?;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()
+            .ok()?;
+        Some(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub fn try_get(&self, path: &str) -> Option<Reply> {
+        self.request("GET", path, None, None)
+    }
+    pub fn get(&self, path: &str) -> Reply {
+        self.request("GET", path, None, None).expect("GET")
+    }
+    pub fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Reply {
+        self.request(method, path, body, None).expect("request")
+    }
+    pub fn call_with_token(&self, method: &str, path: &str, token: Option<&str>) -> Reply {
+        let url = format!("{}{}", self.base, path);
+        let mut builder = ureq::http::Request::builder().method(method).uri(&url);
+        if let Some(t) = token {
+            builder = builder.header("Authorization", format!("Bearer {t}"));
+        }
+        let mut resp = self.agent.run(builder.body(()).unwrap()).expect("request");
+        let status = resp.status().as_u16();
+        let body = resp.body_mut().read_to_vec().unwrap();
+        Reply {
+            status,
+            headers: vec![],
+            body,
+        }
+    }
+    pub fn post_json(&self, path: &str, body: &Value) -> Reply {
+        self.call("POST", path, Some(body.to_string().as_bytes()))
+    }
+    pub fn set_tasks(&self, tasks: Value) -> Reply {
+        self.post_json("/setTasks", &tasks)
+    }
+    pub fn tasks(&self) -> Vec<Value> {
+        let r = self.get("/getTasks");
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json().as_array().unwrap().clone()
+    }
+    pub fn task(&self, name: &str) -> Option<Value> {
+        let r = self.get(&format!("/tasks/{name}"));
+        match r.status {
+            200 => Some(r.json()),
+            404 => None,
+            s => panic!("GET /tasks/{name}: {s} {}", r.text()),
+        }
+    }
+
+    /// Waits until the task's `processStatus` has `state` (waiting/running/terminated).
+    pub fn wait_state(&self, name: &str, state: &str) -> Value {
+        let mut last = Value::Null;
+        let deadline = Instant::now() + DEADLINE;
+        while Instant::now() < deadline {
+            if let Some(t) = self.task(name) {
+                if t["processStatus"][state].is_object() {
+                    return t;
+                }
+                last = t;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        panic!("task {name} never reached {state}; last seen {last}");
+    }
+
+    pub fn wait_gone(&self, name: &str) {
+        wait_until(&format!("task {name} forgotten"), || {
+            self.task(name).is_none()
+        });
+    }
+
+    /// Opens the change feed; events arrive on the returned channel as (event, data).
+    pub fn watch(&self) -> mpsc::Receiver<(String, Value)> {
+        let (tx, rx) = mpsc::channel();
+        let url = format!("{}/watchTasks", self.base);
+        let token = self.token.clone();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        thread::spawn(move || {
+            let mut req = agent.get(&url);
+            if let Some(t) = token {
+                req = req.header("Authorization", format!("Bearer {t}"));
+            }
+            let Ok(resp) = req.call() else { return };
+            let reader = BufReader::new(resp.into_body().into_reader());
+            let mut event = String::new();
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                if let Some(e) = line.strip_prefix("event:") {
+                    event = e.trim().to_string();
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    let data: Value = serde_json::from_str(d.trim()).expect("feed data is JSON");
+                    if tx.send((event.clone(), data)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        rx
+    }
+}
+
+impl Drop for Sandlet {
+    fn drop(&mut self) {
+        self.kill9();
+        kill_trees_mentioning(&self.data_dir());
+        if thread::panicking() {
+            eprintln!("--- sandlet stderr ---\n{}", self.stderr());
+        }
+        let _ = std::fs::remove_file(&self.stderr_log);
+    }
+}
+
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    // A zombie has exited: only count processes that still run.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(
+            stat.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next()),
+            Some("Z") | Some("X")
+        ),
+        Err(_) => false,
+    }
+}
+
+/// SIGKILLs every process whose command line mentions `marker`, and all their descendants.
+pub fn kill_trees_mentioning(marker: &Path) {
+    let marker = marker.to_string_lossy().into_owned();
+    let mut parents: Vec<(i32, i32)> = Vec::new();
+    let mut roots = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(&marker) {
+                roots.push(pid);
+            }
+        }
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            if let Some(ppid) = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().nth(1))
+                .and_then(|p| p.parse().ok())
+            {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut doomed = roots.clone();
+    let mut i = 0;
+    while i < doomed.len() {
+        let p = doomed[i];
+        doomed.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    for pid in doomed {
+        unsafe { libc_kill(pid, 9) };
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// A scratch dir for files tasks write (pid files, counters).
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("sandlet-scratch-")
+        .tempdir()
+        .unwrap()
+}
+
+pub fn read_pid(path: &Path) -> i32 {
+    wait_until(&format!("pid file {}", path.display()), || {
+        std::fs::read_to_string(path).is_ok_and(|s| s.trim().parse::<i32>().is_ok())
+    });
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Receives feed events until `pred` matches one, with a deadline.
+pub fn recv_until(
+    rx: &mpsc::Receiver<(String, Value)>,
+    mut pred: impl FnMut(&str, &Value) -> bool,
+) -> (String, Value) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((event, data)) if pred(&event, &data) => return (event, data),
+            Ok(_) => {}
+            Err(e) => panic!("feed: no matching event before the deadline ({e})"),
+        }
+    }
+}
