@@ -110,17 +110,33 @@ pub fn read_log(dir: &Path, stream: &str, offset: u64, max: usize) -> io::Result
         let (last_base, last_path) = segs.last().expect("non-empty");
         let end = last_base + fs::metadata(last_path)?.len();
         let offset = offset.max(first).min(end);
-        let Some((base, path)) = segs.iter().rev().find(|(base, _)| *base <= offset) else {
+        let Some(first_seg) = segs.iter().rposition(|(base, _)| *base <= offset) else {
             continue;
         };
-        let mut file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        file.seek(SeekFrom::Start(offset - base))?;
         let mut data = Vec::with_capacity(max.min((end - offset) as usize));
-        file.take(max as u64).read_to_end(&mut data)?;
+        let mut rotated_away = false;
+        // The read continues into newer segments until `max` bytes or the end.
+        for (base, path) in &segs[first_seg..] {
+            let mut file = match File::open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    rotated_away = true;
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            file.seek(SeekFrom::Start(
+                (offset + data.len() as u64).saturating_sub(*base),
+            ))?;
+            file.take((max - data.len()) as u64)
+                .read_to_end(&mut data)?;
+            if data.len() >= max {
+                break;
+            }
+        }
+        if rotated_away {
+            continue;
+        }
         return Ok(LogChunk {
             start: first,
             offset,
