@@ -329,20 +329,13 @@ pub fn kill_trees_mentioning(marker: &Path) {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
-            if String::from_utf8_lossy(&cmd).contains(&marker) {
-                roots.push(pid);
-            }
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline"))
+            && String::from_utf8_lossy(&cmd).contains(&marker)
+        {
+            roots.push(pid);
         }
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            if let Some(ppid) = stat
-                .rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().nth(1))
-                .and_then(|p| p.parse().ok())
-            {
-                parents.push((pid, ppid));
-            }
+        if let Some(ppid) = parent_of(pid) {
+            parents.push((pid, ppid));
         }
     }
     let mut doomed = roots.clone();
@@ -355,6 +348,16 @@ pub fn kill_trees_mentioning(marker: &Path) {
     for pid in doomed {
         unsafe { libc_kill(pid, 9) };
     }
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 unsafe extern "C" {
