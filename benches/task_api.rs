@@ -1,1 +1,302 @@
-fn main() {}
+//! `cargo bench --bench task_api`: the task executor's speed next to the physical floors
+//! measured in the same run on the same machine. Prints numbers; asserts nothing.
+//!
+//! - floor: fork+exec+wait of `/bin/true` (std `Command`), and a FIFO-woken `sh` reaped
+//!   directly by its parent (the fastest anyone can learn of an exit);
+//! - start latency: `POST /setTasks` with one new task until the response shows it started;
+//! - exit-to-visible: the task is woken through a FIFO to exit; time until its `terminated`
+//!   state arrives on the change feed, and until `GET /tasks/{name}` shows it;
+//! - sandlet's RSS when idle, after starting and after the workload.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const SAMPLES: usize = 300;
+
+fn main() {
+    let samples: usize = std::env::var("SANDLET_BENCH_SAMPLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(SAMPLES);
+    let work = tempfile::Builder::new()
+        .prefix("sandlet-bench-")
+        .tempdir()
+        .unwrap();
+    println!(
+        "sandlet task API benchmark: {samples} samples each, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    let floor_spawn = measure(samples, || {
+        let t = Instant::now();
+        Command::new("/bin/true").status().unwrap();
+        t.elapsed()
+    });
+    let fifo = work.path().join("wake");
+    make_fifo(&fifo);
+    let floor_exit = measure(samples / 3, || {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("read _ < {}", fifo.display()))
+            .spawn()
+            .unwrap();
+        let t = wake(&fifo);
+        child.wait().unwrap();
+        t.elapsed()
+    });
+
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut sandlet = Command::new(env!("CARGO_BIN_EXE_sandlet"))
+        .args(["serve", "--listen-addr", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(work.path().join("tasks"))
+        .args([
+            "--max-tasks",
+            "100000",
+            "--max-active-tasks",
+            "64",
+            "--log-level",
+            "warn",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "sandlet did not start");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut http = Http::connect(port);
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_idle = rss_kib(sandlet.id());
+
+    let health = measure(samples, || {
+        let t = Instant::now();
+        http.request("GET", "/health", "");
+        t.elapsed()
+    });
+    let refused = measure(samples, || {
+        let t = Instant::now();
+        let (status, _) = http.request(
+            "POST",
+            "/setTasks",
+            r#"[{"name":"../x","process":{"command":["true"]}}]"#,
+        );
+        assert_eq!(status, 400);
+        t.elapsed()
+    });
+
+    let mut n = 0;
+    let start = measure(samples, || {
+        n += 1;
+        let body = json!([{"name": format!("start-{n}"), "process": {"command": ["/bin/true"]}}])
+            .to_string();
+        let t = Instant::now();
+        let (_, tasks) = http.request("POST", "/setTasks", &body);
+        let elapsed = t.elapsed();
+        let status = &tasks.as_array().unwrap().last().unwrap()["processStatus"];
+        assert!(
+            status["running"].is_object() || status["terminated"]["exitCode"] == 0,
+            "{tasks}"
+        );
+        elapsed
+    });
+    http.request("POST", "/setTasks", "[]");
+
+    let feed = open_feed(&base);
+    let mut feed_lat = Vec::new();
+    let mut get_lat = Vec::new();
+    for i in 0..samples / 3 {
+        let name = format!("exit-{i}");
+        http.request("POST", "/setTasks", &waiting_task(&name, &fifo));
+        let t = wake(&fifo);
+        loop {
+            let event: Value = feed
+                .recv_timeout(Duration::from_secs(10))
+                .expect("feed event");
+            if event["task"]["name"] == name.as_str()
+                && event["task"]["processStatus"]["terminated"].is_object()
+            {
+                feed_lat.push(t.elapsed());
+                break;
+            }
+        }
+        // GET visibility, of a fresh exit, polling GET only.
+        let name = format!("exit-get-{i}");
+        http.request("POST", "/setTasks", &waiting_task(&name, &fifo));
+        let t = wake(&fifo);
+        loop {
+            let (_, task) = http.request("GET", &format!("/tasks/{name}"), "");
+            if task["processStatus"]["terminated"].is_object() {
+                get_lat.push(t.elapsed());
+                break;
+            }
+        }
+    }
+    http.request("POST", "/setTasks", "[]");
+    std::thread::sleep(Duration::from_millis(200));
+    let rss_after = rss_kib(sandlet.id());
+
+    println!();
+    println!("{:<52} {:>10} {:>10}", "what", "p50", "p99");
+    row("floor: fork+exec+wait /bin/true", &floor_spawn);
+    row("floor: FIFO wake -> exit seen by waitpid (sh)", &floor_exit);
+    row("HTTP GET /health (keep-alive, client included)", &health);
+    row("HTTP POST /setTasks refused as invalid (400)", &refused);
+    row("start: POST /setTasks -> task started (response)", &start);
+    row(
+        "exit -> terminated event on /watchTasks",
+        &sorted(feed_lat.clone()),
+    );
+    row(
+        "exit -> terminated on GET /tasks/{name} (polling)",
+        &sorted(get_lat.clone()),
+    );
+    println!();
+    let ratio = p(&start, 50).as_secs_f64() / p(&floor_spawn, 50).as_secs_f64();
+    println!("start p50 / fork+exec floor p50: {ratio:.2}x (target <= 2x)");
+    println!(
+        "exit visible on the feed, p50: {:.3} ms (target < 5 ms; the Go executor polls every 500 ms)",
+        ms(p(&sorted(feed_lat), 50))
+    );
+    println!(
+        "sandlet RSS: idle {:.1} MiB, after the runs {:.1} MiB (target idle < 10 MiB)",
+        rss_idle as f64 / 1024.0,
+        rss_after as f64 / 1024.0
+    );
+    let _ = sandlet.kill();
+    let _ = sandlet.wait();
+}
+
+/// A minimal keep-alive HTTP/1.1 client: one write per request, TCP_NODELAY, so the numbers
+/// are sandlet's and not a client library's.
+struct Http {
+    stream: BufReader<TcpStream>,
+}
+
+impl Http {
+    fn connect(port: u16) -> Http {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Http {
+            stream: BufReader::new(stream),
+        }
+    }
+
+    fn request(&mut self, method: &str, path: &str, body: &str) -> (u16, Value) {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.stream.get_mut().write_all(request.as_bytes()).unwrap();
+        let mut line = String::new();
+        self.stream.read_line(&mut line).unwrap();
+        let status: u16 = line.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut length = 0;
+        loop {
+            line.clear();
+            self.stream.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body).unwrap();
+        (
+            status,
+            if body.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&body).unwrap()
+            },
+        )
+    }
+}
+
+/// A task that exits as soon as the bench writes a line to `fifo`.
+fn waiting_task(name: &str, fifo: &Path) -> String {
+    json!([{"name": name, "process": {"command": ["sh", "-c", format!("read _ < {}", fifo.display())]}}]).to_string()
+}
+
+fn make_fifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success());
+}
+
+/// Opens the FIFO for writing (this waits until the task has it open for reading), then
+/// writes a line and closes it: the reader's `read` returns and it exits.
+fn wake(fifo: &Path) -> Instant {
+    let mut f = std::fs::OpenOptions::new().write(true).open(fifo).unwrap();
+    let t = Instant::now();
+    f.write_all(b"\n").unwrap();
+    drop(f);
+    t
+}
+
+fn open_feed(base: &str) -> mpsc::Receiver<Value> {
+    let (tx, rx) = mpsc::channel();
+    let url = format!("{base}/watchTasks");
+    std::thread::spawn(move || {
+        let resp = ureq::get(&url).call().unwrap();
+        for line in BufReader::new(resp.into_body().into_reader()).lines() {
+            let Ok(line) = line else { return };
+            if let Some(data) = line.strip_prefix("data:")
+                && tx.send(serde_json::from_str(data.trim()).unwrap()).is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn measure(n: usize, mut f: impl FnMut() -> Duration) -> Vec<Duration> {
+    for _ in 0..(n / 10).max(3) {
+        f();
+    }
+    sorted((0..n).map(|_| f()).collect())
+}
+
+fn sorted(mut v: Vec<Duration>) -> Vec<Duration> {
+    v.sort();
+    v
+}
+
+fn p(sorted: &[Duration], pct: usize) -> Duration {
+    sorted[((sorted.len() - 1) * pct) / 100]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn row(what: &str, sorted: &[Duration]) {
+    println!(
+        "{what:<52} {:>8.3}ms {:>8.3}ms",
+        ms(p(sorted, 50)),
+        ms(p(sorted, 99))
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}

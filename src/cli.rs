@@ -8,8 +8,6 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::process::shim::ShimArgs;
-
 #[derive(Debug, Parser)]
 #[command(
     name = "sandlet",
@@ -24,14 +22,11 @@ pub struct Cli {
     pub serve: ServeArgs,
 }
 
+/// (The internal `shim` role is dispatched before this parser runs; see `main.rs`.)
 #[derive(Debug, Subcommand)]
-#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Command {
     /// Serve the task API (the default when no subcommand is given).
     Serve(ServeArgs),
-    /// Internal: supervise one task (started by sandlet itself).
-    #[command(hide = true)]
-    Shim(ShimArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -148,7 +143,6 @@ mod tests {
         match cli.command {
             Some(Command::Serve(a)) => a,
             None => cli.serve,
-            Some(Command::Shim(_)) => panic!("shim"),
         }
     }
 

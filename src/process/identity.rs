@@ -22,16 +22,35 @@ pub struct ProcStat {
 }
 
 pub fn stat(pid: i32) -> io::Result<ProcStat> {
-    let stat = procfs::process::Process::new(pid)
-        .and_then(|p| p.stat())
-        .map_err(to_io)?;
+    parse_stat(pid, &std::fs::read_to_string(format!("/proc/{pid}/stat"))?)
+}
+
+fn parse_stat(pid: i32, text: &str) -> io::Result<ProcStat> {
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unreadable /proc/{pid}/stat"),
+        )
+    };
+    // The command name (field 2) may hold spaces and ')'; the fields after the last ')' do not.
+    let fields: Vec<&str> = text
+        .rsplit_once(')')
+        .ok_or_else(bad)?
+        .1
+        .split_whitespace()
+        .collect();
+    // fields[0] is field 3 (state), fields[1] field 4 (ppid), fields[19] field 22 (starttime).
+    let state = fields.first().ok_or_else(bad)?;
     Ok(ProcStat {
         identity: ProcessIdentity {
             pid,
-            start_ticks: stat.starttime,
+            start_ticks: fields
+                .get(19)
+                .and_then(|f| f.parse().ok())
+                .ok_or_else(bad)?,
         },
-        ppid: stat.ppid,
-        zombie: stat.state == 'Z' || stat.state == 'X',
+        ppid: fields.get(1).and_then(|f| f.parse().ok()).ok_or_else(bad)?,
+        zombie: matches!(*state, "Z" | "X"),
     })
 }
 
@@ -46,18 +65,20 @@ impl ProcessIdentity {
     }
 }
 
-pub(crate) fn to_io(e: procfs::ProcError) -> io::Error {
-    match e {
-        procfs::ProcError::NotFound(_) => io::Error::from(io::ErrorKind::NotFound),
-        procfs::ProcError::PermissionDenied(_) => io::Error::from(io::ErrorKind::PermissionDenied),
-        procfs::ProcError::Io(e, _) => e,
-        other => io::Error::other(other.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_names_with_spaces_and_parens() {
+        let text = "42 (a b) c) S 7 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 12345 1000 10";
+        let s = parse_stat(42, text).unwrap();
+        assert_eq!(
+            (s.ppid, s.identity.start_ticks, s.zombie),
+            (7, 12345, false)
+        );
+        assert!(parse_stat(42, "42 (x) Z 1").is_err());
+    }
 
     #[test]
     fn own_identity_is_alive_and_a_changed_start_is_not() {

@@ -53,7 +53,7 @@ pub async fn launch(reaper: &Reaper, spec: LaunchSpec<'_>) -> Result<Launched, S
     let mut command = Command::new("/proc/self/exe");
     command
         .arg0("sandlet-shim")
-        .arg("shim")
+        .arg(super::shim::ROLE)
         .arg("--task-dir")
         .arg(spec.task_dir)
         .arg("--log-limit")
@@ -63,6 +63,8 @@ pub async fn launch(reaper: &Reaper, spec: LaunchSpec<'_>) -> Result<Launched, S
         .args(spec.args)
         .env_clear()
         .envs(spec.env)
+        // Its own group: signals meant for sandlet's group (a terminal's Ctrl-C) skip the shims.
+        .process_group(0)
         .stdin(Stdio::from(report_w))
         .stdout(Stdio::null())
         .stderr(Stdio::null());

@@ -5,7 +5,7 @@
 //! the posix_spawn fast path). The shim
 //! 1. becomes a child subreaper, so the task's whole tree stays below it;
 //! 2. starts the task in its own process group, stdout and stderr on pipes;
-//! 3. writes `run.json`, then reports `S <pid> <start_ticks> <shim_start_ticks> <unix_nanos>`;
+//! 3. reports `S <pid> <start_ticks> <shim_start_ticks> <unix_nanos>`, then writes `run.json`;
 //! 4. copies output into bounded log segments until the task is reaped and its pipes are drained
 //!    (for at most [`DRAIN_GRACE`] once reaped, so a grandchild holding a pipe cannot hold back
 //!    the exit);
@@ -42,14 +42,44 @@ use crate::atomic_file::{self, Durability};
 /// recorded anyway.
 pub const DRAIN_GRACE: Duration = Duration::from_millis(100);
 
-#[derive(Debug, clap::Args)]
+/// Where the shim role is selected: `sandlet shim ...` (argv[1]).
+pub const ROLE: &str = "shim";
+
+#[derive(Debug, PartialEq)]
 pub struct ShimArgs {
-    #[arg(long)]
     pub task_dir: PathBuf,
-    #[arg(long)]
     pub log_limit: u64,
-    #[arg(last = true, required = true)]
     pub argv: Vec<OsString>,
+}
+
+impl ShimArgs {
+    /// Parses what follows `shim`: `--task-dir DIR --log-limit N -- PROGRAM [ARGS...]`. By hand
+    /// rather than with the CLI parser, which costs a quarter of a millisecond per task start.
+    pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<ShimArgs, String> {
+        let mut args = args.into_iter();
+        let (mut task_dir, mut log_limit) = (None, None);
+        while let Some(arg) = args.next() {
+            match arg.to_str() {
+                Some("--task-dir") => task_dir = args.next().map(PathBuf::from),
+                Some("--log-limit") => {
+                    log_limit = args.next().and_then(|v| v.to_str()?.parse().ok())
+                }
+                Some("--") => break,
+                _ => return Err(format!("unexpected shim argument {arg:?}")),
+            }
+        }
+        let argv: Vec<OsString> = args.collect();
+        match (task_dir, log_limit, argv.is_empty()) {
+            (Some(task_dir), Some(log_limit), false) => Ok(ShimArgs {
+                task_dir,
+                log_limit,
+                argv,
+            }),
+            _ => Err(
+                "usage: sandlet shim --task-dir DIR --log-limit BYTES -- PROGRAM [ARGS...]".into(),
+            ),
+        }
+    }
 }
 
 /// Runs the shim; returns the process exit code.
@@ -67,6 +97,22 @@ pub fn run(args: ShimArgs) -> i32 {
 
 fn supervise(args: &ShimArgs, report: &mut File) -> io::Result<()> {
     nix::sys::prctl::set_child_subreaper(true)?;
+    // The task inherits the shim's signal state, so the shim starts clean (sandlet's environment
+    // may have ignored some signals) and blocks what it handles only once the task is started:
+    // the task is then spawned with posix_spawn, without a fork-time hook.
+    reset_signals()?;
+    let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    let mut command = Command::new(&args.argv[0]);
+    command
+        .args(&args.argv[1..])
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(blocking(out_w)?)
+        .stderr(blocking(err_w)?);
+    let spawned = command.spawn();
+    // Our copies of the write ends must go, or the pipes never reach EOF.
+    drop(command);
     let mut handled = SigSet::empty();
     for sig in [
         Signal::SIGCHLD,
@@ -77,24 +123,10 @@ fn supervise(args: &ShimArgs, report: &mut File) -> io::Result<()> {
     ] {
         handled.add(sig);
     }
-    // Blocked signals arrive on the signalfd; std clears the mask again in the task's process.
+    // Blocked, these arrive on the signalfd. A SIGCHLD from before this point is not lost: the
+    // loop below reaps before it first waits.
     handled.thread_block()?;
     let signals = SignalFd::with_flags(&handled, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
-
-    let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-    let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-    let mut command = Command::new(&args.argv[0]);
-    command
-        .args(&args.argv[1..])
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(blocking(out_w)?)
-        .stderr(blocking(err_w)?);
-    // SAFETY: only async-signal-safe calls (sigprocmask, sigaction) between fork and exec.
-    unsafe { command.pre_exec(reset_signals) };
-    let spawned = command.spawn();
-    // Our copies of the write ends must go, or the pipes never reach EOF.
-    drop(command);
     let child = match spawned {
         Ok(child) => child,
         Err(e) => {
@@ -106,7 +138,7 @@ fn supervise(args: &ShimArgs, report: &mut File) -> io::Result<()> {
                 },
             };
             atomic_file::write_json(&args.task_dir.join(EXIT_FILE), &record, Durability::Durable)?;
-            writeln!(report, "E {message}")?;
+            report.write_all(format!("E {message}\n").as_bytes())?;
             return Ok(());
         }
     };
@@ -117,15 +149,18 @@ fn supervise(args: &ShimArgs, report: &mut File) -> io::Result<()> {
         task: ProcessIdentity::of(task_pid)?,
         started_at,
     };
-    atomic_file::write_json(&args.task_dir.join(RUN_FILE), &run, Durability::Atomic)?;
-    writeln!(
-        report,
-        "S {} {} {} {}",
+    // One write per report: each write wakes sandlet.
+    let started = format!(
+        "S {} {} {} {}\n",
         run.task.pid,
         run.task.start_ticks,
         run.shim.start_ticks,
         started_at.timestamp_nanos_opt().unwrap_or(0)
-    )?;
+    );
+    report.write_all(started.as_bytes())?;
+    // After the report, off sandlet's start path; only the shim writes it, so a restarted
+    // sandlet finds it whether or not sandlet itself lived through this moment.
+    atomic_file::write_json(&args.task_dir.join(RUN_FILE), &run, Durability::Atomic)?;
 
     let mut outputs = [
         Output {
@@ -148,7 +183,7 @@ fn supervise(args: &ShimArgs, report: &mut File) -> io::Result<()> {
         {
             atomic_file::write_json(&args.task_dir.join(EXIT_FILE), record, Durability::Durable)?;
             // sandlet may be gone (it is being restarted); the exit file is the record.
-            let _ = writeln!(report, "X");
+            let _ = report.write_all(b"X\n");
             reported = true;
         }
         if reported && no_children {
@@ -244,8 +279,8 @@ fn reap(task_pid: i32, ended: &mut Option<(ExitRecord, Instant)>) -> io::Result<
     }
 }
 
-/// A task starts with no blocked signals and every disposition at its default, whatever the
-/// shim blocks and whatever sandlet's own environment ignored (a `nohup`ed SIGHUP, say).
+/// No blocked signals and every disposition at its default, whatever sandlet's own
+/// environment ignored (a `nohup`ed SIGHUP, say).
 fn reset_signals() -> io::Result<()> {
     SigSet::empty().thread_set_mask()?;
     for signal in Signal::iterator().filter(|s| !matches!(s, Signal::SIGKILL | Signal::SIGSTOP)) {
@@ -263,4 +298,34 @@ fn blocking(fd: OwnedFd) -> io::Result<OwnedFd> {
         nix::fcntl::FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK),
     )?;
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<ShimArgs, String> {
+        ShimArgs::parse(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn parses_its_own_arguments() {
+        let a = parse(&[
+            "--task-dir",
+            "/d/t",
+            "--log-limit",
+            "64",
+            "--",
+            "sh",
+            "-c",
+            "--task-dir",
+        ])
+        .unwrap();
+        assert_eq!(a.task_dir, PathBuf::from("/d/t"));
+        assert_eq!(a.log_limit, 64);
+        assert_eq!(a.argv, ["sh", "-c", "--task-dir"]);
+        assert!(parse(&["--task-dir", "/d", "--log-limit", "x", "--", "sh"]).is_err());
+        assert!(parse(&["--task-dir", "/d", "--log-limit", "1", "--"]).is_err());
+        assert!(parse(&["--bogus"]).is_err());
+    }
 }

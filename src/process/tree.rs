@@ -41,15 +41,16 @@ impl Tree {
 /// Every process whose parent chain leads to `root`, from one read of `/proc`.
 fn descendants(root: i32) -> Vec<ProcessIdentity> {
     let mut children: HashMap<i32, Vec<ProcessIdentity>> = HashMap::new();
-    if let Ok(all) = procfs::process::all_processes() {
-        for stat in all.flatten().filter_map(|p| p.stat().ok()) {
-            children
-                .entry(stat.ppid)
-                .or_default()
-                .push(ProcessIdentity {
-                    pid: stat.pid,
-                    start_ticks: stat.starttime,
-                });
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(stat) = super::stat(pid) {
+            children.entry(stat.ppid).or_default().push(stat.identity);
         }
     }
     let mut found = Vec::new();

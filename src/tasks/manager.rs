@@ -149,7 +149,7 @@ impl TaskManager {
         }
         let to_start = {
             let mut inner = self.lock();
-            let to_start = self.admit(&mut inner, &wanted)?;
+            let to_start = self.admit(&mut inner, &wanted, true)?;
             let unwanted: Vec<String> = inner
                 .tasks
                 .keys()
@@ -172,7 +172,7 @@ impl TaskManager {
         let wanted = IndexMap::from([(task.name.clone(), process)]);
         let to_start = {
             let mut inner = self.lock();
-            self.admit(&mut inner, &wanted)?
+            self.admit(&mut inner, &wanted, false)?
         };
         let created = !to_start.is_empty();
         self.start_all(to_start).await;
@@ -189,11 +189,13 @@ impl TaskManager {
     }
 
     /// Checks conflicts and limits for `wanted`, then records the new tasks. Nothing is changed
-    /// unless everything passes.
+    /// unless everything passes. With `replacing`, tasks missing from `wanted` are about to be
+    /// removed, and the finished ones among them no longer count as kept.
     fn admit(
         &self,
         inner: &mut Inner,
         wanted: &IndexMap<String, Process>,
+        replacing: bool,
     ) -> Result<Vec<ToStart>, TaskError> {
         let mut new = Vec::new();
         for (name, process) in wanted {
@@ -228,7 +230,15 @@ impl TaskManager {
                 config.max_active
             )));
         }
-        let kept = inner.tasks.len() + new.len();
+        let forgotten_now = |(name, e): &(&String, &Entry)| {
+            replacing && !wanted.contains_key(*name) && e.state.is_terminal() && e.control.is_none()
+        };
+        let kept = inner
+            .tasks
+            .iter()
+            .filter(|entry| !forgotten_now(entry))
+            .count()
+            + new.len();
         if kept > config.max_tasks {
             return Err(TaskError::Limit(format!(
                 "{kept} tasks would be kept; the limit is {} (--max-tasks); remove finished tasks first",
@@ -371,21 +381,20 @@ impl TaskManager {
         if entry.record.removal_requested_at.is_some() {
             return;
         }
+        if entry.state.is_terminal() && entry.control.is_none() {
+            self.forget(inner, name);
+            return;
+        }
         entry.record.removal_requested_at = Some(Utc::now());
         if !entry.state.is_terminal() && entry.record.stop_cause.is_none() {
             entry.record.stop_cause = Some(StopCause::Removed);
         }
         self.save(&entry.record, Durability::Atomic);
-        match &entry.control {
-            None if entry.state.is_terminal() => self.forget(inner, name),
-            control => {
-                if let Some(control) = control {
-                    let _ = control.send(());
-                }
-                let wire = entry.wire();
-                self.publish_task(inner, wire);
-            }
+        if let Some(control) = &entry.control {
+            let _ = control.send(());
         }
+        let wire = entry.wire();
+        self.publish_task(inner, wire);
     }
 
     fn forget(&self, inner: &mut Inner, name: &str) {

@@ -15,6 +15,7 @@ use crate::atomic_file::{self, Durability};
 pub const RECORD_FILE: &str = "task.json";
 /// Bumped when the record's meaning changes; records of other formats are left alone.
 const FORMAT: u32 = 1;
+const TRASH_PREFIX: &str = ".deleted-";
 
 /// What sandlet itself knows about a task; what the shim knows lives in its own files.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,6 +54,16 @@ impl Store {
     /// Opens the data dir, creating it, and proves it writable.
     pub fn open(root: &Path) -> io::Result<Store> {
         fs::create_dir_all(root)?;
+        // Directories of forgotten tasks whose deletion a restart interrupted.
+        for entry in fs::read_dir(root)?.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(TRASH_PREFIX)
+            {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
         let probe = root.join(".sandlet-write-probe");
         fs::write(&probe, b"")?;
         fs::remove_file(&probe)?;
@@ -67,11 +78,15 @@ impl Store {
 
     pub fn create(&self, record: &TaskRecord) -> io::Result<()> {
         let dir = self.task_dir(&record.name);
-        // A leftover directory of a forgotten task (sandlet died while deleting it) is replaced.
-        if dir.exists() {
-            fs::remove_dir_all(&dir)?;
+        match fs::create_dir(&dir) {
+            // Left over from something that is not a task of ours now (records that did not
+            // load are logged at start): set aside, not reused.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                self.delete(&record.name)?;
+                fs::create_dir(&dir)?;
+            }
+            created => created?,
         }
-        fs::create_dir(&dir)?;
         let written = self.save(record, Durability::Atomic);
         if written.is_err() {
             let _ = fs::remove_dir_all(&dir);
@@ -87,11 +102,26 @@ impl Store {
         )
     }
 
+    /// Removes a task's directory: renamed aside at once (one syscall, so a new task of the same
+    /// name can be created right away), deleted in the background.
     pub fn delete(&self, name: &str) -> io::Result<()> {
-        match fs::remove_dir_all(self.task_dir(name)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        let nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+        let trash = self.root.join(format!("{TRASH_PREFIX}{name}-{nanos}"));
+        match fs::rename(self.task_dir(name), &trash) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+            Ok(()) => {}
         }
+        let remove = move || {
+            if let Err(e) = fs::remove_dir_all(&trash) {
+                tracing::warn!(dir = %trash.display(), error = %e, "could not delete a forgotten task's directory");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(remove)),
+            Err(_) => remove(),
+        }
+        Ok(())
     }
 
     /// Every readable sandlet record, in creation order. Anything else is logged and skipped.
@@ -99,7 +129,9 @@ impl Store {
         let mut records = Vec::new();
         for entry in fs::read_dir(&self.root)? {
             let entry = entry?;
-            if !entry.file_type()?.is_dir() {
+            // Task names never start with '.': those are sandlet's own (probe, trash).
+            if !entry.file_type()?.is_dir() || entry.file_name().to_string_lossy().starts_with('.')
+            {
                 continue;
             }
             let path = entry.path().join(RECORD_FILE);

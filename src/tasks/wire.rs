@@ -115,6 +115,44 @@ pub struct Terminated {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// Decodes a request's task list. serde's derive also reads a struct from a JSON *array* of its
+/// fields; the Go decoder does not, and neither does sandlet: objects are required wherever the
+/// wire format has objects.
+pub fn tasks_from_json(value: serde_json::Value) -> Result<Vec<Task>, String> {
+    let items = value.as_array().ok_or("expected a JSON array of tasks")?;
+    for (i, item) in items.iter().enumerate() {
+        objects_where_expected(item).map_err(|e| format!("task [{i}]: {e}"))?;
+    }
+    serde_json::from_value(value).map_err(|e| e.to_string())
+}
+
+/// Decodes one task; see [`tasks_from_json`].
+pub fn task_from_json(value: serde_json::Value) -> Result<Task, String> {
+    objects_where_expected(&value)?;
+    serde_json::from_value(value).map_err(|e| e.to_string())
+}
+
+fn objects_where_expected(task: &serde_json::Value) -> Result<(), String> {
+    let object_or_null = |v: Option<&serde_json::Value>, what: &str| match v {
+        None | Some(serde_json::Value::Null | serde_json::Value::Object(_)) => Ok(()),
+        Some(_) => Err(format!("{what} must be a JSON object")),
+    };
+    let task = task.as_object().ok_or("a task must be a JSON object")?;
+    for field in ["process", "processStatus", "podTemplateSpec", "podStatus"] {
+        object_or_null(task.get(field), field)?;
+    }
+    if let Some(env) = task
+        .get("process")
+        .and_then(|p| p.get("env"))
+        .and_then(|e| e.as_array())
+    {
+        for var in env {
+            object_or_null(Some(var), "each process.env entry")?;
+        }
+    }
+    Ok(())
+}
+
 fn is_zero(v: &i64) -> bool {
     *v == 0
 }
@@ -166,6 +204,21 @@ mod tests {
         assert_eq!(p.command, ["sh", "-c"]);
         assert!(p.args.is_empty() && p.env.is_empty());
         assert_eq!(p.timeout_seconds, 5);
+    }
+
+    #[test]
+    fn arrays_are_not_objects() {
+        let ok = serde_json::json!([{"name": "t", "process": {"command": ["true"], "env": [{"name": "A", "value": "1"}]}}]);
+        assert_eq!(tasks_from_json(ok).unwrap().len(), 1);
+        for bad in [
+            serde_json::json!([["t", null, {"command": ["true"]}]]),
+            serde_json::json!([{"name": "t", "process": [["true"]]}]),
+            serde_json::json!([{"name": "t", "process": {"command": ["true"], "env": [["A", "1"]]}}]),
+            serde_json::json!({"name": "t"}),
+        ] {
+            assert!(tasks_from_json(bad.clone()).is_err(), "{bad}");
+        }
+        assert!(task_from_json(serde_json::json!(["t"])).is_err());
     }
 
     #[test]
