@@ -1,18 +1,12 @@
 use std::process::ExitCode;
 
 use sandlet::cli::{Cli, Command};
-use sandlet::process::shim::{self, ShimArgs};
+use sandlet::process::shim;
 
 fn main() -> ExitCode {
     // The shim role runs once per task start: no CLI parser, no async runtime.
     if std::env::args_os().nth(1).is_some_and(|a| a == shim::ROLE) {
-        return match ShimArgs::parse(std::env::args_os().skip(2)) {
-            Ok(args) => ExitCode::from(shim::run(args) as u8),
-            Err(e) => {
-                eprintln!("sandlet: {e}");
-                ExitCode::from(2)
-            }
-        };
+        return ExitCode::from(shim::run() as u8);
     }
     let cli = Cli::parse_args();
     let args = match cli.command {

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use crate::cli::ServeArgs;
 use crate::error::Error;
 use crate::http::{self, auth::Auth};
-use crate::process::Reaper;
+use crate::process::{Launcher, Reaper};
 use crate::tasks::api::{TaskApi, router};
 use crate::tasks::{TaskConfig, TaskManager};
 
@@ -72,7 +72,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         stop_grace: Duration::from_secs(args.stop_grace_seconds),
         log_limit: args.task_log_limit_bytes,
     };
-    let tasks = TaskManager::open(config, reaper).map_err(|e| {
+    let tasks = TaskManager::open(config, Launcher::new(reaper)).map_err(|e| {
         Error::Setup(format!(
             "cannot open the data dir {}: {e}",
             args.data_dir.display()

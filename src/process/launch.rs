@@ -1,16 +1,23 @@
-//! sandlet's side of starting a task: spawn the shim, wait for its start report, and hand back
-//! what it takes to watch the task end.
+//! sandlet's side of starting a task: hand the task to a shim, wait for its start report, and
+//! return what it takes to watch the task end.
+//!
+//! One shim is kept started ahead of need, already exec'd and waiting for its spec, so a task
+//! start costs one fork+exec (the task's) on the critical path instead of two; the next spare
+//! is started once the task has started.
 
+use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use nix::fcntl::OFlag;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::unix::pipe;
 
+use super::shim::{ROLE, ShimSpec};
 use super::{EXIT_FILE, ExitRecord, Outcome, PidFd, ProcessIdentity, Reaper};
 use crate::atomic_file;
 
@@ -18,16 +25,6 @@ use crate::atomic_file;
 const START_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an exit may take to be recorded after the task's process is seen gone.
 const EXIT_RECORD_WAIT: Duration = Duration::from_secs(5);
-
-pub struct LaunchSpec<'a> {
-    pub task_dir: &'a Path,
-    pub program: &'a str,
-    pub args: &'a [String],
-    /// The complete environment of the task.
-    pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
-    pub working_dir: Option<&'a Path>,
-    pub log_limit: u64,
-}
 
 pub struct Launched {
     pub shim: ProcessIdentity,
@@ -38,66 +35,55 @@ pub struct Launched {
     pub exit: ExitWatch,
 }
 
-/// Starts a task under a new shim. `Err` is a message for a task that could not start.
-pub async fn launch(reaper: &Reaper, spec: LaunchSpec<'_>) -> Result<Launched, String> {
-    if let Some(dir) = spec.working_dir
-        && !dir.is_dir()
-    {
-        return Err(format!(
-            "workingDir {} does not exist or is not a directory",
-            dir.display()
-        ));
-    }
-    let (report_r, report_w) =
-        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("cannot create a pipe: {e}"))?;
-    let mut command = Command::new("/proc/self/exe");
-    command
-        .arg0("sandlet-shim")
-        .arg(super::shim::ROLE)
-        .arg("--task-dir")
-        .arg(spec.task_dir)
-        .arg("--log-limit")
-        .arg(spec.log_limit.to_string())
-        .arg("--")
-        .arg(spec.program)
-        .args(spec.args)
-        .env_clear()
-        .envs(spec.env)
-        // Its own group: signals meant for sandlet's group (a terminal's Ctrl-C) skip the shims.
-        .process_group(0)
-        .stdin(Stdio::from(report_w))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if let Some(dir) = spec.working_dir {
-        command.current_dir(dir);
-    }
-    let spawned = reaper.spawn_owned(|| command.spawn());
-    // Drop our copy of the report pipe's write end, so its EOF means the shim is gone.
-    drop(command);
-    let (child, shim_pidfd) = spawned.map_err(|e| format!("cannot start the task's shim: {e}"))?;
-    let shim_pid = child.id() as i32;
+/// A started shim, idle until it is sent a spec.
+struct Shim {
+    pid: i32,
+    pidfd: PidFd,
+    spec: pipe::Sender,
+    reports: Lines<BufReader<pipe::Receiver>>,
+}
 
-    let receiver = pipe::Receiver::from_owned_fd(report_r)
-        .map_err(|e| format!("cannot watch the shim: {e}"))?;
-    let mut lines = BufReader::new(receiver).lines();
-    let first = tokio::time::timeout(START_REPORT_TIMEOUT, lines.next_line()).await;
-    let line = match first {
-        Ok(Ok(Some(line))) => line,
-        other => {
-            let why = match other {
-                Err(_) => "did not report within 10 s".to_string(),
-                Ok(Err(e)) => e.to_string(),
-                Ok(Ok(None)) => "exited without a report".to_string(),
-                Ok(Ok(Some(_))) => unreachable!(),
-            };
-            let _ = shim_pidfd.send_signal(libc::SIGKILL);
-            let _ = shim_pidfd.exited().await;
-            reaper.reap_owned(&shim_pidfd);
-            return Err(format!("the task's shim {why}"));
+pub struct Launcher {
+    reaper: Arc<Reaper>,
+    spare: Mutex<Option<Shim>>,
+}
+
+impl Launcher {
+    pub fn new(reaper: Arc<Reaper>) -> Arc<Launcher> {
+        Arc::new(Launcher {
+            reaper,
+            spare: Mutex::new(None),
+        })
+    }
+
+    pub fn reaper(&self) -> &Reaper {
+        &self.reaper
+    }
+
+    /// Starts a task. `Err` is a message for a task that could not start.
+    pub async fn launch(self: &Arc<Self>, spec: ShimSpec) -> Result<Launched, String> {
+        if let Some(dir) = &spec.working_dir
+            && !dir.is_dir()
+        {
+            return Err(format!(
+                "workingDir {} does not exist or is not a directory",
+                dir.display()
+            ));
         }
-    };
-    match parse_start(&line) {
-        Ok((task, shim_ticks, started_at)) => Ok(Launched {
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let shim = match spare {
+            Some(shim) => shim,
+            None => self
+                .start_shim()
+                .map_err(|e| format!("cannot start the task's shim: {e}"))?,
+        };
+        let task_dir = spec.task_dir.clone();
+        let started = self.start_task(shim, &spec).await;
+        // Refill off the critical path: the task has started (or failed) by now.
+        let launcher = Arc::clone(self);
+        tokio::spawn(async move { launcher.refill() });
+        let (shim_pid, shim_pidfd, reports, (task, shim_ticks, started_at)) = started?;
+        Ok(Launched {
             shim: ProcessIdentity {
                 pid: shim_pid,
                 start_ticks: shim_ticks,
@@ -106,15 +92,82 @@ pub async fn launch(reaper: &Reaper, spec: LaunchSpec<'_>) -> Result<Launched, S
             task,
             started_at,
             exit: ExitWatch::Report {
-                lines,
-                dir: spec.task_dir.to_owned(),
+                lines: reports,
+                dir: task_dir,
             },
-        }),
-        Err(message) => {
-            let _ = shim_pidfd.exited().await;
-            reaper.reap_owned(&shim_pidfd);
-            Err(message)
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn start_task(
+        &self,
+        mut shim: Shim,
+        spec: &ShimSpec,
+    ) -> Result<
+        (
+            i32,
+            PidFd,
+            Lines<BufReader<pipe::Receiver>>,
+            (ProcessIdentity, u64, DateTime<Utc>),
+        ),
+        String,
+    > {
+        let mut line = serde_json::to_vec(spec).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        let sent = shim.spec.write_all(&line).await;
+        let report = match sent {
+            Ok(()) => tokio::time::timeout(START_REPORT_TIMEOUT, shim.reports.next_line()).await,
+            Err(e) => Ok(Err(e)),
+        };
+        let failure = match report {
+            Ok(Ok(Some(line))) => match parse_start(&line) {
+                Ok(started) => return Ok((shim.pid, shim.pidfd, shim.reports, started)),
+                Err(message) => message,
+            },
+            Err(_) => "the task's shim did not report within 10 s".into(),
+            Ok(Err(e)) => format!("the task's shim could not be reached: {e}"),
+            Ok(Ok(None)) => "the task's shim exited without a report".into(),
+        };
+        let _ = shim.pidfd.send_signal(libc::SIGKILL);
+        let _ = shim.pidfd.exited().await;
+        self.reaper.reap_owned(&shim.pidfd);
+        Err(failure)
+    }
+
+    fn refill(&self) {
+        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+        if spare.is_none() {
+            match self.start_shim() {
+                Ok(shim) => *spare = Some(shim),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not start a spare shim; the next task starts one itself")
+                }
+            }
         }
+    }
+
+    fn start_shim(&self) -> io::Result<Shim> {
+        let (spec_r, spec_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let (report_r, report_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let mut command = Command::new("/proc/self/exe");
+        command
+            .arg0("sandlet-shim")
+            .arg(ROLE)
+            // Its own group: signals meant for sandlet's group (a terminal's Ctrl-C) skip the shims.
+            .process_group(0)
+            .stdin(Stdio::from(spec_r))
+            .stdout(Stdio::from(report_w))
+            .stderr(Stdio::null());
+        let spawned = self.reaper.spawn_owned(|| command.spawn());
+        // Our copies of the shim's ends go now, so EOF on either pipe means the other side is gone.
+        drop(command);
+        let (child, pidfd) = spawned?;
+        Ok(Shim {
+            pid: child.id() as i32,
+            pidfd,
+            spec: pipe::Sender::from_owned_fd(spec_w)?,
+            reports: BufReader::new(pipe::Receiver::from_owned_fd(report_r)?).lines(),
+        })
     }
 }
 
@@ -164,10 +217,12 @@ impl ExitWatch {
             ExitWatch::Report { mut lines, dir } => {
                 // Anything but "X" (EOF: the shim died) falls back to what the exit file says.
                 let _ = lines.next_line().await;
-                read_exit_record(&dir).unwrap_or_else(|| lost(
-                    "ShimLost",
-                    "the task's shim ended before it recorded the exit status; the process may have been killed along with it",
-                ))
+                read_exit_record(&dir).unwrap_or_else(|| {
+                    lost(
+                        "ShimLost",
+                        "the task's shim ended before it recorded the exit status; the process may have been killed along with it",
+                    )
+                })
             }
             ExitWatch::Adopted { task, shim, dir } => {
                 let _ = task.exited().await;
@@ -178,10 +233,9 @@ impl ExitWatch {
                         return record;
                     }
                     if !shim.is_alive() || tokio::time::Instant::now() >= deadline {
-                        return read_exit_record(&dir).unwrap_or_else(|| lost(
-                            "ExitStatusLost",
-                            "the task's process ended but its shim did not record the exit status",
-                        ));
+                        return read_exit_record(&dir).unwrap_or_else(|| {
+                            lost("ExitStatusLost", "the task's process ended but its shim did not record the exit status")
+                        });
                     }
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }

@@ -1,9 +1,9 @@
-//! The shim role: `sandlet shim --task-dir DIR --log-limit N -- PROGRAM ARGS...`.
+//! The shim role: `sandlet shim`, one per task.
 //!
-//! Started by sandlet for each task, with its standard input set to the write end of a report
-//! pipe (the only fd sandlet can hand over without a fork-time hook, which would cost sandlet
-//! the posix_spawn fast path). The shim
-//! 1. becomes a child subreaper, so the task's whole tree stays below it;
+//! sandlet starts shims ahead of need (see `launch.rs`): a shim waits for its task's
+//! [`ShimSpec`] as one JSON line on its standard input and reports on its standard output.
+//! Given the spec, the shim
+//! 1. is a child subreaper, so the task's whole tree stays below it;
 //! 2. starts the task in its own process group, stdout and stderr on pipes;
 //! 3. reports `S <pid> <start_ticks> <shim_start_ticks> <unix_nanos>`, then writes `run.json`;
 //! 4. copies output into bounded log segments until the task is reaped and its pipes are drained
@@ -12,14 +12,13 @@
 //! 5. writes `exit.json` durably, then reports `X`;
 //! 6. keeps reaping (and logging) what is left of the tree until it has no children, then exits.
 //!
-//! A start failure writes `exit.json` and reports `E <message>`. The shim ignores the usual
-//! termination signals: sandlet stops the tree below it, and the shim must outlive that to
-//! record the result.
+//! A start failure writes `exit.json` and reports `E <message>`. End of input before a spec
+//! (sandlet went away) ends an idle shim quietly. The shim ignores the usual termination
+//! signals: sandlet stops the tree below it, and the shim must outlive that to record the result.
 
-use std::ffi::OsString;
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::io::{self, BufRead, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -33,6 +32,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
 
 use super::output::SegmentWriter;
 use super::{EXIT_FILE, ExitRecord, Outcome, ProcessIdentity, RUN_FILE, RunRecord};
@@ -42,60 +42,47 @@ use crate::atomic_file::{self, Durability};
 /// recorded anyway.
 pub const DRAIN_GRACE: Duration = Duration::from_millis(100);
 
-/// Where the shim role is selected: `sandlet shim ...` (argv[1]).
+/// Where the shim role is selected: `sandlet shim` (argv[1]).
 pub const ROLE: &str = "shim";
 
-#[derive(Debug, PartialEq)]
-pub struct ShimArgs {
+/// What a shim is asked to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ShimSpec {
     pub task_dir: PathBuf,
     pub log_limit: u64,
-    pub argv: Vec<OsString>,
-}
-
-impl ShimArgs {
-    /// Parses what follows `shim`: `--task-dir DIR --log-limit N -- PROGRAM [ARGS...]`. By hand
-    /// rather than with the CLI parser, which costs a quarter of a millisecond per task start.
-    pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<ShimArgs, String> {
-        let mut args = args.into_iter();
-        let (mut task_dir, mut log_limit) = (None, None);
-        while let Some(arg) = args.next() {
-            match arg.to_str() {
-                Some("--task-dir") => task_dir = args.next().map(PathBuf::from),
-                Some("--log-limit") => {
-                    log_limit = args.next().and_then(|v| v.to_str()?.parse().ok())
-                }
-                Some("--") => break,
-                _ => return Err(format!("unexpected shim argument {arg:?}")),
-            }
-        }
-        let argv: Vec<OsString> = args.collect();
-        match (task_dir, log_limit, argv.is_empty()) {
-            (Some(task_dir), Some(log_limit), false) => Ok(ShimArgs {
-                task_dir,
-                log_limit,
-                argv,
-            }),
-            _ => Err(
-                "usage: sandlet shim --task-dir DIR --log-limit BYTES -- PROGRAM [ARGS...]".into(),
-            ),
-        }
-    }
+    pub program: String,
+    pub args: Vec<String>,
+    /// Set on top of the environment the shim inherited from sandlet (the last value wins).
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<PathBuf>,
 }
 
 /// Runs the shim; returns the process exit code.
-pub fn run(args: ShimArgs) -> i32 {
-    // SAFETY: fd 0 is the report pipe sandlet gave us (module docs); nothing else owns it.
-    let mut report = unsafe { File::from_raw_fd(0) };
-    match supervise(&args, &mut report) {
+pub fn run() -> i32 {
+    let mut report = std::io::stdout().lock();
+    let mut line = String::new();
+    match std::io::stdin().lock().read_line(&mut line) {
+        Ok(0) => return 0, // sandlet went away before this shim was needed
+        Ok(_) => {}
+        Err(e) => {
+            let _ = report.write_all(format!("E shim could not read its spec: {e}\n").as_bytes());
+            return 1;
+        }
+    }
+    let result = serde_json::from_str::<ShimSpec>(&line)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        .and_then(|spec| supervise(&spec, &mut report));
+    match result {
         Ok(()) => 0,
         Err(e) => {
-            let _ = writeln!(report, "E shim failed: {e}");
+            let _ = report.write_all(format!("E shim failed: {e}\n").as_bytes());
             1
         }
     }
 }
 
-fn supervise(args: &ShimArgs, report: &mut File) -> io::Result<()> {
+fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
     nix::sys::prctl::set_child_subreaper(true)?;
     // The task inherits the shim's signal state, so the shim starts clean (sandlet's environment
     // may have ignored some signals) and blocks what it handles only once the task is started:
@@ -103,13 +90,17 @@ fn supervise(args: &ShimArgs, report: &mut File) -> io::Result<()> {
     reset_signals()?;
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
     let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-    let mut command = Command::new(&args.argv[0]);
+    let mut command = Command::new(&spec.program);
     command
-        .args(&args.argv[1..])
+        .args(&spec.args)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(blocking(out_w)?)
         .stderr(blocking(err_w)?);
+    if let Some(dir) = &spec.working_dir {
+        command.current_dir(dir);
+    }
     let spawned = command.spawn();
     // Our copies of the write ends must go, or the pipes never reach EOF.
     drop(command);
@@ -123,6 +114,9 @@ fn supervise(args: &ShimArgs, report: &mut File) -> io::Result<()> {
     ] {
         handled.add(sig);
     }
+    // Reports to a sandlet that has gone must fail with EPIPE, not kill the shim mid-tree.
+    // SAFETY: SIG_IGN runs no handler code.
+    unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigIgn) }?;
     // Blocked, these arrive on the signalfd. A SIGCHLD from before this point is not lost: the
     // loop below reaps before it first waits.
     handled.thread_block()?;
@@ -130,15 +124,16 @@ fn supervise(args: &ShimArgs, report: &mut File) -> io::Result<()> {
     let child = match spawned {
         Ok(child) => child,
         Err(e) => {
-            let message = format!("cannot start {:?}: {e}", args.argv[0]);
+            let message = format!("cannot start {:?}: {e}", spec.program);
             let record = ExitRecord {
                 finished_at: Utc::now(),
                 outcome: Outcome::StartFailed {
                     message: message.clone(),
                 },
             };
-            atomic_file::write_json(&args.task_dir.join(EXIT_FILE), &record, Durability::Durable)?;
+            atomic_file::write_json(&spec.task_dir.join(EXIT_FILE), &record, Durability::Durable)?;
             report.write_all(format!("E {message}\n").as_bytes())?;
+            report.flush()?;
             return Ok(());
         }
     };
@@ -158,18 +153,19 @@ fn supervise(args: &ShimArgs, report: &mut File) -> io::Result<()> {
         started_at.timestamp_nanos_opt().unwrap_or(0)
     );
     report.write_all(started.as_bytes())?;
+    report.flush()?;
     // After the report, off sandlet's start path; only the shim writes it, so a restarted
     // sandlet finds it whether or not sandlet itself lived through this moment.
-    atomic_file::write_json(&args.task_dir.join(RUN_FILE), &run, Durability::Atomic)?;
+    atomic_file::write_json(&spec.task_dir.join(RUN_FILE), &run, Durability::Atomic)?;
 
     let mut outputs = [
         Output {
             pipe: Some(out_r),
-            log: SegmentWriter::create(&args.task_dir, "stdout", args.log_limit)?,
+            log: SegmentWriter::create(&spec.task_dir, "stdout", spec.log_limit)?,
         },
         Output {
             pipe: Some(err_r),
-            log: SegmentWriter::create(&args.task_dir, "stderr", args.log_limit)?,
+            log: SegmentWriter::create(&spec.task_dir, "stderr", spec.log_limit)?,
         },
     ];
     let mut ended: Option<(ExitRecord, Instant)> = None;
@@ -181,9 +177,9 @@ fn supervise(args: &ShimArgs, report: &mut File) -> io::Result<()> {
             && let Some((record, reaped_at)) = &ended
             && (outputs.iter().all(|o| o.pipe.is_none()) || reaped_at.elapsed() >= DRAIN_GRACE)
         {
-            atomic_file::write_json(&args.task_dir.join(EXIT_FILE), record, Durability::Durable)?;
+            atomic_file::write_json(&spec.task_dir.join(EXIT_FILE), record, Durability::Durable)?;
             // sandlet may be gone (it is being restarted); the exit file is the record.
-            let _ = report.write_all(b"X\n");
+            let _ = report.write_all(b"X\n").and_then(|()| report.flush());
             reported = true;
         }
         if reported && no_children {
@@ -304,28 +300,18 @@ fn blocking(fd: OwnedFd) -> io::Result<OwnedFd> {
 mod tests {
     use super::*;
 
-    fn parse(args: &[&str]) -> Result<ShimArgs, String> {
-        ShimArgs::parse(args.iter().map(OsString::from))
-    }
-
     #[test]
-    fn parses_its_own_arguments() {
-        let a = parse(&[
-            "--task-dir",
-            "/d/t",
-            "--log-limit",
-            "64",
-            "--",
-            "sh",
-            "-c",
-            "--task-dir",
-        ])
-        .unwrap();
-        assert_eq!(a.task_dir, PathBuf::from("/d/t"));
-        assert_eq!(a.log_limit, 64);
-        assert_eq!(a.argv, ["sh", "-c", "--task-dir"]);
-        assert!(parse(&["--task-dir", "/d", "--log-limit", "x", "--", "sh"]).is_err());
-        assert!(parse(&["--task-dir", "/d", "--log-limit", "1", "--"]).is_err());
-        assert!(parse(&["--bogus"]).is_err());
+    fn spec_is_one_json_line() {
+        let spec = ShimSpec {
+            task_dir: "/d/t".into(),
+            log_limit: 64,
+            program: "sh".into(),
+            args: vec!["-c".into(), "echo 'a\nb'".into()],
+            env: vec![("A".into(), "1\n2".into())],
+            working_dir: None,
+        };
+        let line = serde_json::to_string(&spec).unwrap();
+        assert!(!line.contains('\n'));
+        assert_eq!(serde_json::from_str::<ShimSpec>(&line).unwrap(), spec);
     }
 }

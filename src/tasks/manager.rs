@@ -2,8 +2,6 @@
 //! change, and a broadcast of those changes (the change feed). Disk writes under the lock are
 //! small renames without fsync; the only fsyncs are of final results.
 
-use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -19,7 +17,8 @@ use super::supervisor::{Watched, supervise};
 use super::validate::check_task;
 use super::wire::{Process, Task};
 use crate::atomic_file::{self, Durability};
-use crate::process::{self, ExitRecord, ExitWatch, LaunchSpec, PidFd, Reaper, RunRecord, Tree};
+use crate::process::shim::ShimSpec;
+use crate::process::{self, ExitRecord, ExitWatch, Launcher, PidFd, Reaper, RunRecord, Tree};
 
 #[derive(Debug, Clone)]
 pub struct TaskConfig {
@@ -47,7 +46,7 @@ pub struct TaskManager(Arc<Shared>);
 struct Shared {
     config: TaskConfig,
     store: Store,
-    reaper: Arc<Reaper>,
+    launcher: Arc<Launcher>,
     inner: Mutex<Inner>,
     feed: broadcast::Sender<FeedEvent>,
 }
@@ -87,13 +86,13 @@ struct ToStart {
 
 impl TaskManager {
     /// Opens the data dir and recovers every task recorded there (see `recover`).
-    pub fn open(config: TaskConfig, reaper: Arc<Reaper>) -> Result<TaskManager, TaskError> {
+    pub fn open(config: TaskConfig, launcher: Arc<Launcher>) -> Result<TaskManager, TaskError> {
         let store = Store::open(&config.data_dir)?;
         let (feed, _) = broadcast::channel(1024);
         let manager = TaskManager(Arc::new(Shared {
             config,
             store,
-            reaper,
+            launcher,
             inner: Mutex::new(Inner {
                 tasks: IndexMap::new(),
                 version: 0,
@@ -291,17 +290,23 @@ impl TaskManager {
             .command
             .split_first()
             .expect("validated: command is not empty");
-        let args: Vec<String> = rest.iter().chain(&task.process.args).cloned().collect();
-        let spec = LaunchSpec {
-            task_dir: &dir,
-            program,
-            args: &args,
-            env: task_env(&task.process),
-            working_dir: (!task.process.working_dir.is_empty())
-                .then(|| Path::new(&task.process.working_dir)),
+        // The shim inherits sandlet's environment; the task's variables go on top (the last
+        // value wins, as with the Go executor).
+        let spec = ShimSpec {
+            task_dir: dir,
             log_limit: self.0.config.log_limit,
+            program: program.clone(),
+            args: rest.iter().chain(&task.process.args).cloned().collect(),
+            env: task
+                .process
+                .env
+                .iter()
+                .map(|v| (v.name.clone(), v.value.clone()))
+                .collect(),
+            working_dir: (!task.process.working_dir.is_empty())
+                .then(|| PathBuf::from(&task.process.working_dir)),
         };
-        let launched = process::launch(&self.0.reaper, spec).await;
+        let launched = self.0.launcher.launch(spec).await;
         let mut inner = self.lock();
         let Some(entry) = inner
             .tasks
@@ -431,7 +436,7 @@ impl TaskManager {
     // --- called by supervisors ---
 
     pub(super) fn reaper(&self) -> &Reaper {
-        &self.0.reaper
+        self.0.launcher.reaper()
     }
 
     pub(super) fn stop_grace(&self) -> Duration {
@@ -661,14 +666,4 @@ fn recover_one(
             )
         }
     }
-}
-
-/// The task's environment: sandlet's own, then the task's variables (the last value wins, as
-/// with the Go executor).
-fn task_env(process: &Process) -> Vec<(OsString, OsString)> {
-    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
-    for var in &process.env {
-        env.insert(var.name.clone().into(), var.value.clone().into());
-    }
-    env.into_iter().collect()
 }

@@ -1,6 +1,6 @@
 //! Test harness: boots the real `sandlet` binary on a free loopback port with its own data dir,
 //! talks to it over HTTP, and on drop kills it and every process tree it started (shims outlive
-//! sandlet by design, so they are found by their task dir).
+//! sandlet by design, so they are found by an environment marker they inherit from sandlet).
 
 #![allow(dead_code)]
 
@@ -102,6 +102,7 @@ impl Sandlet {
             .arg(self.data_dir())
             .args(&self.extra_args)
             .env("SANDLET_LOG", "debug")
+            .env(MARKER_VAR, self.data_dir())
             .stdout(Stdio::null())
             .stderr(
                 std::fs::OpenOptions::new()
@@ -280,7 +281,7 @@ impl Sandlet {
 impl Drop for Sandlet {
     fn drop(&mut self) {
         self.kill9();
-        kill_trees_mentioning(&self.data_dir());
+        kill_trees_marked(&self.data_dir());
         if thread::panicking() {
             eprintln!("--- sandlet stderr ---\n{}", self.stderr());
         }
@@ -320,17 +321,22 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
-/// SIGKILLs every process whose command line mentions `marker`, and all their descendants.
-pub fn kill_trees_mentioning(marker: &Path) {
-    let marker = marker.to_string_lossy().into_owned();
+/// Set on each sandlet under test; its shims and tasks inherit it.
+const MARKER_VAR: &str = "SANDLET_TEST_INSTANCE";
+
+/// SIGKILLs every process that carries this instance's marker, and all their descendants.
+pub fn kill_trees_marked(data_dir: &Path) {
+    let marker = format!("{MARKER_VAR}={}", data_dir.display());
     let mut parents: Vec<(i32, i32)> = Vec::new();
     let mut roots = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline"))
-            && String::from_utf8_lossy(&cmd).contains(&marker)
+        if let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ"))
+            && environ
+                .split(|b| *b == 0)
+                .any(|entry| entry == marker.as_bytes())
         {
             roots.push(pid);
         }
