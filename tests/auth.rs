@@ -86,16 +86,6 @@ fn wrong_headers() -> Vec<Option<String>> {
     ]
 }
 
-/// The entries of the data dir, without the directories of forgotten tasks that sandlet has
-/// renamed aside (`.deleted-*`) and deletes in the background.
-fn task_dirs(s: &Sandlet) -> BTreeSet<String> {
-    std::fs::read_dir(s.data_dir())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with(".deleted-"))
-        .collect()
-}
-
 fn state(s: &Sandlet) -> (Value, BTreeSet<String>) {
     let (status, list) = send(
         s,
@@ -105,7 +95,7 @@ fn state(s: &Sandlet) -> (Value, BTreeSet<String>) {
         None,
     );
     assert_eq!(status, 200);
-    let dirs = task_dirs(s);
+    let dirs = s.task_dirs();
     (list, dirs)
 }
 

@@ -5,42 +5,11 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{Sandlet, scratch};
+use common::{Sandlet, Snapshot, scratch};
 use serde_json::{Value, json};
 
 fn sleeper(name: &str) -> Value {
     json!({"name": name, "process": {"command": ["sleep", "300"]}})
-}
-
-/// What a refused request must leave untouched.
-#[derive(Debug, PartialEq)]
-struct Snapshot {
-    tasks: String,
-    dirs: BTreeSet<String>,
-}
-
-/// The entries of the data dir, without the directories of forgotten tasks that sandlet has
-/// renamed aside (`.deleted-*`) and deletes in the background.
-fn task_dirs(s: &Sandlet) -> BTreeSet<String> {
-    std::fs::read_dir(s.data_dir())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with(".deleted-"))
-        .collect()
-}
-
-fn snapshot(s: &Sandlet) -> Snapshot {
-    let r = s.get("/getTasks");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let dirs = task_dirs(s);
-    Snapshot {
-        tasks: r.text(),
-        dirs,
-    }
-}
-
-fn assert_nothing_lost(s: &Sandlet, before: &Snapshot, what: &str) {
-    assert_eq!(&snapshot(s), before, "after {what}");
 }
 
 /// A sandlet with one task already running, so that "nothing changed" covers an existing task
@@ -50,7 +19,7 @@ fn with_base(flags: &[&str]) -> (Sandlet, Snapshot) {
     let r = s.set_tasks(json!([sleeper("base")]));
     assert_eq!(r.status, 200, "{}", r.text());
     s.wait_state("base", "running");
-    let before = snapshot(&s);
+    let before = s.snapshot();
     assert_eq!(before.dirs, BTreeSet::from(["base".to_string()]));
     (s, before)
 }
@@ -80,7 +49,7 @@ fn malformed_json_is_invalid_json() {
             r.text()
         );
         r.assert_error(400, "InvalidJSON");
-        assert_nothing_lost(&s, &before, &what);
+        s.assert_nothing_lost(&before, &what);
     }
 }
 
@@ -92,15 +61,15 @@ fn unsafe_or_oversized_names_in_bodies_are_refused() {
         // The whole desired list, as a controller sends it: the existing task plus the bad one.
         let r = s.set_tasks(json!([sleeper("base"), sleeper(name)]));
         r.assert_error(400, "InvalidTask");
-        assert_nothing_lost(&s, &before, &format!("setTasks with name {name:?}"));
+        s.assert_nothing_lost(&before, &format!("setTasks with name {name:?}"));
         let r = s.post_json("/tasks", &sleeper(name));
         r.assert_error(400, "InvalidTask");
-        assert_nothing_lost(&s, &before, &format!("POST /tasks with name {name:?}"));
+        s.assert_nothing_lost(&before, &format!("POST /tasks with name {name:?}"));
     }
     // A task without a name member at all is the same as an empty name.
     let r = s.set_tasks(json!([{"process": {"command": ["true"]}}]));
     r.assert_error(400, "InvalidTask");
-    assert_nothing_lost(&s, &before, "setTasks with no name");
+    s.assert_nothing_lost(&before, "setTasks with no name");
     // Nothing was created next to the data dir either ("../x" resolved against it).
     assert!(!s.data_dir().parent().unwrap().join("x").exists());
 }
@@ -130,7 +99,7 @@ fn unsafe_names_in_paths_are_invalid_task_name() {
     ] {
         let r = s.call(method, path, None);
         r.assert_error(400, "InvalidTaskName");
-        assert_nothing_lost(&s, &before, &format!("{method} {path}"));
+        s.assert_nothing_lost(&before, &format!("{method} {path}"));
     }
 }
 
@@ -177,10 +146,10 @@ fn invalid_processes_are_invalid_task() {
     for (what, task) in &cases {
         let r = s.set_tasks(json!([sleeper("base"), task]));
         r.assert_error(400, "InvalidTask");
-        assert_nothing_lost(&s, &before, &format!("setTasks: {what}"));
+        s.assert_nothing_lost(&before, &format!("setTasks: {what}"));
         let r = s.post_json("/tasks", task);
         r.assert_error(400, "InvalidTask");
-        assert_nothing_lost(&s, &before, &format!("POST /tasks: {what}"));
+        s.assert_nothing_lost(&before, &format!("POST /tasks: {what}"));
     }
 
     // The same name twice in one list, even with identical specs.
@@ -189,7 +158,7 @@ fn invalid_processes_are_invalid_task() {
     let r = s.set_tasks(json!([sleeper("base"), touch, touch]));
     r.assert_error(400, "InvalidTask");
     assert!(r.json()["message"].as_str().unwrap().contains("dup"));
-    assert_nothing_lost(&s, &before, "setTasks with a duplicate name");
+    s.assert_nothing_lost(&before, "setTasks with a duplicate name");
 
     // One good new task and one bad one: refused whole, the good one is not created.
     let good = json!({"name": "good", "process": {"command": ["touch", marker]}});
@@ -200,13 +169,13 @@ fn invalid_processes_are_invalid_task() {
     ] {
         let r = s.set_tasks(list.clone());
         r.assert_error(400, "InvalidTask");
-        assert_nothing_lost(&s, &before, &format!("setTasks {list}"));
+        s.assert_nothing_lost(&before, &format!("setTasks {list}"));
     }
     // The refused lists also left out "base": it was not removed either (checked by the snapshot),
     // and the good task's command never ran.
     let r = s.set_tasks(json!([good, bad]));
     r.assert_error(400, "InvalidTask");
-    assert_nothing_lost(&s, &before, "setTasks without base, with a bad task");
+    s.assert_nothing_lost(&before, "setTasks without base, with a bad task");
     assert!(!marker.exists(), "a refused task's command ran");
 }
 
@@ -248,7 +217,7 @@ fn arrays_in_place_of_objects_are_invalid_json() {
         "not refused as InvalidJSON:\n{}",
         wrong.join("\n")
     );
-    assert_nothing_lost(&s, &before, "bodies with arrays in place of objects");
+    s.assert_nothing_lost(&before, "bodies with arrays in place of objects");
     assert!(!marker.exists(), "a task sent as an array ran");
 }
 
@@ -323,7 +292,7 @@ fn oversized_bodies_are_payload_too_large() {
     for path in ["/setTasks", "/tasks"] {
         let r = post_raw(&s, path, body.clone());
         r.assert_error(413, "PayloadTooLarge");
-        assert_nothing_lost(&s, &before, &format!("2 MiB POST {path}"));
+        s.assert_nothing_lost(&before, &format!("2 MiB POST {path}"));
     }
     // Just under the default limit (1 MiB) is fine.
     let arg = "y".repeat((1 << 20) - 200);
@@ -337,13 +306,13 @@ fn oversized_bodies_are_payload_too_large() {
 #[test]
 fn a_small_body_limit_applies_to_small_lists() {
     let s = Sandlet::start(&["--max-body-bytes", "100"]);
-    let before = snapshot(&s);
+    let before = s.snapshot();
     let list = json!([{"name": "small", "process": {"command": ["sh", "-c", "echo a small task body, just over the limit"], "timeoutSeconds": 30}}]);
     let body = list.to_string();
     assert!(body.len() > 100 && body.len() < 200, "{}", body.len());
     let r = post_raw(&s, "/setTasks", body.into_bytes());
     r.assert_error(413, "PayloadTooLarge");
-    assert_nothing_lost(&s, &before, "a 1xx-byte setTasks with --max-body-bytes 100");
+    s.assert_nothing_lost(&before, "a 1xx-byte setTasks with --max-body-bytes 100");
     // Under the limit still works: the limit is a limit, not a refusal of everything.
     let r = s.set_tasks(json!([{"name": "s", "process": {"command": ["true"]}}]));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -365,7 +334,7 @@ fn wrong_methods_and_unknown_routes() {
     ] {
         let r = s.call(method, path, None);
         r.assert_error(405, "MethodNotAllowed");
-        assert_nothing_lost(&s, &before, &format!("{method} {path}"));
+        s.assert_nothing_lost(&before, &format!("{method} {path}"));
     }
     for (method, path) in [
         ("GET", "/nope"),
@@ -375,19 +344,19 @@ fn wrong_methods_and_unknown_routes() {
     ] {
         let r = s.call(method, path, None);
         r.assert_error(404, "NotFound");
-        assert_nothing_lost(&s, &before, &format!("{method} {path}"));
+        s.assert_nothing_lost(&before, &format!("{method} {path}"));
     }
     for path in ["/tasks/nope", "/tasks/nope/logs"] {
         let r = s.get(path);
         r.assert_error(404, "TaskNotFound");
         assert!(r.json()["message"].as_str().unwrap().contains("nope"));
-        assert_nothing_lost(&s, &before, &format!("GET {path}"));
+        s.assert_nothing_lost(&before, &format!("GET {path}"));
     }
     // Deleting an unknown task is idempotent, as with the Go executor.
     let r = s.call("DELETE", "/tasks/nope", None);
     assert_eq!(r.status, 204, "{}", r.text());
     assert!(r.body.is_empty());
-    assert_nothing_lost(&s, &before, "DELETE /tasks/nope");
+    s.assert_nothing_lost(&before, "DELETE /tasks/nope");
 }
 
 #[test]
@@ -407,7 +376,7 @@ fn bad_log_queries_are_invalid_query() {
         let path = format!("/tasks/base/logs?{query}");
         let r = s.get(&path);
         r.assert_error(400, "InvalidQuery");
-        assert_nothing_lost(&s, &before, &format!("GET {path}"));
+        s.assert_nothing_lost(&before, &format!("GET {path}"));
     }
     // The good forms of the same parameters work.
     let r = s.get("/tasks/base/logs?stream=stderr&offset=0&limit=1");

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::mpsc;
 
@@ -21,36 +20,6 @@ fn names(list: &[Value]) -> Vec<&str> {
 
 fn started_at(t: &Value) -> &Value {
     &t["processStatus"]["running"]["startedAt"]
-}
-
-/// What a refused request must leave untouched: the list, byte for byte, and the task dirs.
-#[derive(Debug, PartialEq)]
-struct Snapshot {
-    tasks: String,
-    dirs: BTreeSet<String>,
-}
-
-/// The entries of the data dir, without the directories of forgotten tasks that sandlet has
-/// renamed aside (`.deleted-*`) and deletes in the background.
-fn task_dirs(s: &Sandlet) -> BTreeSet<String> {
-    std::fs::read_dir(s.data_dir())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with(".deleted-"))
-        .collect()
-}
-
-fn snapshot(s: &Sandlet) -> Snapshot {
-    let r = s.get("/getTasks");
-    assert_eq!(r.status, 200, "{}", r.text());
-    Snapshot {
-        tasks: r.text(),
-        dirs: task_dirs(s),
-    }
-}
-
-fn assert_nothing_lost(s: &Sandlet, before: &Snapshot, what: &str) {
-    assert_eq!(&snapshot(s), before, "after {what}");
 }
 
 fn lines(path: &Path) -> Vec<String> {
@@ -139,7 +108,7 @@ fn a_changed_spec_under_an_existing_name_is_a_conflict() {
     assert_eq!(s.set_tasks(json!([orig])).status, 200);
     let running = s.wait_state("keeper", "running");
     let pid = read_pid(&pid_file);
-    let before = snapshot(&s);
+    let before = s.snapshot();
 
     let mut changes = Vec::new();
     for (what, change) in [
@@ -168,12 +137,12 @@ fn a_changed_spec_under_an_existing_name_is_a_conflict() {
             r.assert_error(409, "TaskConflict");
             let message = r.json()["message"].as_str().unwrap().to_string();
             assert!(message.contains("keeper"), "{what}: {message}");
-            assert_nothing_lost(&s, &before, &format!("setTasks changing {what}"));
+            s.assert_nothing_lost(&before, &format!("setTasks changing {what}"));
         }
         let r = s.post_json("/tasks", changed);
         r.assert_error(409, "TaskConflict");
         assert!(r.json()["message"].as_str().unwrap().contains("keeper"));
-        assert_nothing_lost(&s, &before, &format!("POST /tasks changing {what}"));
+        s.assert_nothing_lost(&before, &format!("POST /tasks changing {what}"));
     }
     assert!(pid_alive(pid), "the old task keeps running");
     assert_eq!(s.task("keeper").unwrap(), running);
@@ -197,14 +166,14 @@ fn create_task_is_201_then_200_when_identical_then_409() {
     assert_eq!(r.json(), running, "the same task, untouched");
     assert_eq!(s.tasks(), vec![running.clone()]);
 
-    let before = snapshot(&s);
+    let before = s.snapshot();
     let r = s.post_json(
         "/tasks",
         &json!({"name": "single", "process": {"command": ["sleep", "301"]}}),
     );
     r.assert_error(409, "TaskConflict");
     assert!(r.json()["message"].as_str().unwrap().contains("single"));
-    assert_nothing_lost(&s, &before, "POST /tasks with a different spec");
+    s.assert_nothing_lost(&before, "POST /tasks with a different spec");
 }
 
 #[test]
@@ -223,7 +192,7 @@ fn max_active_tasks_refuses_whole_requests_until_one_is_gone() {
         "all three run at once: {all:?}"
     );
 
-    let before = snapshot(&s);
+    let before = s.snapshot();
     let r = s.set_tasks(json!([
         sleeper("a"),
         sleeper("b"),
@@ -231,10 +200,10 @@ fn max_active_tasks_refuses_whole_requests_until_one_is_gone() {
         sleeper("d")
     ]));
     r.assert_error(429, "TooManyTasks");
-    assert_nothing_lost(&s, &before, "setTasks with a 4th task");
+    s.assert_nothing_lost(&before, "setTasks with a 4th task");
     let r = s.post_json("/tasks", &sleeper("d"));
     r.assert_error(429, "TooManyTasks");
-    assert_nothing_lost(&s, &before, "POST /tasks with a 4th task");
+    s.assert_nothing_lost(&before, "POST /tasks with a 4th task");
 
     // Removing one: while it is still being stopped it still counts.
     let r = s.set_tasks(json!([sleeper("a"), sleeper("b")]));
@@ -258,7 +227,7 @@ fn max_tasks_counts_finished_tasks_too() {
     assert_eq!(r.status, 200, "{}", r.text());
     s.wait_state("f3", "terminated");
 
-    let before = snapshot(&s);
+    let before = s.snapshot();
     let r = s.set_tasks(json!([done("f1"), done("f2"), done("f3"), done("f4")]));
     r.assert_error(429, "TooManyTasks");
     assert!(
@@ -267,10 +236,10 @@ fn max_tasks_counts_finished_tasks_too() {
             .unwrap()
             .contains("--max-tasks")
     );
-    assert_nothing_lost(&s, &before, "setTasks with a 4th kept task");
+    s.assert_nothing_lost(&before, "setTasks with a 4th kept task");
     let r = s.post_json("/tasks", &done("f4"));
     r.assert_error(429, "TooManyTasks");
-    assert_nothing_lost(&s, &before, "POST /tasks with a 4th kept task");
+    s.assert_nothing_lost(&before, "POST /tasks with a 4th kept task");
 
     assert_eq!(s.call("DELETE", "/tasks/f1", None).status, 204);
     s.wait_gone("f1");
@@ -344,14 +313,14 @@ fn a_task_being_removed_cannot_be_added_again_until_it_is_gone() {
     assert_eq!(names(listed.as_array().unwrap()), ["stubborn"]);
     assert!(listed[0]["deletionTimestamp"].is_string(), "{listed}");
 
-    let before = snapshot(&s);
+    let before = s.snapshot();
     let r = s.set_tasks(json!([stubborn]));
     r.assert_error(409, "TaskConflict");
     assert!(r.json()["message"].as_str().unwrap().contains("stubborn"));
-    assert_nothing_lost(&s, &before, "setTasks re-adding a task being removed");
+    s.assert_nothing_lost(&before, "setTasks re-adding a task being removed");
     let r = s.post_json("/tasks", &stubborn);
     r.assert_error(409, "TaskConflict");
-    assert_nothing_lost(&s, &before, "POST /tasks re-adding a task being removed");
+    s.assert_nothing_lost(&before, "POST /tasks re-adding a task being removed");
     assert!(pid_alive(old_pid), "still in its grace period");
 
     s.wait_gone("stubborn");

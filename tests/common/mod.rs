@@ -289,6 +289,38 @@ impl Drop for Sandlet {
     }
 }
 
+/// What a refused request must leave untouched: the list, byte for byte, and the task dirs.
+#[derive(Debug, PartialEq)]
+pub struct Snapshot {
+    pub tasks: String,
+    pub dirs: std::collections::BTreeSet<String>,
+}
+
+impl Sandlet {
+    /// The entries of the data dir, without the directories of forgotten tasks that sandlet has
+    /// renamed aside (`.deleted-*`) and deletes in the background.
+    pub fn task_dirs(&self) -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(self.data_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with(".deleted-"))
+            .collect()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let r = self.get("/getTasks");
+        assert_eq!(r.status, 200, "{}", r.text());
+        Snapshot {
+            tasks: r.text(),
+            dirs: self.task_dirs(),
+        }
+    }
+
+    pub fn assert_nothing_lost(&self, before: &Snapshot, what: &str) {
+        assert_eq!(&self.snapshot(), before, "after {what}");
+    }
+}
+
 pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + DEADLINE;
     while Instant::now() < deadline {
