@@ -151,3 +151,58 @@ fn removing_a_task_stops_its_tree_then_forgets_it() {
     );
     assert!(s.tasks().is_empty());
 }
+
+#[test]
+fn a_spare_shim_killed_while_idle_does_not_fail_the_next_task() {
+    let s = Sandlet::start(&[]);
+    // The first start leaves a spare shim waiting for the next task.
+    assert_eq!(s.set_tasks(json!([task("first", &["true"])])).status, 200);
+    s.wait_state("first", "terminated");
+    let idle_shims = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                let parent = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+                let child_of_sandlet = parent.is_some_and(|st| {
+                    st.rsplit(')')
+                        .next()
+                        .and_then(|r| r.split_whitespace().nth(1))
+                        == Some(&s.pid().to_string())
+                });
+                let is_shim = std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.starts_with(b"sandlet-shim"));
+                child_of_sandlet && is_shim && !has_children(*pid)
+            })
+            .collect::<Vec<_>>()
+    };
+    wait_until("a spare shim is waiting", || !idle_shims().is_empty());
+    for pid in idle_shims() {
+        unsafe { kill(pid, 9) };
+    }
+    assert_eq!(
+        s.set_tasks(json!([
+            task("first", &["true"]),
+            task("second", &["sh", "-c", "exit 6"])
+        ]))
+        .status,
+        200
+    );
+    let t = s.wait_state("second", "terminated");
+    assert_eq!(
+        terminated(&t)["exitCode"],
+        6,
+        "started by a fresh shim: {t}"
+    );
+}
+
+/// Whether a process has children (its main thread's `children` list is not empty).
+fn has_children(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .is_ok_and(|c| !c.trim().is_empty())
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}

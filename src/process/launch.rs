@@ -70,15 +70,23 @@ impl Launcher {
                 dir.display()
             ));
         }
+        let mut line = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
+        line.push(b'\n');
         let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).take();
         let shim = match spare {
-            Some(shim) => shim,
-            None => self
-                .start_shim()
-                .map_err(|e| format!("cannot start the task's shim: {e}"))?,
+            Some(mut shim) => match shim.spec.write_all(&line).await {
+                Ok(()) => shim,
+                // The spare died while idle (killed from outside): use a fresh one.
+                Err(e) => {
+                    tracing::warn!(pid = shim.pid, error = %e, "spare shim is gone; starting a fresh one");
+                    self.discard(shim).await;
+                    self.fresh_shim(&line).await?
+                }
+            },
+            None => self.fresh_shim(&line).await?,
         };
         let task_dir = spec.task_dir.clone();
-        let started = self.start_task(shim, &spec).await;
+        let started = self.await_start(shim).await;
         // Refill off the critical path: the task has started (or failed) by now.
         let launcher = Arc::clone(self);
         tokio::spawn(async move { launcher.refill() });
@@ -98,11 +106,22 @@ impl Launcher {
         })
     }
 
+    async fn fresh_shim(&self, spec_line: &[u8]) -> Result<Shim, String> {
+        let mut shim = self
+            .start_shim()
+            .map_err(|e| format!("cannot start the task's shim: {e}"))?;
+        if let Err(e) = shim.spec.write_all(spec_line).await {
+            self.discard(shim).await;
+            return Err(format!("the task's shim could not be reached: {e}"));
+        }
+        Ok(shim)
+    }
+
+    /// Waits for the start report of a shim that has its spec.
     #[allow(clippy::type_complexity)]
-    async fn start_task(
+    async fn await_start(
         &self,
         mut shim: Shim,
-        spec: &ShimSpec,
     ) -> Result<
         (
             i32,
@@ -112,26 +131,24 @@ impl Launcher {
         ),
         String,
     > {
-        let mut line = serde_json::to_vec(spec).map_err(|e| e.to_string())?;
-        line.push(b'\n');
-        let sent = shim.spec.write_all(&line).await;
-        let report = match sent {
-            Ok(()) => tokio::time::timeout(START_REPORT_TIMEOUT, shim.reports.next_line()).await,
-            Err(e) => Ok(Err(e)),
-        };
-        let failure = match report {
-            Ok(Ok(Some(line))) => match parse_start(&line) {
-                Ok(started) => return Ok((shim.pid, shim.pidfd, shim.reports, started)),
-                Err(message) => message,
-            },
-            Err(_) => "the task's shim did not report within 10 s".into(),
-            Ok(Err(e)) => format!("the task's shim could not be reached: {e}"),
-            Ok(Ok(None)) => "the task's shim exited without a report".into(),
-        };
+        let failure =
+            match tokio::time::timeout(START_REPORT_TIMEOUT, shim.reports.next_line()).await {
+                Ok(Ok(Some(line))) => match parse_start(&line) {
+                    Ok(started) => return Ok((shim.pid, shim.pidfd, shim.reports, started)),
+                    Err(message) => message,
+                },
+                Err(_) => "the task's shim did not report within 10 s".into(),
+                Ok(Err(e)) => format!("the task's shim could not be read: {e}"),
+                Ok(Ok(None)) => "the task's shim exited without a report".into(),
+            };
+        self.discard(shim).await;
+        Err(failure)
+    }
+
+    async fn discard(&self, shim: Shim) {
         let _ = shim.pidfd.send_signal(libc::SIGKILL);
         let _ = shim.pidfd.exited().await;
         self.reaper.reap_owned(&shim.pidfd);
-        Err(failure)
     }
 
     fn refill(&self) {
