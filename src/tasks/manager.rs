@@ -279,8 +279,19 @@ impl TaskManager {
         Ok(to_start)
     }
 
+    /// Starts the tasks in a task of their own: a client that disconnects (and so drops its
+    /// request's future) must not leave a start half done.
     async fn start_all(&self, to_start: Vec<ToStart>) {
-        futures_util::future::join_all(to_start.into_iter().map(|t| self.start(t))).await;
+        if to_start.is_empty() {
+            return;
+        }
+        let manager = self.clone();
+        let starts = tokio::spawn(async move {
+            futures_util::future::join_all(to_start.into_iter().map(|t| manager.start(t))).await;
+        });
+        if let Err(e) = starts.await {
+            tracing::error!(error = %e, "task start panicked");
+        }
     }
 
     async fn start(&self, task: ToStart) {
