@@ -1,0 +1,142 @@
+//! Starting sandlet: the Go executor's environment variables, JSON logs, and clear refusals of
+//! configurations it cannot honour.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, wait_until};
+
+fn sandlet() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandlet"));
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs a sandlet that is expected to refuse to start; returns its output.
+fn refused(cmd: &mut Command) -> Output {
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + common::DEADLINE;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("sandlet kept running with a configuration it should refuse");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn go_environment_variables_and_json_logs() {
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Exactly as a Go executor's Pool template would set it: env only, no subcommand.
+    let child = sandlet()
+        .env("DATA_DIR", data.path().join("tasks"))
+        .env("LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .env("SANDLET_LOG_FORMAT", "json")
+        .spawn()
+        .unwrap();
+    wait_until("sandlet answers", || {
+        ureq::get(format!("http://127.0.0.1:{port}/health"))
+            .call()
+            .is_ok()
+    });
+    assert!(data.path().join("tasks").is_dir());
+    unsafe { kill(child.id() as i32, 15) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))
+        })
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["message"] == "sandlet task API ready"),
+        "{stderr}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "WARN"
+                && l["message"].as_str().unwrap().contains("no token file")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn configurations_it_cannot_honour_are_refused_with_a_reason() {
+    let data = tempfile::tempdir().unwrap();
+    // Every one of these is refused before sandlet binds its port.
+    let base = |cmd: &mut Command| {
+        cmd.arg("--data-dir").arg(data.path().join("tasks"));
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["-enable-sidecar-mode".into()], "sidecar mode"),
+        (
+            vec!["--token-file".into(), "/nonexistent/token".into()],
+            "token file",
+        ),
+        (
+            vec!["--max-active-tasks".into(), "0".into()],
+            "--max-active-tasks",
+        ),
+        (
+            vec![
+                "--max-tasks".into(),
+                "2".into(),
+                "--max-active-tasks".into(),
+                "3".into(),
+            ],
+            "--max-tasks",
+        ),
+        (
+            vec!["--listen-addr".into(), "not-an-address".into()],
+            "not-an-address",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut cmd = sandlet();
+        base(&mut cmd);
+        cmd.args(&args);
+        let out = refused(&mut cmd);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: the reason should mention {expected:?}: {stderr}"
+        );
+    }
+    let mut cmd = sandlet();
+    cmd.env("ENABLE_SIDECAR_MODE", "true")
+        .arg("--data-dir")
+        .arg(data.path().join("tasks"));
+    assert!(
+        !refused(&mut cmd).status.success(),
+        "ENABLE_SIDECAR_MODE=true is refused too"
+    );
+}
+
+#[test]
+fn a_data_dir_that_cannot_be_written_is_refused() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = sandlet();
+    cmd.arg("--data-dir")
+        .arg(file.path().join("tasks"))
+        .arg("--listen-addr")
+        .arg(format!("127.0.0.1:{}", free_port()));
+    let out = refused(&mut cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("cannot open the data dir"), "{stderr}");
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
