@@ -252,3 +252,26 @@ fn sandlet_is_not_dumpable() {
         "/proc/{pid}/environ is owned by {owner}: sandlet is dumpable"
     );
 }
+
+#[test]
+fn a_rotated_token_file_takes_effect_without_a_restart() {
+    let s = Sandlet::start_with(&[], Some("first-token"));
+    assert_eq!(
+        s.call_with_token("GET", "/getTasks", Some("first-token"))
+            .status,
+        200
+    );
+    // A Secret update rewrites the mounted file.
+    std::fs::write(s.data.path().join("token"), "second-token\n").unwrap();
+    common::wait_until("the new token is accepted", || {
+        s.call_with_token("GET", "/getTasks", Some("second-token"))
+            .status
+            == 200
+    });
+    s.call_with_token("GET", "/getTasks", Some("first-token"))
+        .assert_error(401, "Unauthorized");
+    assert!(
+        !s.stderr().contains("second-token"),
+        "the token is never logged"
+    );
+}

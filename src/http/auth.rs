@@ -1,9 +1,11 @@
-//! The bearer token. Read once from a file (a Secret mounted only into sandlet), compared in
-//! constant time, never logged: this type has no `Debug`.
+//! The bearer token. Read from a file (a Secret mounted only into sandlet) and re-read when the
+//! file changes, so a rotated Secret takes effect without a restart; compared in constant time;
+//! never logged: these types have no `Debug`.
 
 use std::io;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -14,42 +16,103 @@ use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 
+/// How often the token file is checked for a change, at most.
+const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct Auth {
-    token: Option<Arc<[u8]>>,
+    file: Option<Arc<TokenFile>>,
+}
+
+struct TokenFile {
+    path: PathBuf,
+    loaded: RwLock<Loaded>,
+}
+
+struct Loaded {
+    token: Arc<[u8]>,
+    modified: Option<SystemTime>,
+    checked: Instant,
 }
 
 impl Auth {
     pub fn none() -> Auth {
-        Auth { token: None }
+        Auth { file: None }
     }
 
     /// Reads the token from `path`; surrounding whitespace (a trailing newline) is not part of it.
     pub fn from_file(path: &Path) -> io::Result<Auth> {
-        let raw = std::fs::read(path)?;
-        let token = raw.trim_ascii();
-        if token.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("token file {} is empty", path.display()),
-            ));
-        }
+        let (token, modified) = read_token(path)?;
+        let loaded = RwLock::new(Loaded {
+            token,
+            modified,
+            checked: Instant::now(),
+        });
         Ok(Auth {
-            token: Some(token.into()),
+            file: Some(Arc::new(TokenFile {
+                path: path.to_owned(),
+                loaded,
+            })),
         })
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.token.is_some()
+        self.file.is_some()
     }
 
     fn admits(&self, presented: Option<&[u8]>) -> bool {
-        match (&self.token, presented) {
+        match (&self.file, presented) {
             (None, _) => true,
-            (Some(token), Some(presented)) => bool::from(presented.ct_eq(token)),
+            (Some(file), Some(presented)) => bool::from(presented.ct_eq(&file.current())),
             (Some(_), None) => false,
         }
     }
+}
+
+impl TokenFile {
+    /// The token in force, re-read if the file changed since it was last looked at.
+    fn current(&self) -> Arc<[u8]> {
+        {
+            let loaded = self.loaded.read().unwrap_or_else(|e| e.into_inner());
+            if loaded.checked.elapsed() < RELOAD_INTERVAL {
+                return Arc::clone(&loaded.token);
+            }
+        }
+        let mut loaded = self.loaded.write().unwrap_or_else(|e| e.into_inner());
+        if loaded.checked.elapsed() >= RELOAD_INTERVAL {
+            loaded.checked = Instant::now();
+            let modified = std::fs::metadata(&self.path)
+                .and_then(|m| m.modified())
+                .ok();
+            if modified != loaded.modified {
+                match read_token(&self.path) {
+                    Ok((token, modified)) => {
+                        loaded.token = token;
+                        loaded.modified = modified;
+                        tracing::info!(path = %self.path.display(), "token file changed; the new token is in force");
+                    }
+                    // Fail closed on the token we have rather than open on a broken file.
+                    Err(e) => {
+                        tracing::error!(path = %self.path.display(), error = %e, "token file changed but cannot be used; keeping the previous token")
+                    }
+                }
+            }
+        }
+        Arc::clone(&loaded.token)
+    }
+}
+
+fn read_token(path: &Path) -> io::Result<(Arc<[u8]>, Option<SystemTime>)> {
+    let modified = std::fs::metadata(path)?.modified().ok();
+    let raw = std::fs::read(path)?;
+    let token = raw.trim_ascii();
+    if token.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("token file {} is empty", path.display()),
+        ));
+    }
+    Ok((token.into(), modified))
 }
 
 /// Middleware for every protected route: `Authorization: Bearer <token>`.
@@ -86,5 +149,28 @@ mod tests {
         assert!(Auth::none().admits(None));
         std::fs::write(&path, " \n").unwrap();
         assert!(Auth::from_file(&path).is_err());
+    }
+
+    #[test]
+    fn a_rotated_token_takes_over_and_a_broken_file_keeps_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "old").unwrap();
+        let auth = Auth::from_file(&path).unwrap();
+        let file = auth.file.as_ref().unwrap();
+        let age = |file: &TokenFile| file.loaded.write().unwrap().checked -= RELOAD_INTERVAL;
+
+        std::fs::write(&path, "new").unwrap();
+        file.loaded.write().unwrap().modified = None; // as if the mtime had moved on
+        age(file);
+        assert!(auth.admits(Some(b"new")) && !auth.admits(Some(b"old")));
+
+        std::fs::write(&path, "").unwrap();
+        file.loaded.write().unwrap().modified = None;
+        age(file);
+        assert!(
+            auth.admits(Some(b"new")),
+            "an empty file does not open the door or lock it"
+        );
     }
 }
