@@ -232,8 +232,14 @@ impl ExitWatch {
     pub async fn ended(self) -> ExitRecord {
         match self {
             ExitWatch::Report { mut lines, dir } => {
-                // Anything but "X" (EOF: the shim died) falls back to what the exit file says.
-                let _ = lines.next_line().await;
+                // "X <record>"; anything else (EOF: the shim died) falls back to the exit file.
+                if let Ok(Some(line)) = lines.next_line().await
+                    && let Some(record) = line
+                        .strip_prefix("X ")
+                        .and_then(|r| serde_json::from_str(r).ok())
+                {
+                    return record;
+                }
                 read_exit_record(&dir).unwrap_or_else(|| {
                     lost(
                         "ShimLost",

@@ -9,7 +9,7 @@
 //! 4. copies output into bounded log segments until the task is reaped and its pipes are drained
 //!    (for at most [`DRAIN_GRACE`] once reaped, so a grandchild holding a pipe cannot hold back
 //!    the exit);
-//! 5. writes `exit.json` durably, then reports `X`;
+//! 5. writes `exit.json` durably, then reports `X <the same record as JSON>`;
 //! 6. keeps reaping (and logging) what is left of the tree until it has no children, then exits.
 //!
 //! A start failure writes `exit.json` and reports `E <message>`. End of input before a spec
@@ -139,10 +139,19 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
     };
     let task_pid = child.id() as i32;
     let started_at = Utc::now();
-    let run = RunRecord {
-        shim: ProcessIdentity::of(std::process::id() as i32)?,
-        task: ProcessIdentity::of(task_pid)?,
-        started_at,
+    let identities = ProcessIdentity::of(std::process::id() as i32)
+        .and_then(|shim| Ok((shim, ProcessIdentity::of(task_pid)?)));
+    let run = match identities {
+        Ok((shim, task)) => RunRecord {
+            shim,
+            task,
+            started_at,
+        },
+        Err(e) => {
+            // Nothing could supervise it: the task does not get to run.
+            let _ = nix::sys::signal::killpg(Pid::from_raw(task_pid), Signal::SIGKILL);
+            return Err(e);
+        }
     };
     // One write per report: each write wakes sandlet.
     let started = format!(
@@ -154,19 +163,21 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
     );
     report.write_all(started.as_bytes())?;
     report.flush()?;
+    // From here on the task runs, and nothing may stop the shim from supervising it: a write
+    // that fails (a full disk) costs that file, never the task or its exit status.
     // After the report, off sandlet's start path; only the shim writes it, so a restarted
     // sandlet finds it whether or not sandlet itself lived through this moment.
-    atomic_file::write_json(&spec.task_dir.join(RUN_FILE), &run, Durability::Atomic)?;
+    let _ = atomic_file::write_json(&spec.task_dir.join(RUN_FILE), &run, Durability::Atomic);
 
     let mut outputs = [
-        Output {
-            pipe: Some(out_r),
-            log: SegmentWriter::create(&spec.task_dir, "stdout", spec.log_limit)?,
-        },
-        Output {
-            pipe: Some(err_r),
-            log: SegmentWriter::create(&spec.task_dir, "stderr", spec.log_limit)?,
-        },
+        Output::new(
+            out_r,
+            SegmentWriter::create(&spec.task_dir, "stdout", spec.log_limit),
+        ),
+        Output::new(
+            err_r,
+            SegmentWriter::create(&spec.task_dir, "stderr", spec.log_limit),
+        ),
     ];
     let mut ended: Option<(ExitRecord, Instant)> = None;
     let mut reported = false;
@@ -177,9 +188,17 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
             && let Some((record, reaped_at)) = &ended
             && (outputs.iter().all(|o| o.pipe.is_none()) || reaped_at.elapsed() >= DRAIN_GRACE)
         {
-            atomic_file::write_json(&spec.task_dir.join(EXIT_FILE), record, Durability::Durable)?;
-            // sandlet may be gone (it is being restarted); the exit file is the record.
-            let _ = report.write_all(b"X\n").and_then(|()| report.flush());
+            let _ = atomic_file::write_json(
+                &spec.task_dir.join(EXIT_FILE),
+                record,
+                Durability::Durable,
+            );
+            // The record also travels on the report, so a failed write costs durability, not
+            // the result. sandlet may be gone (being restarted): the exit file is then the record.
+            let line = format!("X {}\n", serde_json::to_string(record).unwrap_or_default());
+            let _ = report
+                .write_all(line.as_bytes())
+                .and_then(|()| report.flush());
             reported = true;
         }
         if reported && no_children {
@@ -209,37 +228,56 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
         drop(fds);
         while let Ok(Some(_)) = signals.read_signal() {}
         for &i in &open {
-            outputs[i].copy(&mut buf)?;
+            outputs[i].copy(&mut buf);
         }
     }
     for output in &mut outputs {
-        output.copy(&mut buf)?;
+        output.copy(&mut buf);
     }
     Ok(())
 }
 
+/// One output stream: the pipe from the task and the log it goes to. A log that cannot be
+/// written any more (a full disk) is given up; the pipe is still drained, so the task never
+/// blocks on a full pipe.
 struct Output {
     pipe: Option<OwnedFd>,
-    log: SegmentWriter,
+    log: Option<SegmentWriter>,
 }
 
 impl Output {
+    fn new(pipe: OwnedFd, log: io::Result<SegmentWriter>) -> Output {
+        Output {
+            pipe: Some(pipe),
+            log: log.ok(),
+        }
+    }
+
     /// Copies what the pipe holds now; closes it at EOF.
-    fn copy(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        let Some(pipe) = &self.pipe else {
-            return Ok(());
-        };
-        let mut file = File::from(pipe.try_clone()?);
+    fn copy(&mut self, buf: &mut [u8]) {
+        let Some(pipe) = &self.pipe else { return };
+        let Ok(clone) = pipe.try_clone() else { return };
+        let mut file = File::from(clone);
         loop {
             match file.read(buf) {
                 Ok(0) => {
                     self.pipe = None;
-                    return Ok(());
+                    return;
                 }
-                Ok(n) => self.log.write(&buf[..n])?,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Ok(n) => {
+                    if let Some(log) = &mut self.log
+                        && log.write(&buf[..n]).is_err()
+                    {
+                        self.log = None;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                // WouldBlock: drained for now. Anything else: the pipe is unusable; stop reading it.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.pipe = None;
+                    return;
+                }
             }
         }
     }

@@ -64,6 +64,15 @@ impl Sandlet {
     }
 
     pub fn start_with(extra_args: &[&str], token: Option<&str>) -> Sandlet {
+        Self::start_prepared(extra_args, token, |_| {})
+    }
+
+    /// Like `start_with`, running `prepare` on the (not yet created) data dir path first.
+    pub fn start_prepared(
+        extra_args: &[&str],
+        token: Option<&str>,
+        prepare: impl FnOnce(&Path),
+    ) -> Sandlet {
         let data = tempfile::Builder::new()
             .prefix("sandlet-test-")
             .tempdir()
@@ -82,6 +91,7 @@ impl Sandlet {
             token: token.map(str::to_string),
             agent,
         };
+        prepare(&s.data_dir());
         s.boot();
         s
     }
