@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod pod;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,303 @@
+//! A simulated Kubernetes pod, built with real namespaces (root only):
+//! - a PID namespace whose PID 1 plays the pause container;
+//! - a main container in its own mount, UTS and IPC namespaces, `pivot_root`ed into a busybox
+//!   rootfs with its own `/etc/passwd` and hostname, running as uid 1000 with the
+//!   `SANDBOX_MAIN_CONTAINER=main` marker, the way OpenSandbox Pool templates mark it;
+//! - a sidecar place: the pod's PID namespace, the host's filesystem, a `/proc` of the pod.
+//!
+//! Dropping the pod SIGKILLs its PID 1, which takes every process of the pod with it, even when
+//! a test fails. `Pod::start` returns `None`, printing why, where a pod cannot be built.
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{DEADLINE, wait_until};
+
+pub const BUSYBOX: &str = "/bin/busybox";
+pub const MAIN_UID: u32 = 1000;
+pub const MAIN_HOSTNAME: &str = "sandbox-main";
+const APPLETS: &[&str] = &[
+    "sh",
+    "sleep",
+    "cat",
+    "env",
+    "hostname",
+    "id",
+    "ls",
+    "mount",
+    "umount",
+    "pivot_root",
+    "pwd",
+    "su",
+    "whoami",
+    "echo",
+    "true",
+    "false",
+    "touch",
+    "mkdir",
+    "head",
+    "tr",
+    "grep",
+    "kill",
+    "ps",
+];
+
+pub struct Pod {
+    /// Host pid of the pod's PID 1 (the pause).
+    pub pid1: i32,
+    /// Host pid of the main container's process.
+    pub main_pid: i32,
+    pub rootfs: PathBuf,
+    mark: String,
+    pause: Child,
+    main: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Pod {
+    pub fn start() -> Option<Pod> {
+        if !is_root() {
+            eprintln!(
+                "skipped: a simulated pod needs root (namespaces, pivot_root); CI runs as root"
+            );
+            return None;
+        }
+        if !Path::new(BUSYBOX).exists() {
+            eprintln!(
+                "skipped: {BUSYBOX} is missing (Debian package busybox-static; .ci/run installs it)"
+            );
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("sandlet-pod-")
+            .tempdir()
+            .unwrap();
+        let rootfs = dir.path().join("rootfs");
+        build_rootfs(&rootfs);
+        let mark = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+
+        // `--kill-child`: if this test process dies, the pod's PID 1 (and so the pod) goes too.
+        let pause = Command::new("unshare")
+            .args(["--pid", "--fork", "--kill-child", "sleep", "infinity"])
+            .spawn()
+            .expect("unshare");
+        let pid1: i32 = wait_for(|| {
+            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", pause.id()))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        });
+        let main = Command::new("nsenter")
+            .args([
+                "--target",
+                &pid1.to_string(),
+                "--pid",
+                "--",
+                "unshare",
+                "--mount",
+                "--uts",
+                "--ipc",
+                "--",
+                "sh",
+                "-c",
+            ])
+            .arg(MAIN_CONTAINER_SCRIPT)
+            .env("ROOTFS", &rootfs)
+            .env("POD_MARK", &mark)
+            .spawn()
+            .expect("nsenter");
+        let mut pod = Pod {
+            pid1,
+            main_pid: 0,
+            rootfs,
+            mark,
+            pause,
+            main,
+            _dir: dir,
+        };
+        pod.main_pid = pod.find_main();
+        Some(pod)
+    }
+
+    /// The main container's process: the one with this pod's mark that runs as the main user.
+    fn find_main(&self) -> i32 {
+        let mark = format!("POD_MARK={}", self.mark);
+        wait_for(|| {
+            pids().into_iter().find(|&pid| {
+                uid_of(pid) == Some(MAIN_UID)
+                    && std::fs::read(format!("/proc/{pid}/environ"))
+                        .is_ok_and(|env| env.split(|b| *b == 0).any(|e| e == mark.as_bytes()))
+            })
+        })
+    }
+
+    /// A command in the sidecar's place: the pod's PID namespace with a `/proc` of the pod, and
+    /// the host's filesystem. `program` and the arguments added to the command run there.
+    pub fn sidecar(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.args([
+            "--target",
+            &self.pid1.to_string(),
+            "--pid",
+            "--",
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+        ])
+        .args([
+            "sh",
+            "-c",
+            "mount -t proc proc /proc && exec \"$@\"",
+            "sidecar",
+        ])
+        .arg(program);
+        cmd
+    }
+
+    /// Runs `sh -c script` in the sidecar's place and returns its stdout.
+    pub fn sidecar_sh(&self, script: &str) -> String {
+        let out = self
+            .sidecar("sh")
+            .args(["-c", script])
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "sidecar script failed: {script}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Whether any process of this pod still exists.
+    pub fn any_alive(&self) -> bool {
+        pids()
+            .into_iter()
+            .any(|pid| pid == self.pid1 || pid == self.main_pid)
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        // PID 1 of a PID namespace takes every process of the namespace with it.
+        unsafe { libc_kill(self.pid1, 9) };
+        let _ = self.pause.wait();
+        let _ = self.main.wait();
+    }
+}
+
+/// Runs in the new namespaces as root, then becomes the main container's process.
+const MAIN_CONTAINER_SCRIPT: &str = r#"
+set -e
+mount --make-rprivate /
+mount --bind "$ROOTFS" "$ROOTFS"
+mount -t proc proc "$ROOTFS/proc"
+cd "$ROOTFS"
+mkdir -p .oldroot
+pivot_root . .oldroot
+cd /
+umount -l /.oldroot
+hostname sandbox-main
+exec env -i SANDBOX_MAIN_CONTAINER=main MAIN_VAR=from-main PATH=/bin HOME=/home/sandbox POD_MARK="$POD_MARK" \
+  su -p -s /bin/sh sandbox -c "exec sleep 1000000"
+"#;
+
+fn build_rootfs(root: &Path) {
+    for dir in [
+        "bin",
+        "etc",
+        "tmp",
+        "proc",
+        "home/sandbox",
+        "work",
+        ".oldroot",
+    ] {
+        std::fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
+    for applet in APPLETS {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandbox:/home/sandbox:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/group"),
+        "root:x:0:\nsandbox:x:1000:\nextra:x:2000:sandbox\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/sandbox-rootfs"), "busybox-rootfs\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        root.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    for dir in ["home/sandbox", "work"] {
+        std::os::unix::fs::chown(root.join(dir), Some(MAIN_UID), Some(MAIN_UID)).unwrap();
+    }
+}
+
+fn wait_for<T>(mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the simulated pod did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+pub fn uid_of(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+pub fn is_root() -> bool {
+    uid_of(std::process::id() as i32) == Some(0)
+}
+
+/// Waits until no process of the pod is left.
+pub fn wait_gone(pod_pids: &[i32]) {
+    wait_until("the pod's processes are gone", || {
+        pod_pids
+            .iter()
+            .all(|p| !Path::new(&format!("/proc/{p}")).exists())
+    });
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
