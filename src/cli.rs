@@ -24,9 +24,23 @@ pub struct Cli {
 
 /// (The internal `shim` role is dispatched before this parser runs; see `main.rs`.)
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Command {
     /// Serve the task API (the default when no subcommand is given).
     Serve(ServeArgs),
+    /// Locate the pod's main container as sidecar mode would, print it as JSON, and exit:
+    /// a check of a pod's setup (shareProcessNamespace, capabilities, the marker).
+    Target(TargetArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TargetArgs {
+    /// Value of the SANDBOX_MAIN_CONTAINER marker that identifies the main container.
+    #[arg(long, env = "MAIN_CONTAINER_NAME", default_value = "main")]
+    pub main_container_name: String,
+    /// Ignore the marker: take the one container other than sandlet's and the pause container.
+    #[arg(long)]
+    pub other_container: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -143,6 +157,7 @@ mod tests {
         match cli.command {
             Some(Command::Serve(a)) => a,
             None => cli.serve,
+            Some(other) => panic!("not serve: {other:?}"),
         }
     }
 

@@ -7,5 +7,6 @@ pub mod error;
 pub mod http;
 pub mod process;
 pub mod serve;
+pub mod target;
 pub mod tasks;
 pub mod telemetry;

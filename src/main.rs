@@ -11,6 +11,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse_args();
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Target(args)) => return print_target(args),
         None => cli.serve,
     };
     sandlet::telemetry::init(args.log_format, &args.log_level);
@@ -29,6 +30,28 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "sandlet stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_target(args: sandlet::cli::TargetArgs) -> ExitCode {
+    use sandlet::target::{Locator, locate};
+    let locator = if args.other_container {
+        Locator::OtherContainer
+    } else {
+        Locator::Marker(args.main_container_name)
+    };
+    match locate(&locator) {
+        Ok(target) => {
+            println!(
+                "{}",
+                serde_json::to_string(&target).expect("a target serialises")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sandlet: {e}");
             ExitCode::FAILURE
         }
     }

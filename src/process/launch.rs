@@ -168,7 +168,7 @@ impl Launcher {
         let (report_r, report_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
         let mut command = Command::new("/proc/self/exe");
         command
-            .arg0("sandlet-shim")
+            .arg0(super::SHIM_ARGV0)
             .arg(ROLE)
             // Its own group: signals meant for sandlet's group (a terminal's Ctrl-C) skip the shims.
             .process_group(0)

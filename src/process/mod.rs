@@ -61,5 +61,8 @@ pub struct ExitRecord {
     pub outcome: Outcome,
 }
 
+/// How shims show up in `ps` (and how sidecar mode tells a task's ancestry from a container's).
+pub const SHIM_ARGV0: &str = "sandlet-shim";
+
 pub const RUN_FILE: &str = "run.json";
 pub const EXIT_FILE: &str = "exit.json";
