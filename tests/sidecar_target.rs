@@ -140,3 +140,46 @@ fn without_a_marker_the_one_other_container_is_found_and_two_are_ambiguous() {
     drop(pod);
     third.wait().unwrap();
 }
+
+#[test]
+fn a_previous_sandlets_orphaned_task_is_never_taken_for_the_main_container() {
+    let Some(pod) = Pod::start() else { return };
+    let data = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut serving = pod
+        .sidecar(SANDLET)
+        .args(["serve", "--listen-addr", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(data.path().join("tasks"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_until("sandlet serves from the sidecar's place", || {
+        ureq::get(format!("{base}/health")).call().is_ok()
+    });
+    // A task carrying the marker, as every task will once it inherits the main container's env.
+    let task = serde_json::json!([{"name": "t", "process": {"command": ["sleep", "1000"],
+        "env": [{"name": "SANDBOX_MAIN_CONTAINER", "value": "main"}]}}]);
+    let mut resp = ureq::post(format!("{base}/setTasks"))
+        .send(task.to_string())
+        .unwrap();
+    let tasks: Value = resp.body_mut().read_json().unwrap();
+    assert!(tasks[0]["processStatus"]["running"].is_object(), "{tasks}");
+
+    // sandlet dies: its shim and task are orphaned to the pause. Then the main container goes.
+    pod.sidecar_sh("pkill -9 -f 'sandlet serv[e]'; true");
+    serving.wait().unwrap();
+    assert_eq!(unsafe { kill(pod.main_pid, 9) }, 0);
+    common::wait_until("the main container is gone", || {
+        common::pod::uid_of(pod.main_pid).is_none()
+    });
+
+    let out = pod.sidecar(SANDLET).arg("target").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("no process carries"),
+        "the orphaned task was taken for the main container: {stderr} {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

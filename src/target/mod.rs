@@ -1,0 +1,191 @@
+//! Where sidecar-mode processes will run: the pod's main container, found among the processes
+//! of the shared PID namespace.
+//!
+//! Two ways to find it:
+//! - by the `SANDBOX_MAIN_CONTAINER=<name>` environment marker, as the Go executor and existing
+//!   Pool templates do (reading another process's environment needs CAP_SYS_PTRACE);
+//! - with no marker, as the one other container: the processes whose mount namespace is
+//!   neither sandlet's nor that of the pod's PID 1 (the pause container). More than one such
+//!   mount namespace is ambiguous and refused.
+//!
+//! Either way, sandlet's own descendants never count, nor anything under a sandlet shim (tasks of
+//! a previous sandlet instance, orphaned to the pause container by a restart): tasks run inside
+//! the main container and inherit its environment, marker included. Of the candidates the oldest
+//! process wins: the container's first process, not something it started later.
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+
+use serde::Serialize;
+
+use crate::process::{ProcessIdentity, stat};
+
+pub const MARKER_VAR: &str = "SANDBOX_MAIN_CONTAINER";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Locator {
+    /// The process carrying `SANDBOX_MAIN_CONTAINER=<value>`.
+    Marker(String),
+    /// The one container other than sandlet's and the pause container.
+    OtherContainer,
+}
+
+/// The main container, as located.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    pub process: ProcessIdentity,
+    pub uid: u32,
+    pub gid: u32,
+    /// Inode of its mount namespace: a changed value means the container was replaced.
+    pub mount_namespace: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error(
+        "no process carries {MARKER_VAR}={0} (is the main container running, and does sandlet have CAP_SYS_PTRACE?)"
+    )]
+    MarkerNotFound(String),
+    #[error("no container other than sandlet's and the pause container was found")]
+    NoOtherContainer,
+    #[error(
+        "{0} other containers were found; set the {MARKER_VAR} marker on the main one to choose"
+    )]
+    Ambiguous(usize),
+    #[error("reading /proc: {0}")]
+    Proc(#[from] io::Error),
+}
+
+/// Finds the main container's oldest process.
+pub fn locate(locator: &Locator) -> Result<Target, TargetError> {
+    let me = std::process::id() as i32;
+    let own_mnt = mount_namespace(me)?;
+    let pause_mnt = mount_namespace(1).ok();
+    let mut candidates: Vec<(Target, u64)> = Vec::new();
+    for pid in all_pids()? {
+        if pid == me || pid == 1 || started_by_sandlet(pid, me) {
+            continue;
+        }
+        let Ok(mnt) = mount_namespace(pid) else {
+            continue;
+        };
+        let matches = match locator {
+            Locator::Marker(value) => has_marker(pid, value),
+            Locator::OtherContainer => mnt != own_mnt && Some(mnt) != pause_mnt,
+        };
+        if !matches {
+            continue;
+        }
+        let (Ok(stat), Some((uid, gid))) = (stat(pid), ids(pid)) else {
+            continue;
+        };
+        if stat.zombie {
+            continue;
+        }
+        candidates.push((
+            Target {
+                process: stat.identity,
+                uid,
+                gid,
+                mount_namespace: mnt,
+            },
+            stat.identity.start_ticks,
+        ));
+    }
+    if *locator == Locator::OtherContainer {
+        let mut namespaces: Vec<u64> = candidates.iter().map(|(t, _)| t.mount_namespace).collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        if namespaces.len() > 1 {
+            return Err(TargetError::Ambiguous(namespaces.len()));
+        }
+    }
+    candidates
+        .into_iter()
+        .min_by_key(|(_, started)| *started)
+        .map(|(t, _)| t)
+        .ok_or(match locator {
+            Locator::Marker(value) => TargetError::MarkerNotFound(value.clone()),
+            Locator::OtherContainer => TargetError::NoOtherContainer,
+        })
+}
+
+fn all_pids() -> io::Result<Vec<i32>> {
+    Ok(std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
+fn mount_namespace(pid: i32) -> io::Result<u64> {
+    Ok(std::fs::metadata(format!("/proc/{pid}/ns/mnt"))?.ino())
+}
+
+fn has_marker(pid: i32, value: &str) -> bool {
+    let wanted = format!("{MARKER_VAR}={value}");
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .is_ok_and(|env| env.split(|b| *b == 0).any(|e| e == wanted.as_bytes()))
+}
+
+/// The real uid and gid, from `/proc/<pid>/status`.
+fn ids(pid: i32) -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let first = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((first("Uid:")?, first("Gid:")?))
+}
+
+/// Whether `pid` descends from this sandlet or from any sandlet shim (see the module docs).
+fn started_by_sandlet(mut pid: i32, me: i32) -> bool {
+    // Bounded: a parent chain is never longer than the number of processes.
+    for _ in 0..4096 {
+        let Ok(s) = stat(pid) else { return false };
+        if s.ppid == me || is_shim(s.ppid) {
+            return true;
+        }
+        if s.ppid <= 1 {
+            return false;
+        }
+        pid = s.ppid;
+    }
+    false
+}
+
+fn is_shim(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.starts_with(crate::process::SHIM_ARGV0.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_children_never_count_and_a_missing_marker_is_named() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env(MARKER_VAR, "unit-test-marker")
+            .spawn()
+            .unwrap();
+        let found = locate(&Locator::Marker("unit-test-marker".into()));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let err = found.unwrap_err();
+        assert!(
+            matches!(err, TargetError::MarkerNotFound(ref m) if m == "unit-test-marker"),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("SANDBOX_MAIN_CONTAINER=unit-test-marker")
+        );
+    }
+}
