@@ -5,24 +5,10 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 
-use common::pod::{MAIN_UID, Pod};
+use common::pod::{MAIN_UID, Pod, pod_pid};
 use serde_json::Value;
 
 const SANDLET: &str = env!("CARGO_BIN_EXE_sandlet");
-
-/// The main container's pid as the pod sees it.
-fn pod_pid(host_pid: i32) -> i64 {
-    let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .unwrap()
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
 
 fn located(out: &str) -> Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))

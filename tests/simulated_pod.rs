@@ -65,15 +65,7 @@ fn the_sidecar_shares_only_the_pid_namespace() {
         1,
         "exactly the main container carries the marker: {found}"
     );
-    let nspid = std::fs::read_to_string(format!("/proc/{}/status", pod.main_pid)).unwrap();
-    let pod_pid = nspid
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .unwrap()
-        .split_whitespace()
-        .last()
-        .unwrap()
-        .to_string();
+    let pod_pid = common::pod::pod_pid(pod.main_pid);
     assert_eq!(
         in_pod[0],
         format!("/proc/{pod_pid}"),

@@ -273,6 +273,16 @@ pub fn pids() -> Vec<i32> {
         .collect()
 }
 
+/// A process's pid as its own (innermost) PID namespace sees it.
+pub fn pod_pid(host_pid: i32) -> i64 {
+    let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).unwrap();
+    let nspid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .unwrap();
+    nspid.split_whitespace().last().unwrap().parse().unwrap()
+}
+
 pub fn uid_of(pid: i32) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
