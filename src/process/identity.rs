@@ -21,6 +21,14 @@ pub struct ProcStat {
     pub zombie: bool,
 }
 
+/// Every pid in `/proc` (of this process's PID namespace, as mounted).
+pub fn all_pids() -> io::Result<Vec<i32>> {
+    Ok(std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
 pub fn stat(pid: i32) -> io::Result<ProcStat> {
     parse_stat(pid, &std::fs::read_to_string(format!("/proc/{pid}/stat"))?)
 }

@@ -17,7 +17,7 @@ mod tree;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-pub use identity::{ProcessIdentity, stat};
+pub use identity::{ProcessIdentity, all_pids, stat};
 pub use launch::{ExitWatch, Launched, Launcher, read_exit_record};
 pub use output::{LogChunk, read_log};
 pub use pidfd::PidFd;

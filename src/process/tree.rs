@@ -41,14 +41,7 @@ impl Tree {
 /// Every process whose parent chain leads to `root`, from one read of `/proc`.
 fn descendants(root: i32) -> Vec<ProcessIdentity> {
     let mut children: HashMap<i32, Vec<ProcessIdentity>> = HashMap::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in super::all_pids().unwrap_or_default() {
         if let Ok(stat) = super::stat(pid) {
             children.entry(stat.ppid).or_default().push(stat.identity);
         }

@@ -18,7 +18,7 @@ use std::os::unix::fs::MetadataExt;
 
 use serde::Serialize;
 
-use crate::process::{ProcessIdentity, stat};
+use crate::process::{ProcessIdentity, all_pids, stat};
 
 pub const MARKER_VAR: &str = "SANDBOX_MAIN_CONTAINER";
 
@@ -64,7 +64,7 @@ pub fn locate(locator: &Locator) -> Result<Target, TargetError> {
     let pause_mnt = mount_namespace(1).ok();
     let mut candidates: Vec<(Target, u64)> = Vec::new();
     for pid in all_pids()? {
-        if pid == me || pid == 1 || started_by_sandlet(pid, me) {
+        if pid == me || pid == 1 {
             continue;
         }
         let Ok(mnt) = mount_namespace(pid) else {
@@ -74,7 +74,8 @@ pub fn locate(locator: &Locator) -> Result<Target, TargetError> {
             Locator::Marker(value) => has_marker(pid, value),
             Locator::OtherContainer => mnt != own_mnt && Some(mnt) != pause_mnt,
         };
-        if !matches {
+        // The parent-chain walk (a /proc read per ancestor) only for processes that match.
+        if !matches || started_by_sandlet(pid, me) {
             continue;
         }
         let (Ok(stat), Some((uid, gid))) = (stat(pid), ids(pid)) else {
@@ -109,13 +110,6 @@ pub fn locate(locator: &Locator) -> Result<Target, TargetError> {
             Locator::Marker(value) => TargetError::MarkerNotFound(value.clone()),
             Locator::OtherContainer => TargetError::NoOtherContainer,
         })
-}
-
-fn all_pids() -> io::Result<Vec<i32>> {
-    Ok(std::fs::read_dir("/proc")?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect())
 }
 
 fn mount_namespace(pid: i32) -> io::Result<u64> {
