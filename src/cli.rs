@@ -58,6 +58,11 @@ pub struct ServeArgs {
     /// Value of the SANDBOX_MAIN_CONTAINER marker that identifies the main container.
     #[arg(long, env = "MAIN_CONTAINER_NAME", default_value = "main")]
     pub main_container_name: String,
+    /// Sidecar mode without the marker: the main container is the one container other than
+    /// sandlet's and the pause container.
+    #[arg(long, env = "SANDLET_OTHER_CONTAINER", num_args = 0..=1, default_value = "false",
+          default_missing_value = "true", value_parser = parse_go_bool)]
+    pub other_container: bool,
     /// File holding the bearer token required on every route but /health.
     #[arg(long, env = "SANDLET_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,

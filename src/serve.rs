@@ -1,5 +1,6 @@
 //! `sandlet serve`: wire the parts together and run until SIGTERM or SIGINT.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -10,6 +11,7 @@ use crate::cli::ServeArgs;
 use crate::error::Error;
 use crate::http::{self, auth::Auth};
 use crate::process::{Launcher, Reaper};
+use crate::target::{Locator, TargetWatch};
 use crate::tasks::api::{TaskApi, router};
 use crate::tasks::{TaskConfig, TaskManager};
 
@@ -20,11 +22,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     // Same-uid code in the sandbox must not read our memory (the token) through ptrace or /proc.
     nix::sys::prctl::set_dumpable(false)
         .map_err(|e| Error::Setup(format!("cannot mark sandlet non-dumpable: {e}")))?;
-    if args.enable_sidecar_mode {
+    if args.other_container && !args.enable_sidecar_mode {
         return Err(Error::Config(
-            "sidecar mode (--enable-sidecar-mode / ENABLE_SIDECAR_MODE) is not available in this version of sandlet; \
-             run it inside the main container"
-                .into(),
+            "--other-container only applies with --enable-sidecar-mode".into(),
         ));
     }
     if args.max_active_tasks == 0 || args.max_tasks < args.max_active_tasks {
@@ -65,6 +65,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
 
     let reaper = Reaper::install()
         .map_err(|e| Error::Setup(format!("cannot become a child subreaper: {e}")))?;
+    let target = args.enable_sidecar_mode.then(|| {
+        TargetWatch::new(if args.other_container {
+            Locator::OtherContainer
+        } else {
+            Locator::Marker(args.main_container_name.clone())
+        })
+    });
     let config = TaskConfig {
         data_dir: args.data_dir.clone(),
         max_active: args.max_active_tasks,
@@ -72,12 +79,16 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         stop_grace: Duration::from_secs(args.stop_grace_seconds),
         log_limit: args.task_log_limit_bytes,
     };
-    let tasks = TaskManager::open(config, Launcher::new(reaper)).map_err(|e| {
+    let tasks = TaskManager::open(config, Launcher::new(reaper), target.clone()).map_err(|e| {
         Error::Setup(format!(
             "cannot open the data dir {}: {e}",
             args.data_dir.display()
         ))
     })?;
+    if let Some(target) = &target {
+        let tasks = tasks.clone();
+        tokio::spawn(Arc::clone(target).run(move |incarnation| tasks.on_target(incarnation)));
+    }
     let listener = TcpListener::bind(args.listen_addr)
         .await
         .map_err(|e| Error::Setup(format!("cannot listen on {}: {e}", args.listen_addr)))?;
@@ -85,6 +96,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         data_dir = %args.data_dir.display(),
         token = auth.is_enabled(),
+        sidecar = args.enable_sidecar_mode,
         tasks = tasks.list().len(),
         "sandlet task API ready"
     );
@@ -93,6 +105,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     let app = router(
         TaskApi {
             tasks,
+            target,
             shutdown: shutdown_rx.clone(),
         },
         auth,

@@ -95,6 +95,41 @@ fn output_env_and_working_dir() {
 }
 
 #[test]
+fn a_requested_user_is_resolved_in_local_mode_too() {
+    if !common::pod::is_root() {
+        eprintln!("skipped: changing user needs root; CI runs as root");
+        return;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let Some(nobody) = passwd.lines().find(|l| l.starts_with("nobody:")) else {
+        eprintln!("skipped: no user nobody in /etc/passwd");
+        return;
+    };
+    let fields: Vec<&str> = nobody.split(':').collect();
+    let s = Sandlet::start(&[]);
+    let r = s.set_tasks(json!([
+        {"name": "nobody", "process": {"command": ["sh", "-c", "id -u; id -g; echo $HOME $USER"], "user": "nobody"}},
+        {"name": "ghost", "process": {"command": ["true"], "user": "no-such-user-here"}},
+    ]));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let t = s.wait_state("nobody", "terminated");
+    assert_eq!(terminated(&t)["exitCode"], 0, "{t}");
+    assert_eq!(
+        s.get("/tasks/nobody/logs").text(),
+        format!("{}\n{}\n{} nobody\n", fields[2], fields[3], fields[5])
+    );
+    let t = s.wait_state("ghost", "terminated");
+    assert_eq!(terminated(&t)["reason"], "StartFailed", "{t}");
+    assert!(
+        terminated(&t)["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-user-here"),
+        "{t}"
+    );
+}
+
+#[test]
 fn timeout_kills_the_whole_tree_including_a_grandchild_that_ignores_term() {
     let s = Sandlet::start(&["--stop-grace-seconds", "1"]);
     let dir = scratch();
@@ -178,9 +213,14 @@ fn a_spare_shim_killed_while_idle_does_not_fail_the_next_task() {
             .collect::<Vec<_>>()
     };
     wait_until("a spare shim is waiting", || !idle_shims().is_empty());
-    for pid in idle_shims() {
+    let killed = idle_shims();
+    for &pid in &killed {
         unsafe { kill(pid, 9) };
     }
+    // Dead, not dying: a shim that still holds its spec pipe would accept the next spec.
+    wait_until("the killed shims are dead", || {
+        killed.iter().all(|&p| !pid_alive(p))
+    });
     assert_eq!(
         s.set_tasks(json!([
             task("first", &["true"]),

@@ -78,7 +78,7 @@ fn configurations_it_cannot_honour_are_refused_with_a_reason() {
         cmd.arg("--data-dir").arg(data.path().join("tasks"));
     };
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["-enable-sidecar-mode".into()], "sidecar mode"),
+        (vec!["--other-container".into()], "--enable-sidecar-mode"),
         (
             vec!["--token-file".into(), "/nonexistent/token".into()],
             "token file",
@@ -114,12 +114,12 @@ fn configurations_it_cannot_honour_are_refused_with_a_reason() {
         );
     }
     let mut cmd = sandlet();
-    cmd.env("ENABLE_SIDECAR_MODE", "true")
+    cmd.env("SANDLET_OTHER_CONTAINER", "true")
         .arg("--data-dir")
         .arg(data.path().join("tasks"));
     assert!(
         !refused(&mut cmd).status.success(),
-        "ENABLE_SIDECAR_MODE=true is refused too"
+        "SANDLET_OTHER_CONTAINER=true without sidecar mode is refused too"
     );
 }
 

@@ -62,7 +62,9 @@ impl Launcher {
 
     /// Starts a task. `Err` is a message for a task that could not start.
     pub async fn launch(self: &Arc<Self>, spec: ShimSpec) -> Result<Launched, String> {
-        if let Some(dir) = &spec.working_dir
+        // In sidecar mode the directory is in the main container; the shim's child finds it there.
+        if spec.placement.is_none()
+            && let Some(dir) = &spec.working_dir
             && !dir.is_dir()
         {
             return Err(format!(

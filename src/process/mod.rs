@@ -6,6 +6,7 @@
 //! directory before it tells sandlet. Because the shim, not sandlet, is the parent, a task keeps
 //! running and its exit status is still recorded while sandlet itself is down or restarting.
 
+pub mod enter;
 mod identity;
 mod launch;
 mod output;
@@ -51,6 +52,10 @@ pub struct RunRecord {
     pub shim: ProcessIdentity,
     pub task: ProcessIdentity,
     pub started_at: DateTime<Utc>,
+    /// The main container's process the task was started in (sidecar mode): once it is gone,
+    /// the container has restarted and the task is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<ProcessIdentity>,
 }
 
 /// `exit.json`, written durably by the shim when the task's process has ended (or failed to start).

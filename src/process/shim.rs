@@ -34,6 +34,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
+use super::enter::{ChildSetup, Credentials, Kernel, Placement, start_failure};
 use super::output::SegmentWriter;
 use super::{EXIT_FILE, ExitRecord, Outcome, ProcessIdentity, RUN_FILE, RunRecord};
 use crate::atomic_file::{self, Durability};
@@ -56,6 +57,16 @@ pub struct ShimSpec {
     /// Set on top of the environment the shim inherited from sandlet (the last value wins).
     pub env: Vec<(String, String)>,
     pub working_dir: Option<PathBuf>,
+    /// Start from an empty environment instead of the inherited one (sidecar mode: `env` then
+    /// holds the main container's environment).
+    #[serde(default)]
+    pub clear_env: bool,
+    /// The main container to enter (sidecar mode).
+    #[serde(default)]
+    pub placement: Option<Placement>,
+    /// Who to run as; unset keeps the shim's own user.
+    #[serde(default)]
+    pub credentials: Option<Credentials>,
 }
 
 /// Runs the shim; returns the process exit code.
@@ -91,6 +102,9 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
     let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
     let mut command = Command::new(&spec.program);
+    if spec.clear_env {
+        command.env_clear();
+    }
     command
         .args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -98,10 +112,20 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
         .stdin(Stdio::null())
         .stdout(blocking(out_w)?)
         .stderr(blocking(err_w)?);
-    if let Some(dir) = &spec.working_dir {
-        command.current_dir(dir);
-    }
-    let spawned = command.spawn();
+    let spawned = match ChildSetup::prepare(
+        spec.placement.as_ref(),
+        spec.credentials.as_ref(),
+        spec.working_dir.as_deref(),
+    ) {
+        Err(message) => Err(message),
+        Ok(setup) if setup.is_empty() => {
+            if let Some(dir) = &spec.working_dir {
+                command.current_dir(dir);
+            }
+            command.spawn().map_err(|e| e.to_string())
+        }
+        Ok(setup) => spawn_with(&mut command, setup, spec.working_dir.as_deref()),
+    };
     // Our copies of the write ends must go, or the pipes never reach EOF.
     drop(command);
     let mut handled = SigSet::empty();
@@ -146,6 +170,7 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
             shim,
             task,
             started_at,
+            target: spec.placement.as_ref().map(|p| p.target),
         },
         Err(e) => {
             // Nothing could supervise it: the task does not get to run.
@@ -313,6 +338,37 @@ fn reap(task_pid: i32, ended: &mut Option<(ExitRecord, Instant)>) -> io::Result<
     }
 }
 
+/// Spawns through fork with `setup` applied in the child. A failing step writes its code on a
+/// pipe before the hook fails, so the error names the step.
+fn spawn_with(
+    command: &mut Command,
+    setup: ChildSetup,
+    working_dir: Option<&std::path::Path>,
+) -> Result<std::process::Child, String> {
+    use std::os::fd::AsRawFd;
+    let (step_r, step_w) =
+        nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(|e| e.to_string())?;
+    let step_fd = step_w.as_raw_fd();
+    // SAFETY: the hook only makes syscalls on memory prepared before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            setup.apply(&Kernel).map_err(|(step, errno)| {
+                let code = step as u8;
+                libc::write(step_fd, (&code as *const u8).cast(), 1);
+                io::Error::from(errno)
+            })
+        });
+    }
+    let spawned = command.spawn();
+    drop(step_w);
+    spawned.map_err(|e| {
+        let mut code = [0u8; 1];
+        let step = (nix::unistd::read(&step_r, &mut code) == Ok(1)).then_some(code[0]);
+        let dir = working_dir.map(|d| d.display().to_string());
+        start_failure(step, &e, dir.as_deref())
+    })
+}
+
 /// No blocked signals and every disposition at its default, whatever sandlet's own
 /// environment ignored (a `nohup`ed SIGHUP, say).
 fn reset_signals() -> io::Result<()> {
@@ -347,6 +403,9 @@ mod tests {
             args: vec!["-c".into(), "echo 'a\nb'".into()],
             env: vec![("A".into(), "1\n2".into())],
             working_dir: None,
+            clear_env: false,
+            placement: None,
+            credentials: None,
         };
         let line = serde_json::to_string(&spec).unwrap();
         assert!(!line.contains('\n'));

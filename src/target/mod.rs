@@ -13,12 +13,20 @@
 //! the main container and inherit its environment, marker included. Of the candidates the oldest
 //! process wins: the container's first process, not something it started later.
 
+mod cgroup;
+mod users;
+mod watch;
+
 use std::io;
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use serde::Serialize;
 
+use crate::process::enter::{Credentials, Placement};
 use crate::process::{ProcessIdentity, all_pids, stat};
+pub use users::UserDb;
+pub use watch::{Located, TargetWatch};
 
 pub const MARKER_VAR: &str = "SANDBOX_MAIN_CONTAINER";
 
@@ -110,6 +118,80 @@ pub fn locate(locator: &Locator) -> Result<Target, TargetError> {
             Locator::Marker(value) => TargetError::MarkerNotFound(value.clone()),
             Locator::OtherContainer => TargetError::NoOtherContainer,
         })
+}
+
+/// How a process is to be started: where, as whom, from which environment.
+#[derive(Debug, Default)]
+pub struct StartIn {
+    /// Replace the inherited environment with `env` (sidecar mode), rather than add to it.
+    pub clear_env: bool,
+    /// The environment under the request's own variables.
+    pub env: Vec<(String, String)>,
+    pub placement: Option<Placement>,
+    pub credentials: Option<Credentials>,
+}
+
+/// Resolves where a process runs and as whom. With a `watch` (sidecar mode) it runs in the main
+/// container: its namespaces and cgroups, its environment, by default its user and groups, and
+/// `user` (`name[:group]` or numbers) resolved in its `/etc/passwd` and `/etc/group`. Without one
+/// (local mode) it runs next to sandlet, as sandlet's user unless `user` is given. `HOME` and
+/// `USER` follow the user the process runs as, where the account files know it.
+pub fn start_in(watch: Option<&TargetWatch>, user: &str) -> Result<StartIn, String> {
+    let Some(watch) = watch else {
+        if user.is_empty() {
+            return Ok(StartIn::default());
+        }
+        let resolved = UserDb::read(Path::new("/"))?.resolve(user)?;
+        return Ok(StartIn {
+            env: account_env(resolved.name.as_deref(), &resolved.home),
+            credentials: Some(resolved.credentials),
+            ..StartIn::default()
+        });
+    };
+    let located = watch.current()?;
+    let db = UserDb::read(&located.root())?;
+    let (credentials, account_vars) = if user.is_empty() {
+        let t = &located.target;
+        let vars = db
+            .by_uid(t.uid)
+            .map(|a| account_env(Some(&a.name), &a.home))
+            .unwrap_or_default();
+        let credentials = Credentials {
+            uid: t.uid,
+            gid: t.gid,
+            groups: located.groups.clone(),
+        };
+        (credentials, vars)
+    } else {
+        let resolved = db.resolve(user)?;
+        let vars = account_env(resolved.name.as_deref(), &resolved.home);
+        (resolved.credentials, vars)
+    };
+    let mut env = located.environ.clone();
+    env.extend(account_vars);
+    Ok(StartIn {
+        clear_env: true,
+        env,
+        placement: Some(Placement {
+            target: located.target.process,
+            cgroups: located
+                .cgroups
+                .iter()
+                .filter_map(|c| c.procs.clone())
+                .collect(),
+            bounding_set: located.bounding_set,
+            no_new_privs: located.no_new_privs,
+        }),
+        credentials: Some(credentials),
+    })
+}
+
+fn account_env(name: Option<&str>, home: &str) -> Vec<(String, String)> {
+    let mut env = vec![("HOME".to_string(), home.to_string())];
+    if let Some(name) = name {
+        env.push(("USER".to_string(), name.to_string()));
+    }
+    env
 }
 
 fn mount_namespace(pid: i32) -> io::Result<u64> {

@@ -18,7 +18,10 @@ use super::validate::check_task;
 use super::wire::{Process, Task};
 use crate::atomic_file::{self, Durability};
 use crate::process::shim::ShimSpec;
-use crate::process::{self, ExitRecord, ExitWatch, Launcher, PidFd, Reaper, RunRecord, Tree};
+use crate::process::{
+    self, ExitRecord, ExitWatch, Launcher, PidFd, ProcessIdentity, Reaper, RunRecord, Tree,
+};
+use crate::target::{TargetWatch, start_in};
 
 #[derive(Debug, Clone)]
 pub struct TaskConfig {
@@ -47,6 +50,8 @@ struct Shared {
     config: TaskConfig,
     store: Store,
     launcher: Arc<Launcher>,
+    /// The main container, in sidecar mode.
+    target: Option<Arc<TargetWatch>>,
     inner: Mutex<Inner>,
     feed: broadcast::Sender<FeedEvent>,
 }
@@ -62,6 +67,8 @@ struct Entry {
     state: TaskState,
     /// Stop requests to the task's supervisor, while one watches the task's tree.
     control: Option<mpsc::UnboundedSender<()>>,
+    /// The main container's process the task was started in (sidecar mode).
+    incarnation: Option<ProcessIdentity>,
 }
 
 impl Entry {
@@ -86,13 +93,18 @@ struct ToStart {
 
 impl TaskManager {
     /// Opens the data dir and recovers every task recorded there (see `recover`).
-    pub fn open(config: TaskConfig, launcher: Arc<Launcher>) -> Result<TaskManager, TaskError> {
+    pub fn open(
+        config: TaskConfig,
+        launcher: Arc<Launcher>,
+        target: Option<Arc<TargetWatch>>,
+    ) -> Result<TaskManager, TaskError> {
         let store = Store::open(&config.data_dir)?;
         let (feed, _) = broadcast::channel(1024);
         let manager = TaskManager(Arc::new(Shared {
             config,
             store,
             launcher,
+            target,
             inner: Mutex::new(Inner {
                 tasks: IndexMap::new(),
                 version: 0,
@@ -271,6 +283,7 @@ impl TaskManager {
                 record,
                 state: TaskState::Waiting,
                 control: None,
+                incarnation: None,
             };
             let task = entry.wire();
             inner.tasks.insert(task.name.clone(), entry);
@@ -301,23 +314,39 @@ impl TaskManager {
             .command
             .split_first()
             .expect("validated: command is not empty");
-        // The shim inherits sandlet's environment; the task's variables go on top (the last
-        // value wins, as with the Go executor).
-        let spec = ShimSpec {
-            task_dir: dir,
-            log_limit: self.0.config.log_limit,
-            program: program.clone(),
-            args: rest.iter().chain(&task.process.args).cloned().collect(),
-            env: task
-                .process
-                .env
-                .iter()
-                .map(|v| (v.name.clone(), v.value.clone()))
-                .collect(),
-            working_dir: (!task.process.working_dir.is_empty())
-                .then(|| PathBuf::from(&task.process.working_dir)),
+        let launched = match start_in(self.0.target.as_deref(), &task.process.user) {
+            Ok(place) => {
+                // The base environment (sandlet's inherited one in local mode, the main
+                // container's in sidecar mode), then the task's variables: the last value wins,
+                // as with the Go executor.
+                let mut env = place.env;
+                env.extend(
+                    task.process
+                        .env
+                        .iter()
+                        .map(|v| (v.name.clone(), v.value.clone())),
+                );
+                let spec = ShimSpec {
+                    task_dir: dir,
+                    log_limit: self.0.config.log_limit,
+                    program: program.clone(),
+                    args: rest.iter().chain(&task.process.args).cloned().collect(),
+                    env,
+                    working_dir: (!task.process.working_dir.is_empty())
+                        .then(|| PathBuf::from(&task.process.working_dir)),
+                    clear_env: place.clear_env,
+                    placement: place.placement,
+                    credentials: place.credentials,
+                };
+                let incarnation = spec.placement.as_ref().map(|p| p.target);
+                self.0
+                    .launcher
+                    .launch(spec)
+                    .await
+                    .map(|launched| (launched, incarnation))
+            }
+            Err(message) => Err(message),
         };
-        let launched = self.0.launcher.launch(spec).await;
         let mut inner = self.lock();
         let Some(entry) = inner
             .tasks
@@ -327,16 +356,25 @@ impl TaskManager {
             return;
         };
         match launched {
-            Ok(launched) => {
+            Ok((launched, incarnation)) => {
                 tracing::info!(task = %task.name, pid = launched.task.pid, "task started");
                 entry.state = TaskState::Running {
                     started_at: launched.started_at,
                 };
+                entry.incarnation = incarnation;
                 let (tx, rx) = mpsc::unbounded_channel();
                 if entry.record.removal_requested_at.is_some() {
                     let _ = tx.send(());
                 }
                 entry.control = Some(tx);
+                // The container may have restarted while the task was being started.
+                if let (Some(started_in), Some(watch)) = (incarnation, &self.0.target) {
+                    let now = watch.current().ok().map(|l| l.target.process);
+                    if now != Some(started_in) {
+                        stop_for_restart(entry, started_in);
+                        self.save(&entry.record, Durability::Atomic);
+                    }
+                }
                 let timeout = task.process.timeout_seconds;
                 let watched = Watched {
                     tree: Tree {
@@ -483,6 +521,30 @@ impl TaskManager {
         self.publish_task(&mut inner, wire);
     }
 
+    /// The main container's current process (`None`: it just ended). Every task started in
+    /// another one is stopped: its container restarted.
+    pub fn on_target(&self, current: Option<ProcessIdentity>) {
+        let mut inner = self.lock();
+        let mut stopped = Vec::new();
+        for entry in inner.tasks.values_mut() {
+            let Some(started_in) = entry.incarnation else {
+                continue;
+            };
+            if Some(started_in) == current
+                || entry.state.is_terminal()
+                || entry.record.stop_cause.is_some()
+            {
+                continue;
+            }
+            stop_for_restart(entry, started_in);
+            self.save(&entry.record, Durability::Atomic);
+            stopped.push(entry.record.name.clone());
+        }
+        if !stopped.is_empty() {
+            tracing::warn!(tasks = ?stopped, "stopping tasks whose main container restarted");
+        }
+    }
+
     pub(super) fn on_timeout(&self, name: &str, seq: u64, seconds: i64) {
         let mut inner = self.lock();
         let Some(entry) = inner.tasks.get_mut(name).filter(|e| e.record.seq == seq) else {
@@ -532,6 +594,7 @@ impl TaskManager {
                 record,
                 state,
                 control: None,
+                incarnation: run.as_ref().and_then(|r| r.target),
             };
             if let Some(verdict) = verdict {
                 entry.record.verdict = Some(verdict);
@@ -555,6 +618,17 @@ impl TaskManager {
             }
         }
         Ok(())
+    }
+}
+
+/// Marks a task as stopped because the container it was started in is gone, and asks its
+/// supervisor to stop it.
+fn stop_for_restart(entry: &mut Entry, started_in: ProcessIdentity) {
+    entry.record.stop_cause = Some(StopCause::ContainerRestarted {
+        pid: started_in.pid,
+    });
+    if let Some(control) = &entry.control {
+        let _ = control.send(());
     }
 }
 

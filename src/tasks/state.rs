@@ -30,8 +30,14 @@ pub enum TaskState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum StopCause {
-    Timeout { seconds: i64 },
+    Timeout {
+        seconds: i64,
+    },
     Removed,
+    /// The main container's process the task was started in ended (sidecar mode).
+    ContainerRestarted {
+        pid: i32,
+    },
 }
 
 impl TaskState {
@@ -96,6 +102,12 @@ fn describe(outcome: &Outcome, stopped_by: Option<&StopCause>) -> (String, Strin
         (Some(StopCause::Timeout { seconds }), _) => (
             "TaskTimeout".into(),
             format!("task exceeded its timeout of {seconds} seconds and was stopped; it {how}"),
+        ),
+        (Some(StopCause::ContainerRestarted { pid }), _) => (
+            "MainContainerRestarted".into(),
+            format!(
+                "the main container restarted (its process {pid} ended), so the task started in it was stopped; it {how}"
+            ),
         ),
         (Some(StopCause::Removed), _) => (
             "Stopped".into(),

@@ -91,6 +91,16 @@ pub fn check_task(task: &Task) -> Result<Process, String> {
             "task {name:?}: timeoutSeconds must not be negative"
         ));
     }
+    if !process.user.is_empty() {
+        let (user, group) = process.user.split_once(':').unwrap_or((&process.user, "x"));
+        let part_ok = |p: &str| !p.is_empty() && !p.contains([':', '\0', '\n']);
+        if !part_ok(user) || !part_ok(group) {
+            return Err(format!(
+                "task {name:?}: user {:?} is not of the form user[:group]",
+                process.user
+            ));
+        }
+    }
     Ok(process.clone())
 }
 
@@ -138,6 +148,9 @@ mod tests {
             r#"{"name":"t","process":{"command":["x"],"workingDir":"rel"}}"#,
             r#"{"name":"t","process":{"command":["x"],"timeoutSeconds":-1}}"#,
             r#"{"name":"t","podTemplateSpec":{}}"#,
+            r#"{"name":"t","process":{"command":["x"],"user":"a:"}}"#,
+            r#"{"name":"t","process":{"command":["x"],"user":":1"}}"#,
+            r#"{"name":"t","process":{"command":["x"],"user":"a:b:c"}}"#,
         ] {
             assert!(check_task(&task(bad)).is_err(), "{bad}");
         }

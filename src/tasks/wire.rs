@@ -53,6 +53,15 @@ pub struct Process {
         skip_serializing_if = "is_zero"
     )]
     pub timeout_seconds: i64,
+    /// sandlet extension: `user[:group]`, names or numbers, resolved in the container's own
+    /// `/etc/passwd` and `/etc/group`. Empty: the main container's user (sidecar mode) or
+    /// sandlet's (local mode).
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub user: String,
 }
 
 /// A Kubernetes `EnvVar`; `valueFrom` is kept only so that it can be refused with a clear error.

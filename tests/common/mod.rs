@@ -25,6 +25,9 @@ pub struct Sandlet {
     pub extra_args: Vec<String>,
     pub token: Option<String>,
     pub stderr_log: PathBuf,
+    /// Builds the command that runs the binary (the arguments follow); by default the binary
+    /// itself.
+    pub runner: Option<Box<dyn Fn() -> Command>>,
     agent: ureq::Agent,
 }
 
@@ -91,9 +94,35 @@ impl Sandlet {
             data,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             token: token.map(str::to_string),
+            runner: None,
             agent,
         };
         prepare(&s.data_dir());
+        s.boot();
+        s
+    }
+
+    /// Like `start`, with the binary run by `runner` (in a simulated pod's sidecar place, say).
+    pub fn start_as(extra_args: &[&str], runner: impl Fn() -> Command + 'static) -> Sandlet {
+        let data = tempfile::Builder::new()
+            .prefix("sandlet-test-")
+            .tempdir()
+            .unwrap();
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        let mut s = Sandlet {
+            child: None,
+            base: String::new(),
+            stderr_log: data.path().with_extension("stderr.log"),
+            data,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            token: None,
+            runner: Some(Box::new(runner)),
+            agent,
+        };
         s.boot();
         s
     }
@@ -106,7 +135,10 @@ impl Sandlet {
     pub fn boot(&mut self) {
         let port = free_port();
         self.base = format!("http://127.0.0.1:{port}");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandlet"));
+        let mut cmd = match &self.runner {
+            Some(runner) => runner(),
+            None => Command::new(env!("CARGO_BIN_EXE_sandlet")),
+        };
         cmd.arg("serve")
             .arg("--listen-addr")
             .arg(format!("127.0.0.1:{port}"))
@@ -134,15 +166,48 @@ impl Sandlet {
         });
     }
 
+    /// The sandlet process itself (a runner's wrappers may stand between it and `child`).
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
+        let mut found = None;
+        wait_until("the sandlet process runs", || {
+            found = self.find_pid();
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
+    fn find_pid(&self) -> Option<i32> {
+        let child = self.child.as_ref()?.id() as i32;
+        if self.runner.is_none() {
+            return Some(child);
+        }
+        let marker = format!("{MARKER_VAR}={}", self.data_dir().display());
+        let bin = std::fs::canonicalize(env!("CARGO_BIN_EXE_sandlet")).ok()?;
+        std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|pid| {
+                std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == bin)
+                    && std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"serve"))
+                    && std::fs::read(format!("/proc/{pid}/environ"))
+                        .is_ok_and(|env| env.split(|b| *b == 0).any(|e| e == marker.as_bytes()))
+            })
     }
 
     /// SIGKILL, no goodbye.
     pub fn kill9(&mut self) {
+        if let Some(pid) = self.find_pid() {
+            unsafe { libc_kill(pid, 9) };
+            let deadline = Instant::now() + DEADLINE;
+            while pid_alive(pid) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
         if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 

@@ -5,6 +5,10 @@
 //!   `SANDBOX_MAIN_CONTAINER=main` marker, the way OpenSandbox Pool templates mark it;
 //! - a sidecar place: the pod's PID namespace, the host's filesystem, a `/proc` of the pod.
 //!
+//! Like a container runtime, the main container gets a reduced capability bounding set (the
+//! runtime defaults, plus CAP_SYS_ADMIN its setup script needs for mount, pivot_root and
+//! hostname); CAP_SYS_PTRACE in particular is not in it.
+//!
 //! Dropping the pod SIGKILLs its PID 1, which takes every process of the pod with it, even when
 //! a test fails. `Pod::start` returns `None`, printing why, where a pod cannot be built.
 
@@ -20,6 +24,13 @@ use super::{DEADLINE, wait_until};
 pub const BUSYBOX: &str = "/bin/busybox";
 pub const MAIN_UID: u32 = 1000;
 pub const MAIN_HOSTNAME: &str = "sandbox-main";
+/// A user only the rootfs knows.
+pub const WORKER_UID: u32 = 1001;
+/// The main container's bounding set: a container runtime's defaults plus CAP_SYS_ADMIN.
+pub const MAIN_BOUNDING_SET: &str = "-all,+chown,+dac_override,+fowner,+fsetid,+kill,+setgid,+setuid,+setpcap,+net_bind_service,+sys_chroot,+mknod,+audit_write,+setfcap,+sys_admin";
+/// The capabilities sandlet is given in the sidecar tests: the documented minimal set.
+pub const SIDECAR_CAPABILITIES: &str =
+    "-all,+sys_ptrace,+dac_read_search,+sys_admin,+sys_chroot,+setuid,+setgid,+setpcap,+kill";
 const APPLETS: &[&str] = &[
     "sh",
     "sleep",
@@ -44,6 +55,7 @@ const APPLETS: &[&str] = &[
     "grep",
     "kill",
     "ps",
+    "readlink",
 ];
 
 pub struct Pod {
@@ -55,6 +67,7 @@ pub struct Pod {
     mark: String,
     pause: Child,
     main: Child,
+    cgroups: Vec<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -97,25 +110,7 @@ impl Pod {
                 .parse()
                 .ok()
         });
-        let main = Command::new("nsenter")
-            .args([
-                "--target",
-                &pid1.to_string(),
-                "--pid",
-                "--",
-                "unshare",
-                "--mount",
-                "--uts",
-                "--ipc",
-                "--",
-                "sh",
-                "-c",
-            ])
-            .arg(MAIN_CONTAINER_SCRIPT)
-            .env("ROOTFS", &rootfs)
-            .env("POD_MARK", &mark)
-            .spawn()
-            .expect("nsenter");
+        let main = start_main(pid1, &rootfs, &mark);
         let mut pod = Pod {
             pid1,
             main_pid: 0,
@@ -123,47 +118,66 @@ impl Pod {
             mark,
             pause,
             main,
+            cgroups: Vec::new(),
             _dir: dir,
         };
-        pod.main_pid = pod.find_main();
+        pod.main_pid = pod.find_main(0);
         Some(pod)
     }
 
-    /// The main container's process: the one with this pod's mark that runs as the main user.
-    fn find_main(&self) -> i32 {
+    /// The main container's process: the one with this pod's mark that runs as the main user
+    /// (other than `old`, a previous incarnation).
+    fn find_main(&self, old: i32) -> i32 {
         let mark = format!("POD_MARK={}", self.mark);
         wait_for(|| {
             pids().into_iter().find(|&pid| {
-                uid_of(pid) == Some(MAIN_UID)
+                pid != old
+                    && uid_of(pid) == Some(MAIN_UID)
                     && std::fs::read(format!("/proc/{pid}/environ"))
                         .is_ok_and(|env| env.split(|b| *b == 0).any(|e| e == mark.as_bytes()))
             })
         })
     }
 
+    /// Simulates a container restart: the main container's process is killed and a new one, in
+    /// new namespaces on the same rootfs, takes its place (and its cgroups).
+    pub fn restart_main(&mut self) {
+        let old = self.main_pid;
+        unsafe { libc_kill(old, 9) };
+        let _ = self.main.wait();
+        wait_gone(&[old]);
+        self.main = start_main(self.pid1, &self.rootfs, &self.mark);
+        self.main_pid = self.find_main(old);
+        for cgroup in self.cgroups.clone() {
+            self.put_main_in(&cgroup);
+        }
+    }
+
+    /// Moves the main container's process into `cgroup` (a directory of a cgroup tree), which
+    /// this pod removes when it is dropped; restarts put the new process there too.
+    pub fn put_main_in(&mut self, cgroup: &Path) {
+        std::fs::create_dir_all(cgroup).unwrap();
+        std::fs::write(cgroup.join("cgroup.procs"), self.main_pid.to_string()).unwrap();
+        if !self.cgroups.iter().any(|c| c == cgroup) {
+            self.cgroups.push(cgroup.to_owned());
+        }
+    }
+
+    /// A name unique to this pod, for things it creates outside its directory.
+    pub fn mark(&self) -> &str {
+        &self.mark
+    }
+
     /// A command in the sidecar's place: the pod's PID namespace with a `/proc` of the pod, and
     /// the host's filesystem. `program` and the arguments added to the command run there.
     pub fn sidecar(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.args([
-            "--target",
-            &self.pid1.to_string(),
-            "--pid",
-            "--",
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--",
-        ])
-        .args([
-            "sh",
-            "-c",
-            "mount -t proc proc /proc && exec \"$@\"",
-            "sidecar",
-        ])
-        .arg(program);
-        cmd
+        self.sidecar_with("", program)
+    }
+
+    /// Like `sidecar`, running the shell commands `setup` there first (as root, in the
+    /// sidecar's own mount namespace).
+    pub fn sidecar_with(&self, setup: &str, program: impl AsRef<OsStr>) -> Command {
+        sidecar_command(self.pid1, setup, program)
     }
 
     /// Runs `sh -c script` in the sidecar's place and returns its stdout.
@@ -192,7 +206,71 @@ impl Drop for Pod {
         unsafe { libc_kill(self.pid1, 9) };
         let _ = self.pause.wait();
         let _ = self.main.wait();
+        // A cgroup can be removed once the last process in it is gone.
+        for cgroup in self.cgroups.iter().rev() {
+            let deadline = Instant::now() + DEADLINE;
+            while cgroup.exists()
+                && std::fs::remove_dir(cgroup).is_err()
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Some(parent) = cgroup.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
+        }
     }
+}
+
+/// Starts a main container in the pod: new mount, UTS and IPC namespaces, a reduced bounding
+/// set, the script below.
+fn start_main(pid1: i32, rootfs: &Path, mark: &str) -> Child {
+    Command::new("nsenter")
+        .args([
+            "--target",
+            &pid1.to_string(),
+            "--pid",
+            "--",
+            "setpriv",
+            &format!("--bounding-set={MAIN_BOUNDING_SET}"),
+            "--",
+            "unshare",
+            "--mount",
+            "--uts",
+            "--ipc",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(MAIN_CONTAINER_SCRIPT)
+        .env("ROOTFS", rootfs)
+        .env("POD_MARK", mark)
+        .spawn()
+        .expect("nsenter")
+}
+
+/// The sidecar's place in the pod of `pid1` (see [`Pod::sidecar_with`]).
+pub fn sidecar_command(pid1: i32, setup: &str, program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.args([
+        "--target",
+        &pid1.to_string(),
+        "--pid",
+        "--",
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+    ])
+    .args([
+        "sh",
+        "-c",
+        &format!("mount -t proc proc /proc && {{ {setup} true; }} && exec \"$@\""),
+        "sidecar",
+    ])
+    .arg(program);
+    cmd
 }
 
 /// Runs in the new namespaces as root, then becomes the main container's process.
@@ -201,12 +279,14 @@ set -e
 mount --make-rprivate /
 mount --bind "$ROOTFS" "$ROOTFS"
 mount -t proc proc "$ROOTFS/proc"
+mount --bind /dev/null "$ROOTFS/dev/null"
 cd "$ROOTFS"
 mkdir -p .oldroot
 pivot_root . .oldroot
 cd /
 umount -l /.oldroot
 hostname sandbox-main
+cd /work
 exec env -i SANDBOX_MAIN_CONTAINER=main MAIN_VAR=from-main PATH=/bin HOME=/home/sandbox POD_MARK="$POD_MARK" \
   su -p -s /bin/sh sandbox -c "exec sleep 1000000"
 "#;
@@ -217,24 +297,27 @@ fn build_rootfs(root: &Path) {
         "etc",
         "tmp",
         "proc",
+        "dev",
         "home/sandbox",
+        "home/worker",
         "work",
         ".oldroot",
     ] {
         std::fs::create_dir_all(root.join(dir)).unwrap();
     }
     std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
+    std::fs::write(root.join("dev/null"), "").unwrap();
     for applet in APPLETS {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
     std::fs::write(
         root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandbox:/home/sandbox:/bin/sh\n",
+        "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandbox:/home/sandbox:/bin/sh\nworker:x:1001:1001:worker:/home/worker:/bin/sh\n",
     )
     .unwrap();
     std::fs::write(
         root.join("etc/group"),
-        "root:x:0:\nsandbox:x:1000:\nextra:x:2000:sandbox\n",
+        "root:x:0:\nsandbox:x:1000:\nworker:x:1001:\nextra:x:2000:sandbox,worker\n",
     )
     .unwrap();
     std::fs::write(root.join("etc/sandbox-rootfs"), "busybox-rootfs\n").unwrap();

@@ -15,15 +15,20 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::routing::{get, post};
+use std::sync::Arc;
+
 use tokio::sync::watch;
 
 use super::{TaskError, TaskManager};
 use crate::http::auth::{Auth, require_token};
 use crate::http::error::{self, ApiError};
+use crate::target::TargetWatch;
 
 #[derive(Clone)]
 pub struct TaskApi {
     pub tasks: TaskManager,
+    /// The main container, in sidecar mode.
+    pub target: Option<Arc<TargetWatch>>,
     /// Turns true when sandlet shuts down; long-lived responses end then.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -42,6 +47,7 @@ pub fn router(api: TaskApi, auth: Auth, max_body_bytes: usize) -> Router {
         .route_layer(middleware::from_fn_with_state(auth, require_token));
     Router::new()
         .route("/health", get(health::health))
+        .route("/ready", get(health::ready))
         .merge(protected)
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
