@@ -6,7 +6,9 @@
 //! - start latency: `POST /setTasks` with one new task until the response shows it started;
 //! - exit-to-visible: the task is woken through a FIFO to exit; time until its `terminated`
 //!   state arrives on the change feed, and until `GET /tasks/{name}` shows it;
-//! - sandlet's RSS when idle, after starting and after the workload.
+//! - sandlet's RSS when idle, after starting and after the workload;
+//! - sidecar mode (as root, in a simulated pod): task start in the main container next to a
+//!   local start and fork+exec of the same binary, interleaved, and `nsenter` for comparison.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -16,6 +18,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 const SAMPLES: usize = 300;
 
@@ -192,6 +197,7 @@ fn main() {
     );
     let _ = sandlet.kill();
     let _ = sandlet.wait();
+    sidecar_comparison(samples);
 }
 
 /// A minimal keep-alive HTTP/1.1 client: one write per request, TCP_NODELAY, so the numbers
@@ -242,6 +248,111 @@ impl Http {
     }
 }
 
+/// Sidecar start against local start and the floor, one sample of each in turn so all three
+/// see the same machine. The program is the pod rootfs's busybox `true` in every case.
+fn sidecar_comparison(samples: usize) {
+    use common::pod::{Pod, SIDECAR_CAPABILITIES};
+    println!();
+    let Some(pod) = Pod::start() else {
+        println!("sidecar comparison skipped (see above)");
+        return;
+    };
+    let quiet = ["--log-level", "warn", "--max-tasks", "100000"];
+    let local = common::Sandlet::start(&quiet);
+    let sidecar = pod.sidecar_sandlet("", SIDECAR_CAPABILITIES, &quiet);
+    common::wait_until("the sidecar is ready", || {
+        sidecar.get("/ready").status == 200
+    });
+    let port = |s: &common::Sandlet| s.base.rsplit(':').next().unwrap().parse().unwrap();
+    let (mut local_http, mut sidecar_http) =
+        (Http::connect(port(&local)), Http::connect(port(&sidecar)));
+    let busybox_true = pod.rootfs.join("bin/true");
+    let nsenter_args = [
+        "-t".to_string(),
+        pod.main_pid.to_string(),
+        "-m".into(),
+        "-u".into(),
+        "-i".into(),
+        "--".into(),
+        "/bin/true".into(),
+    ];
+    let (mut floor, mut local_start, mut sidecar_start, mut nsenter) =
+        (vec![], vec![], vec![], vec![]);
+    for n in 0..samples {
+        let t = Instant::now();
+        Command::new(&busybox_true).status().unwrap();
+        floor.push(t.elapsed());
+        let name = format!("l-{n}");
+        local_start.push(start_program(
+            &mut local_http,
+            &name,
+            &busybox_true.to_string_lossy(),
+        ));
+        wait_terminated(&mut local_http, &name);
+        let name = format!("s-{n}");
+        sidecar_start.push(start_program(&mut sidecar_http, &name, "/bin/true"));
+        wait_terminated(&mut sidecar_http, &name);
+        if n % 3 == 0 {
+            let t = Instant::now();
+            let ok = Command::new("nsenter")
+                .args(&nsenter_args)
+                .status()
+                .unwrap();
+            assert!(ok.success());
+            nsenter.push(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (floor, local_start, sidecar_start, nsenter) = (
+        sorted(floor),
+        sorted(local_start),
+        sorted(sidecar_start),
+        sorted(nsenter),
+    );
+    println!("sidecar mode, paced starts, interleaved (sandlet with its minimal capability set)");
+    println!("{:<52} {:>10} {:>10}", "what", "p50", "p99");
+    row("floor: fork+exec+wait busybox true", &floor);
+    row("floor: nsenter -m -u -i into the main container", &nsenter);
+    row("start, local mode: POST /setTasks -> started", &local_start);
+    row(
+        "start, sidecar mode: POST /setTasks -> started",
+        &sidecar_start,
+    );
+    let added = ms(p(&sidecar_start, 50)) - ms(p(&local_start, 50));
+    let nsenter_added = ms(p(&nsenter, 50)) - ms(p(&floor, 50));
+    println!(
+        "entering the main container adds {added:.3} ms at p50 (target < 0.3 ms); nsenter adds {nsenter_added:.3} ms"
+    );
+}
+
+/// `POST /setTasks` with one new task running `program`; the time until the answer shows it
+/// started.
+fn start_program(http: &mut Http, name: &str, program: &str) -> Duration {
+    let body = json!([{"name": name, "process": {"command": [program]}}]).to_string();
+    let t = Instant::now();
+    let (status, tasks) = http.request("POST", "/setTasks", &body);
+    let elapsed = t.elapsed();
+    assert_eq!(status, 200, "{tasks}");
+    let state = &tasks.as_array().unwrap().last().unwrap()["processStatus"];
+    assert!(
+        state["running"].is_object() || state["terminated"]["exitCode"] == 0,
+        "{tasks}"
+    );
+    elapsed
+}
+
+fn wait_terminated(http: &mut Http, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, task) = http.request("GET", &format!("/tasks/{name}"), "");
+        if task["processStatus"]["terminated"].is_object() {
+            assert_eq!(task["processStatus"]["terminated"]["exitCode"], 0, "{task}");
+            return;
+        }
+        assert!(Instant::now() < deadline, "{name} did not end: {task}");
+    }
+}
+
 /// The floor: fork+exec+wait of `/bin/true`.
 fn spawn_true() -> Duration {
     let t = Instant::now();
@@ -251,16 +362,7 @@ fn spawn_true() -> Duration {
 
 /// `POST /setTasks` with one new `/bin/true` task; the time until the answer shows it started.
 fn start_task(http: &mut Http, name: &str) -> Duration {
-    let body = json!([{"name": name, "process": {"command": ["/bin/true"]}}]).to_string();
-    let t = Instant::now();
-    let (_, tasks) = http.request("POST", "/setTasks", &body);
-    let elapsed = t.elapsed();
-    let status = &tasks.as_array().unwrap().last().unwrap()["processStatus"];
-    assert!(
-        status["running"].is_object() || status["terminated"]["exitCode"] == 0,
-        "{tasks}"
-    );
-    elapsed
+    start_program(http, name, "/bin/true")
 }
 
 /// A task that exits as soon as the bench writes a line to `fifo`.

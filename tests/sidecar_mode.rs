@@ -6,39 +6,14 @@ mod common;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use common::pod::{
-    MAIN_HOSTNAME, MAIN_UID, Pod, SIDECAR_CAPABILITIES, WORKER_UID, pod_pid, sidecar_command,
-};
+use common::pod::{MAIN_HOSTNAME, MAIN_UID, Pod, SIDECAR_CAPABILITIES, WORKER_UID, pod_pid};
 use common::{Sandlet, wait_until};
 use serde_json::{Value, json};
 
-const SANDLET: &str = env!("CARGO_BIN_EXE_sandlet");
 const CAP_SYS_PTRACE: u32 = 19;
 
-/// sandlet in the pod's sidecar place, with every capability but the documented set dropped.
-/// `setup` runs first in the sidecar's mount namespace.
 fn sidecar(pod: &Pod, setup: &'static str, capabilities: &'static str) -> Sandlet {
-    sidecar_with_args(pod, setup, capabilities, &[])
-}
-
-fn sidecar_with_args(
-    pod: &Pod,
-    setup: &'static str,
-    capabilities: &'static str,
-    args: &[&str],
-) -> Sandlet {
-    let pid1 = pod.pid1;
-    let args: Vec<&str> = ["--enable-sidecar-mode"]
-        .iter()
-        .chain(args)
-        .copied()
-        .collect();
-    Sandlet::start_as(&args, move || {
-        let mut cmd = sidecar_command(pid1, setup, "setpriv");
-        cmd.arg(format!("--bounding-set={capabilities}"))
-            .args(["--inh-caps=-all", "--", SANDLET]);
-        cmd
-    })
+    pod.sidecar_sandlet(setup, capabilities, &[])
 }
 
 fn wait_ready(s: &Sandlet) -> Value {
@@ -261,7 +236,7 @@ fn stops_and_timeouts_kill_the_whole_tree_and_a_restarted_sandlet_finds_its_task
 fn a_main_container_restart_fails_its_tasks_and_the_next_task_runs_in_the_new_one() {
     let Some(mut pod) = Pod::start() else { return };
     // Located without the marker, so re-resolution needs none either.
-    let s = sidecar_with_args(&pod, "", SIDECAR_CAPABILITIES, &["--other-container"]);
+    let s = pod.sidecar_sandlet("", SIDECAR_CAPABILITIES, &["--other-container"]);
     wait_ready(&s);
     let r = s.set_tasks(json!([{"name": "old", "process": {"command": ["sleep", "1005"]}}]));
     assert_eq!(r.status, 200, "{}", r.text());

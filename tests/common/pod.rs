@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{DEADLINE, wait_until};
+use super::{DEADLINE, Sandlet, wait_until};
 
 pub const BUSYBOX: &str = "/bin/busybox";
 pub const MAIN_UID: u32 = 1000;
@@ -101,6 +101,8 @@ impl Pod {
         // `--kill-child`: if this test process dies, the pod's PID 1 (and so the pod) goes too.
         let pause = Command::new("unshare")
             .args(["--pid", "--fork", "--kill-child", "sleep", "infinity"])
+            // Killed with its namespace at teardown, it complains about its signal mask.
+            .stderr(Stdio::null())
             .spawn()
             .expect("unshare");
         let pid1: i32 = wait_for(|| {
@@ -161,6 +163,31 @@ impl Pod {
         if !self.cgroups.iter().any(|c| c == cgroup) {
             self.cgroups.push(cgroup.to_owned());
         }
+    }
+
+    /// sandlet serving in this pod's sidecar place in sidecar mode, holding only `capabilities`
+    /// (a `setpriv --bounding-set` list), after `setup` ran there (see `sidecar_with`).
+    pub fn sidecar_sandlet(
+        &self,
+        setup: &'static str,
+        capabilities: &'static str,
+        args: &[&str],
+    ) -> Sandlet {
+        let pid1 = self.pid1;
+        let args: Vec<&str> = ["--enable-sidecar-mode"]
+            .iter()
+            .chain(args)
+            .copied()
+            .collect();
+        Sandlet::start_as(&args, move || {
+            let mut cmd = sidecar_command(pid1, setup, "setpriv");
+            cmd.arg(format!("--bounding-set={capabilities}")).args([
+                "--inh-caps=-all",
+                "--",
+                env!("CARGO_BIN_EXE_sandlet"),
+            ]);
+            cmd
+        })
     }
 
     /// A name unique to this pod, for things it creates outside its directory.
