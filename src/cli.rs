@@ -31,6 +31,15 @@ pub enum Command {
     /// Locate the pod's main container as sidecar mode would, print it as JSON, and exit:
     /// a check of a pod's setup (shareProcessNamespace, capabilities, the marker).
     Target(TargetArgs),
+    /// Copy this binary to a path and exit: how an init container puts sandlet into a shared
+    /// volume for the in-container placement (the image has no shell and no `cp`).
+    Install(InstallArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InstallArgs {
+    /// Where the executable goes (its directory must exist); replaced atomically.
+    pub destination: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -12,6 +12,7 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
         Some(Command::Target(args)) => return print_target(args),
+        Some(Command::Install(args)) => return install(&args.destination),
         None => cli.serve,
     };
     sandlet::telemetry::init(args.log_format, &args.log_level);
@@ -52,6 +53,29 @@ fn print_target(args: sandlet::cli::TargetArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("sandlet: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn install(destination: &std::path::Path) -> ExitCode {
+    use std::os::unix::fs::PermissionsExt;
+    let copy = || -> std::io::Result<()> {
+        let binary = std::fs::read("/proc/self/exe")?;
+        sandlet::atomic_file::write(
+            destination,
+            &binary,
+            sandlet::atomic_file::Durability::Durable,
+        )?;
+        std::fs::set_permissions(destination, std::fs::Permissions::from_mode(0o755))
+    };
+    match copy() {
+        Ok(()) => {
+            println!("installed sandlet at {}", destination.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sandlet: cannot install to {}: {e}", destination.display());
             ExitCode::FAILURE
         }
     }

@@ -140,3 +140,32 @@ fn a_data_dir_that_cannot_be_written_is_refused() {
 unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
+
+#[test]
+fn install_copies_the_static_binary_for_an_init_container() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("sandlet");
+    let out = Command::new(env!("CARGO_BIN_EXE_sandlet"))
+        .arg("install")
+        .arg(&dest)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        std::fs::read(env!("CARGO_BIN_EXE_sandlet")).unwrap()
+    );
+    assert_eq!(
+        std::fs::metadata(&dest).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    // A destination whose directory is missing is an error that names it.
+    let out = Command::new(env!("CARGO_BIN_EXE_sandlet"))
+        .arg("install")
+        .arg(dir.path().join("missing/sandlet"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing/sandlet"));
+}
