@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use nix::fcntl::OFlag;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::pipe;
 
 use super::shim::{ROLE, ShimSpec};
@@ -40,7 +40,35 @@ struct Shim {
     pid: i32,
     pidfd: PidFd,
     spec: pipe::Sender,
-    reports: Lines<BufReader<pipe::Receiver>>,
+    reports: Reports,
+}
+
+/// A shim's report pipe: lines (`S`, `E`, `X`), and with [`super::shim::OutputMode::Stream`]
+/// output frames (`O<stream> <len>`, then the bytes).
+pub struct Reports(BufReader<pipe::Receiver>);
+
+/// Upper bound of one output frame, far above the shim's read buffer: anything larger is a
+/// corrupt stream.
+const MAX_FRAME: usize = 1 << 20;
+
+/// What a shim reports after the start.
+pub enum ShimEvent {
+    /// Output of stream 1 (stdout) or 2 (stderr).
+    Output(u8, Vec<u8>),
+    Ended(ExitRecord),
+}
+
+impl Reports {
+    async fn line(&mut self) -> io::Result<Option<String>> {
+        let mut line = String::new();
+        if self.0.read_line(&mut line).await? == 0 {
+            return Ok(None);
+        }
+        if line.ends_with('\n') {
+            line.pop();
+        }
+        Ok(Some(line))
+    }
 }
 
 pub struct Launcher {
@@ -102,7 +130,7 @@ impl Launcher {
             task,
             started_at,
             exit: ExitWatch::Report {
-                lines: reports,
+                reports,
                 dir: task_dir,
             },
         })
@@ -125,16 +153,11 @@ impl Launcher {
         &self,
         mut shim: Shim,
     ) -> Result<
-        (
-            i32,
-            PidFd,
-            Lines<BufReader<pipe::Receiver>>,
-            (ProcessIdentity, u64, DateTime<Utc>),
-        ),
+        (i32, PidFd, Reports, (ProcessIdentity, u64, DateTime<Utc>)),
         String,
     > {
         let failure =
-            match tokio::time::timeout(START_REPORT_TIMEOUT, shim.reports.next_line()).await {
+            match tokio::time::timeout(START_REPORT_TIMEOUT, shim.reports.line()).await {
                 Ok(Ok(Some(line))) => match parse_start(&line) {
                     Ok(started) => return Ok((shim.pid, shim.pidfd, shim.reports, started)),
                     Err(message) => message,
@@ -185,7 +208,10 @@ impl Launcher {
             pid: child.id() as i32,
             pidfd,
             spec: pipe::Sender::from_owned_fd(spec_w)?,
-            reports: BufReader::new(pipe::Receiver::from_owned_fd(report_r)?).lines(),
+            reports: Reports(BufReader::with_capacity(
+                64 << 10,
+                pipe::Receiver::from_owned_fd(report_r)?,
+            )),
         })
     }
 }
@@ -218,54 +244,87 @@ fn parse_start(line: &str) -> Result<(ProcessIdentity, u64, DateTime<Utc>), Stri
 /// Learns how a task ended.
 pub enum ExitWatch {
     /// A task this sandlet started: the shim reports on its pipe.
-    Report {
-        lines: Lines<BufReader<pipe::Receiver>>,
-        dir: PathBuf,
-    },
+    Report { reports: Reports, dir: PathBuf },
     /// A task re-adopted after a restart: watched through its pidfd, read from the exit file.
     Adopted {
         task: PidFd,
         shim: ProcessIdentity,
         dir: PathBuf,
     },
+    /// The ending has been reported.
+    Done,
 }
 
 impl ExitWatch {
-    pub async fn ended(self) -> ExitRecord {
+    /// The next output frame or the ending; output is only reported in stream mode.
+    pub async fn next(&mut self) -> ShimEvent {
         match self {
-            ExitWatch::Report { mut lines, dir } => {
-                // "X <record>"; anything else (EOF: the shim died) falls back to the exit file.
-                if let Ok(Some(line)) = lines.next_line().await
-                    && let Some(record) = line
+            ExitWatch::Report { reports, dir } => {
+                // "O<n> <len>" + bytes, or "X <record>"; anything else (EOF: the shim died)
+                // falls back to the exit file.
+                if let Ok(Some(line)) = reports.line().await {
+                    if let Some(frame) = line.strip_prefix('O')
+                        && let Some((stream, len)) = frame.split_once(' ')
+                        && let (Ok(stream), Ok(len)) = (stream.parse::<u8>(), len.parse::<usize>())
+                        && len <= MAX_FRAME
+                    {
+                        let mut data = vec![0; len];
+                        if reports.0.read_exact(&mut data).await.is_ok() {
+                            return ShimEvent::Output(stream, data);
+                        }
+                    } else if let Some(record) = line
                         .strip_prefix("X ")
                         .and_then(|r| serde_json::from_str(r).ok())
-                {
-                    return record;
+                    {
+                        return ShimEvent::Ended(record);
+                    }
                 }
-                read_exit_record(&dir).unwrap_or_else(|| {
+                ShimEvent::Ended(read_exit_record(dir).unwrap_or_else(|| {
                     lost(
                         "ShimLost",
                         "the task's shim ended before it recorded the exit status; the process may have been killed along with it",
                     )
-                })
+                }))
             }
-            ExitWatch::Adopted { task, shim, dir } => {
-                let _ = task.exited().await;
-                // The shim records the exit right after reaping; wait for it while the shim lives.
-                let deadline = tokio::time::Instant::now() + EXIT_RECORD_WAIT;
-                loop {
-                    if let Some(record) = read_exit_record(&dir) {
-                        return record;
-                    }
-                    if !shim.is_alive() || tokio::time::Instant::now() >= deadline {
-                        return read_exit_record(&dir).unwrap_or_else(|| {
-                            lost("ExitStatusLost", "the task's process ended but its shim did not record the exit status")
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
+            ExitWatch::Adopted { .. } => {
+                let ExitWatch::Adopted { task, shim, dir } =
+                    std::mem::replace(self, ExitWatch::Done)
+                else {
+                    unreachable!()
+                };
+                ShimEvent::Ended(adopted_end(task, shim, dir).await)
+            }
+            ExitWatch::Done => std::future::pending().await,
+        }
+    }
+
+    pub async fn ended(mut self) -> ExitRecord {
+        loop {
+            if let ShimEvent::Ended(record) = self.next().await {
+                return record;
             }
         }
+    }
+}
+
+/// A re-adopted task ends when its process does; the shim records the exit right after reaping
+/// it, so the record is waited for while the shim lives.
+async fn adopted_end(task: PidFd, shim: ProcessIdentity, dir: PathBuf) -> ExitRecord {
+    let _ = task.exited().await;
+    let deadline = tokio::time::Instant::now() + EXIT_RECORD_WAIT;
+    loop {
+        if let Some(record) = read_exit_record(&dir) {
+            return record;
+        }
+        if !shim.is_alive() || tokio::time::Instant::now() >= deadline {
+            return read_exit_record(&dir).unwrap_or_else(|| {
+                lost(
+                    "ExitStatusLost",
+                    "the task's process ended but its shim did not record the exit status",
+                )
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

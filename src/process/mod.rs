@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 pub use identity::{ProcessIdentity, all_pids, stat};
-pub use launch::{ExitWatch, Launched, Launcher, read_exit_record};
+pub use launch::{ExitWatch, Launched, Launcher, ShimEvent, read_exit_record};
 pub use output::{LogChunk, read_log};
 pub use pidfd::PidFd;
 pub use reaper::Reaper;

@@ -67,6 +67,24 @@ pub struct ShimSpec {
     /// Who to run as; unset keeps the shim's own user.
     #[serde(default)]
     pub credentials: Option<Credentials>,
+    #[serde(default)]
+    pub output: OutputMode,
+}
+
+/// Where the task's output goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OutputMode {
+    /// `stdout` and `stderr` log segments in the task's directory (tasks).
+    #[default]
+    Logs,
+    /// stdout and stderr share one pipe, logged as one `output` stream in write order
+    /// (background commands).
+    Combined,
+    /// Forwarded to sandlet on the report pipe as `O<1|2> <len>` frames (foreground commands).
+    /// The shim blocks while sandlet does not read, so a slow client slows the process down
+    /// instead of losing output.
+    Stream,
 }
 
 /// Runs the shim; returns the process exit code.
@@ -100,7 +118,13 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
     // the task is then spawned with posix_spawn, without a fork-time hook.
     reset_signals()?;
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-    let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    let (err_r, err_w) = match spec.output {
+        OutputMode::Combined => (None, out_w.try_clone()?),
+        _ => {
+            let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+            (Some(r), w)
+        }
+    };
     let mut command = Command::new(&spec.program);
     if spec.clear_env {
         command.env_clear();
@@ -194,16 +218,25 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
     // sandlet finds it whether or not sandlet itself lived through this moment.
     let _ = atomic_file::write_json(&spec.task_dir.join(RUN_FILE), &run, Durability::Atomic);
 
-    let mut outputs = [
-        Output::new(
-            out_r,
-            SegmentWriter::create(&spec.task_dir, "stdout", spec.log_limit),
+    let sink = |stream: &'static str, frame: u8| match spec.output {
+        OutputMode::Stream => Sink::Report(frame),
+        _ => SegmentWriter::create(&spec.task_dir, stream, spec.log_limit)
+            .map_or(Sink::Nowhere, Sink::Log),
+    };
+    let mut outputs = vec![Output::new(
+        out_r,
+        sink(
+            if spec.output == OutputMode::Combined {
+                COMBINED_LOG
+            } else {
+                "stdout"
+            },
+            b'1',
         ),
-        Output::new(
-            err_r,
-            SegmentWriter::create(&spec.task_dir, "stderr", spec.log_limit),
-        ),
-    ];
+    )];
+    if let Some(err_r) = err_r {
+        outputs.push(Output::new(err_r, sink("stderr", b'2')));
+    }
     let mut ended: Option<(ExitRecord, Instant)> = None;
     let mut reported = false;
     let mut buf = vec![0u8; 64 * 1024];
@@ -253,33 +286,44 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
         drop(fds);
         while let Ok(Some(_)) = signals.read_signal() {}
         for &i in &open {
-            outputs[i].copy(&mut buf);
+            outputs[i].copy(&mut buf, report);
         }
     }
     for output in &mut outputs {
-        output.copy(&mut buf);
+        output.copy(&mut buf, report);
     }
     Ok(())
 }
 
-/// One output stream: the pipe from the task and the log it goes to. A log that cannot be
-/// written any more (a full disk) is given up; the pipe is still drained, so the task never
-/// blocks on a full pipe.
+/// The log of a background command's stdout and stderr together.
+pub const COMBINED_LOG: &str = "output";
+
+/// Where one output stream goes.
+enum Sink {
+    Log(SegmentWriter),
+    /// Frames on the report pipe, tagged with this stream number.
+    Report(u8),
+    /// A log that could not be created or written any more (a full disk).
+    Nowhere,
+}
+
+/// One output stream: the pipe from the task and where its bytes go. A sink that fails is
+/// given up; the pipe is still drained, so the task never blocks on a full pipe.
 struct Output {
     pipe: Option<OwnedFd>,
-    log: Option<SegmentWriter>,
+    sink: Sink,
 }
 
 impl Output {
-    fn new(pipe: OwnedFd, log: io::Result<SegmentWriter>) -> Output {
+    fn new(pipe: OwnedFd, sink: Sink) -> Output {
         Output {
             pipe: Some(pipe),
-            log: log.ok(),
+            sink,
         }
     }
 
     /// Copies what the pipe holds now; closes it at EOF.
-    fn copy(&mut self, buf: &mut [u8]) {
+    fn copy(&mut self, buf: &mut [u8], report: &mut impl Write) {
         let Some(pipe) = &self.pipe else { return };
         let Ok(clone) = pipe.try_clone() else { return };
         let mut file = File::from(clone);
@@ -290,10 +334,19 @@ impl Output {
                     return;
                 }
                 Ok(n) => {
-                    if let Some(log) = &mut self.log
-                        && log.write(&buf[..n]).is_err()
-                    {
-                        self.log = None;
+                    let written = match &mut self.sink {
+                        Sink::Log(log) => log.write(&buf[..n]),
+                        Sink::Report(stream) => {
+                            let header = format!("O{} {n}\n", *stream as char);
+                            report
+                                .write_all(header.as_bytes())
+                                .and_then(|()| report.write_all(&buf[..n]))
+                                .and_then(|()| report.flush())
+                        }
+                        Sink::Nowhere => Ok(()),
+                    };
+                    if written.is_err() {
+                        self.sink = Sink::Nowhere;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -406,6 +459,7 @@ mod tests {
             clear_env: false,
             placement: None,
             credentials: None,
+            output: OutputMode::Logs,
         };
         let line = serde_json::to_string(&spec).unwrap();
         assert!(!line.contains('\n'));

@@ -17,7 +17,7 @@ use super::supervisor::{Watched, supervise};
 use super::validate::check_task;
 use super::wire::{Process, Task};
 use crate::atomic_file::{self, Durability};
-use crate::process::shim::ShimSpec;
+use crate::process::shim::{OutputMode, ShimSpec};
 use crate::process::{
     self, ExitRecord, ExitWatch, Launcher, PidFd, ProcessIdentity, Reaper, RunRecord, Tree,
 };
@@ -337,6 +337,7 @@ impl TaskManager {
                     clear_env: place.clear_env,
                     placement: place.placement,
                     credentials: place.credentials,
+                    output: OutputMode::Logs,
                 };
                 let incarnation = spec.placement.as_ref().map(|p| p.target);
                 self.0
