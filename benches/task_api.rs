@@ -69,6 +69,7 @@ fn main() {
             "--log-level",
             "warn",
         ])
+        .env("SANDLET_EXEC_LISTEN_ADDR", "127.0.0.1:0")
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

@@ -72,6 +72,42 @@ pub struct ServeArgs {
     #[arg(long, env = "SANDLET_OTHER_CONTAINER", num_args = 0..=1, default_value = "false",
           default_missing_value = "true", value_parser = parse_go_bool)]
     pub other_container: bool,
+    /// Address of the exec API (execd's wire protocol).
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_LISTEN_ADDR",
+        default_value = "0.0.0.0:44772"
+    )]
+    pub exec_listen_addr: SocketAddr,
+    /// Where commands keep their output and records (default: the data dir's path + `-exec`).
+    #[arg(long, env = "SANDLET_EXEC_DATA_DIR")]
+    pub exec_data_dir: Option<PathBuf>,
+    /// File holding the exec API's access token (`X-EXECD-ACCESS-TOKEN`), re-read when it
+    /// changes. `EXECD_ACCESS_TOKEN` (a value) is honoured when no file is given.
+    #[arg(long, env = "SANDLET_EXEC_TOKEN_FILE")]
+    pub exec_token_file: Option<PathBuf>,
+    /// Commands and session runs running at once, at most.
+    #[arg(long, env = "SANDLET_EXEC_MAX_RUNNING", default_value_t = 256)]
+    pub exec_max_running: usize,
+    /// Finished command records (and background output) kept, at most.
+    #[arg(long, env = "SANDLET_EXEC_KEEP_FINISHED", default_value_t = 256)]
+    pub exec_keep_finished: usize,
+    /// How long a finished command's record and output are kept, in seconds.
+    #[arg(long, env = "SANDLET_EXEC_KEEP_SECONDS", default_value_t = 3600)]
+    pub exec_keep_seconds: u64,
+    /// Bytes of a background command's output kept (the newest).
+    #[arg(long, env = "SANDLET_EXEC_LOG_LIMIT_BYTES", default_value_t = 16 << 20)]
+    pub exec_log_limit_bytes: u64,
+    /// Bash sessions at once, at most.
+    #[arg(long, env = "SANDLET_EXEC_MAX_SESSIONS", default_value_t = 64)]
+    pub exec_max_sessions: usize,
+    /// Seconds a bash session may sit unused before it is removed.
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_SESSION_IDLE_SECONDS",
+        default_value_t = 86400
+    )]
+    pub exec_session_idle_seconds: u64,
     /// File holding the bearer token required on every route but /health.
     #[arg(long, env = "SANDLET_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,

@@ -9,11 +9,15 @@ use tokio::sync::watch;
 
 use crate::cli::ServeArgs;
 use crate::error::Error;
+use crate::exec::{self, ExecConfig, api::ExecApi};
 use crate::http::{self, auth::Auth};
 use crate::process::{Launcher, Reaper};
 use crate::target::{Locator, TargetWatch};
 use crate::tasks::api::{TaskApi, router};
 use crate::tasks::{TaskConfig, TaskManager};
+
+/// How often the exec API's retention limits are applied (they are also applied on insert).
+const RETENTION_SWEEP: Duration = Duration::from_secs(30);
 
 /// How long in-flight requests get to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -79,7 +83,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         stop_grace: Duration::from_secs(args.stop_grace_seconds),
         log_limit: args.task_log_limit_bytes,
     };
-    let tasks = TaskManager::open(config, Launcher::new(reaper), target.clone()).map_err(|e| {
+    let launcher = Launcher::new(reaper);
+    let tasks = TaskManager::open(config, Arc::clone(&launcher), target.clone()).map_err(|e| {
         Error::Setup(format!(
             "cannot open the data dir {}: {e}",
             args.data_dir.display()
@@ -89,9 +94,18 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         let tasks = tasks.clone();
         tokio::spawn(Arc::clone(target).run(move |incarnation| tasks.on_target(incarnation)));
     }
+    let exec = exec_api(&args, &launcher, target.as_ref())?;
     let listener = TcpListener::bind(args.listen_addr)
         .await
         .map_err(|e| Error::Setup(format!("cannot listen on {}: {e}", args.listen_addr)))?;
+    let exec_listener = TcpListener::bind(args.exec_listen_addr)
+        .await
+        .map_err(|e| {
+            Error::Setup(format!(
+                "cannot listen on {} (exec API): {e}",
+                args.exec_listen_addr
+            ))
+        })?;
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         data_dir = %args.data_dir.display(),
@@ -99,6 +113,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         sidecar = args.enable_sidecar_mode,
         tasks = tasks.list().len(),
         "sandlet task API ready"
+    );
+    tracing::info!(
+        listen = %exec_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        token = exec.auth.is_enabled(),
+        "sandlet exec API ready"
     );
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -111,6 +130,20 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         auth,
         args.max_body_bytes,
     );
+    let exec_app = exec::api::router(
+        ExecApi {
+            commands: exec.commands,
+            sessions: exec.sessions,
+            metrics: exec.metrics,
+            shutdown: shutdown_rx.clone(),
+        },
+        exec.auth,
+        args.max_body_bytes,
+    );
+    let mut exec_shutdown = shutdown_rx.clone();
+    let exec_server = tokio::spawn(http::serve(exec_listener, exec_app, async move {
+        let _ = exec_shutdown.wait_for(|stop| *stop).await;
+    }));
     let mut server = tokio::spawn(http::serve(listener, app, async move {
         let _ = wait_for_signal().await;
     }));
@@ -124,6 +157,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         "shutting down: tasks keep running under their shims and are re-adopted at the next start"
     );
     let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, exec_server).await;
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
         Ok(joined) => joined
             .map_err(|e| Error::Setup(e.to_string()))?
@@ -133,6 +167,82 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+struct ExecParts {
+    commands: Arc<exec::Commands>,
+    sessions: Arc<exec::Sessions>,
+    metrics: Arc<exec::Metrics>,
+    auth: Auth,
+}
+
+/// The exec API's parts: its directory cleaned of an earlier run's commands, its token, and a
+/// sweeper that applies the retention limits.
+fn exec_api(
+    args: &ServeArgs,
+    launcher: &Arc<Launcher>,
+    target: Option<&Arc<TargetWatch>>,
+) -> Result<ExecParts, Error> {
+    let data_dir = args.exec_data_dir.clone().unwrap_or_else(|| {
+        let mut dir = args.data_dir.clone().into_os_string();
+        dir.push("-exec");
+        dir.into()
+    });
+    exec::clean_leftovers(&data_dir);
+    std::fs::create_dir_all(&data_dir).map_err(|e| {
+        Error::Setup(format!(
+            "cannot create the exec data dir {}: {e}",
+            data_dir.display()
+        ))
+    })?;
+    let auth = match (&args.exec_token_file, std::env::var("EXECD_ACCESS_TOKEN")) {
+        (Some(path), _) => Auth::from_file(path).map_err(|e| {
+            Error::Config(format!(
+                "cannot read the exec token file {}: {e}",
+                path.display()
+            ))
+        })?,
+        (None, Ok(token)) if !token.trim().is_empty() => Auth::from_value(&token),
+        _ => {
+            tracing::warn!(
+                "no exec API token (--exec-token-file / EXECD_ACCESS_TOKEN): the exec API accepts any caller that can reach it"
+            );
+            Auth::none()
+        }
+    };
+    if args.exec_max_running == 0 || args.exec_max_sessions == 0 || args.exec_log_limit_bytes < 2 {
+        return Err(Error::Config(
+            "--exec-max-running and --exec-max-sessions must be at least 1, --exec-log-limit-bytes at least 2"
+                .into(),
+        ));
+    }
+    let config = Arc::new(ExecConfig {
+        data_dir,
+        max_running: args.exec_max_running,
+        keep_finished: args.exec_keep_finished,
+        keep_finished_for: Duration::from_secs(args.exec_keep_seconds),
+        log_limit: args.exec_log_limit_bytes,
+        max_sessions: args.exec_max_sessions,
+        session_idle: Duration::from_secs(args.exec_session_idle_seconds),
+        running: Default::default(),
+    });
+    let commands = exec::Commands::new(Arc::clone(&config), Arc::clone(launcher), target.cloned());
+    let sessions = exec::Sessions::new(config, Arc::clone(launcher), target.cloned());
+    let (c, s) = (Arc::clone(&commands), Arc::clone(&sessions));
+    tokio::spawn(async move {
+        let mut sweep = tokio::time::interval(RETENTION_SWEEP);
+        loop {
+            sweep.tick().await;
+            c.evict_expired();
+            s.evict_idle();
+        }
+    });
+    Ok(ExecParts {
+        commands,
+        sessions,
+        metrics: exec::Metrics::new(target.cloned()),
+        auth,
+    })
 }
 
 async fn wait_for_signal() -> std::io::Result<()> {

@@ -10,6 +10,7 @@ use common::{free_port, wait_until};
 
 fn sandlet() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandlet"));
+    cmd.env("SANDLET_EXEC_LISTEN_ADDR", "127.0.0.1:0");
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     cmd
 }

@@ -22,6 +22,8 @@ const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct Auth {
     file: Option<Arc<TokenFile>>,
+    /// A token given as a value (execd's `EXECD_ACCESS_TOKEN`), when there is no file.
+    fixed: Option<Arc<[u8]>>,
 }
 
 struct TokenFile {
@@ -37,7 +39,19 @@ struct Loaded {
 
 impl Auth {
     pub fn none() -> Auth {
-        Auth { file: None }
+        Auth {
+            file: None,
+            fixed: None,
+        }
+    }
+
+    /// A token given as a value; surrounding whitespace is not part of it. Empty: no token.
+    pub fn from_value(token: &str) -> Auth {
+        let token = token.trim();
+        Auth {
+            file: None,
+            fixed: (!token.is_empty()).then(|| token.as_bytes().into()),
+        }
     }
 
     /// Reads the token from `path`; surrounding whitespace (a trailing newline) is not part of it.
@@ -53,19 +67,21 @@ impl Auth {
                 path: path.to_owned(),
                 loaded,
             })),
+            fixed: None,
         })
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.file.is_some()
+        self.file.is_some() || self.fixed.is_some()
     }
 
-    fn admits(&self, presented: Option<&[u8]>) -> bool {
-        match (&self.file, presented) {
-            (None, _) => true,
-            (Some(file), Some(presented)) => bool::from(presented.ct_eq(&file.current())),
-            (Some(_), None) => false,
-        }
+    pub fn admits(&self, presented: Option<&[u8]>) -> bool {
+        let expected = match (&self.file, &self.fixed) {
+            (Some(file), _) => file.current(),
+            (None, Some(fixed)) => Arc::clone(fixed),
+            (None, None) => return true,
+        };
+        presented.is_some_and(|p| bool::from(p.ct_eq(&expected)))
     }
 }
 

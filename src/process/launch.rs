@@ -152,20 +152,16 @@ impl Launcher {
     async fn await_start(
         &self,
         mut shim: Shim,
-    ) -> Result<
-        (i32, PidFd, Reports, (ProcessIdentity, u64, DateTime<Utc>)),
-        String,
-    > {
-        let failure =
-            match tokio::time::timeout(START_REPORT_TIMEOUT, shim.reports.line()).await {
-                Ok(Ok(Some(line))) => match parse_start(&line) {
-                    Ok(started) => return Ok((shim.pid, shim.pidfd, shim.reports, started)),
-                    Err(message) => message,
-                },
-                Err(_) => "the task's shim did not report within 10 s".into(),
-                Ok(Err(e)) => format!("the task's shim could not be read: {e}"),
-                Ok(Ok(None)) => "the task's shim exited without a report".into(),
-            };
+    ) -> Result<(i32, PidFd, Reports, (ProcessIdentity, u64, DateTime<Utc>)), String> {
+        let failure = match tokio::time::timeout(START_REPORT_TIMEOUT, shim.reports.line()).await {
+            Ok(Ok(Some(line))) => match parse_start(&line) {
+                Ok(started) => return Ok((shim.pid, shim.pidfd, shim.reports, started)),
+                Err(message) => message,
+            },
+            Err(_) => "the task's shim did not report within 10 s".into(),
+            Ok(Err(e)) => format!("the task's shim could not be read: {e}"),
+            Ok(Ok(None)) => "the task's shim exited without a report".into(),
+        };
         self.discard(shim).await;
         Err(failure)
     }

@@ -258,6 +258,13 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
                 .write_all(line.as_bytes())
                 .and_then(|()| report.flush());
             reported = true;
+            // sandlet reads no more frames after the exit: what leftovers of the tree still
+            // write is drained and dropped rather than left to block the shim.
+            for output in &mut outputs {
+                if matches!(output.sink, Sink::Report(_)) {
+                    output.sink = Sink::Nowhere;
+                }
+            }
         }
         if reported && no_children {
             break;

@@ -100,6 +100,31 @@ fn plan_from(
         .collect()
 }
 
+/// The cgroup directories of process `pid` reachable in sandlet's filesystem, by hierarchy
+/// (`unified` for v2, else the v1 controllers).
+pub fn dirs_of(pid: i32) -> Vec<(String, PathBuf)> {
+    let (Ok(cgroups), Ok(mounts)) = (
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup")),
+        std::fs::read_to_string("/proc/self/mountinfo"),
+    ) else {
+        return Vec::new();
+    };
+    cgroups
+        .lines()
+        .filter_map(parse_line)
+        .filter(|(_, cgroup)| !cgroup.split('/').any(|c| c == ".."))
+        .filter_map(|(controllers, cgroup)| {
+            let dir = find_dir(&mounts, controllers, cgroup)?;
+            let name = if controllers.is_empty() {
+                "unified".to_string()
+            } else {
+                controllers.to_string()
+            };
+            Some((name, dir))
+        })
+        .collect()
+}
+
 /// `hierarchy-id:controllers:path` → (controllers, path).
 fn parse_line(line: &str) -> Option<(&str, &str)> {
     let mut fields = line.splitn(3, ':');

@@ -13,13 +13,13 @@
 //! the main container and inherit its environment, marker included. Of the candidates the oldest
 //! process wins: the container's first process, not something it started later.
 
-mod cgroup;
+pub(crate) mod cgroup;
 mod users;
 mod watch;
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -120,6 +120,17 @@ pub fn locate(locator: &Locator) -> Result<Target, TargetError> {
         })
 }
 
+/// Why a process cannot be placed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    /// Sidecar mode, and the main container is not there right now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The requested user cannot be resolved.
+    #[error("{0}")]
+    User(String),
+}
+
 /// How a process is to be started: where, as whom, from which environment.
 #[derive(Debug, Default)]
 pub struct StartIn {
@@ -129,6 +140,8 @@ pub struct StartIn {
     pub env: Vec<(String, String)>,
     pub placement: Option<Placement>,
     pub credentials: Option<Credentials>,
+    /// Where the process's absolute paths resolve: `/`, or the main container's root.
+    pub root: PathBuf,
 }
 
 /// Resolves where a process runs and as whom. With a `watch` (sidecar mode) it runs in the main
@@ -136,20 +149,27 @@ pub struct StartIn {
 /// `user` (`name[:group]` or numbers) resolved in its `/etc/passwd` and `/etc/group`. Without one
 /// (local mode) it runs next to sandlet, as sandlet's user unless `user` is given. `HOME` and
 /// `USER` follow the user the process runs as, where the account files know it.
-pub fn start_in(watch: Option<&TargetWatch>, user: &str) -> Result<StartIn, String> {
+pub fn start_in(watch: Option<&TargetWatch>, user: &str) -> Result<StartIn, PlaceError> {
     let Some(watch) = watch else {
+        let root = PathBuf::from("/");
         if user.is_empty() {
-            return Ok(StartIn::default());
+            return Ok(StartIn {
+                root,
+                ..StartIn::default()
+            });
         }
-        let resolved = UserDb::read(Path::new("/"))?.resolve(user)?;
+        let resolved = UserDb::read(&root)
+            .and_then(|db| db.resolve(user))
+            .map_err(PlaceError::User)?;
         return Ok(StartIn {
             env: account_env(resolved.name.as_deref(), &resolved.home),
             credentials: Some(resolved.credentials),
+            root,
             ..StartIn::default()
         });
     };
-    let located = watch.current()?;
-    let db = UserDb::read(&located.root())?;
+    let located = watch.current().map_err(PlaceError::Unavailable)?;
+    let db = UserDb::read(&located.root()).map_err(PlaceError::User)?;
     let (credentials, account_vars) = if user.is_empty() {
         let t = &located.target;
         let vars = db
@@ -163,7 +183,7 @@ pub fn start_in(watch: Option<&TargetWatch>, user: &str) -> Result<StartIn, Stri
         };
         (credentials, vars)
     } else {
-        let resolved = db.resolve(user)?;
+        let resolved = db.resolve(user).map_err(PlaceError::User)?;
         let vars = account_env(resolved.name.as_deref(), &resolved.home);
         (resolved.credentials, vars)
     };
@@ -183,7 +203,25 @@ pub fn start_in(watch: Option<&TargetWatch>, user: &str) -> Result<StartIn, Stri
             no_new_privs: located.no_new_privs,
         }),
         credentials: Some(credentials),
+        root: located.root(),
     })
+}
+
+/// What `path` (absolute) is inside `root`, with every symlink and `..` resolved inside it.
+pub fn file_type_in(root: &Path, path: &str) -> io::Result<std::fs::FileType> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+    use nix::sys::stat::Mode;
+    let dir = open(
+        root,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let relative = path.trim_start_matches('/');
+    let fd = openat2(&dir, if relative.is_empty() { "." } else { relative }, how)?;
+    Ok(std::fs::File::from(fd).metadata()?.file_type())
 }
 
 fn account_env(name: Option<&str>, home: &str) -> Vec<(String, String)> {

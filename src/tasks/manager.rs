@@ -346,7 +346,7 @@ impl TaskManager {
                     .await
                     .map(|launched| (launched, incarnation))
             }
-            Err(message) => Err(message),
+            Err(e) => Err(e.to_string()),
         };
         let mut inner = self.lock();
         let Some(entry) = inner

@@ -21,6 +21,8 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 pub struct Sandlet {
     pub child: Option<Child>,
     pub base: String,
+    /// The exec API (execd's protocol).
+    pub exec_base: String,
     pub data: tempfile::TempDir,
     pub extra_args: Vec<String>,
     pub token: Option<String>,
@@ -90,6 +92,7 @@ impl Sandlet {
         let mut s = Sandlet {
             child: None,
             base: String::new(),
+            exec_base: String::new(),
             stderr_log: data.path().with_extension("stderr.log"),
             data,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
@@ -116,6 +119,7 @@ impl Sandlet {
         let mut s = Sandlet {
             child: None,
             base: String::new(),
+            exec_base: String::new(),
             stderr_log: data.path().with_extension("stderr.log"),
             data,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
@@ -135,6 +139,8 @@ impl Sandlet {
     pub fn boot(&mut self) {
         let port = free_port();
         self.base = format!("http://127.0.0.1:{port}");
+        let exec_port = free_port();
+        self.exec_base = format!("http://127.0.0.1:{exec_port}");
         let mut cmd = match &self.runner {
             Some(runner) => runner(),
             None => Command::new(env!("CARGO_BIN_EXE_sandlet")),
@@ -144,6 +150,8 @@ impl Sandlet {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(self.data_dir())
+            .arg("--exec-listen-addr")
+            .arg(format!("127.0.0.1:{exec_port}"))
             .args(&self.extra_args)
             .env("SANDLET_LOG", "debug")
             .env(MARKER_VAR, self.data_dir())
@@ -254,6 +262,56 @@ impl Sandlet {
             headers,
             body,
         })
+    }
+
+    /// A request to the exec API, with extra headers.
+    pub fn exec(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let url = format!("{}{}", self.exec_base, path);
+        let mut builder = ureq::http::Request::builder().method(method).uri(&url);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let result = match body {
+            Some(b) => self.agent.run(
+                builder
+                    .header("Content-Type", "application/json")
+                    .body(b.to_string().into_bytes())
+                    .unwrap(),
+            ),
+            None => self.agent.run(builder.body(()).unwrap()),
+        };
+        let mut resp = result.expect("exec API request");
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .unwrap_or_default();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// `POST path` on the exec API and every SSE event of the answer, to its end.
+    pub fn exec_events(&self, path: &str, body: &Value) -> Vec<Value> {
+        let r = self.exec("POST", path, Some(body), &[]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("content-type"), Some("text/event-stream"));
+        sse_events(&r.text())
     }
 
     pub fn try_get(&self, path: &str) -> Option<Reply> {
@@ -396,6 +454,19 @@ impl Sandlet {
     pub fn assert_nothing_lost(&self, before: &Snapshot, what: &str) {
         assert_eq!(&self.snapshot(), before, "after {what}");
     }
+}
+
+/// The JSON events of an SSE body (`data: <json>` frames).
+pub fn sse_events(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter(|f| !f.trim().is_empty())
+        .map(|f| {
+            let json = f
+                .strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("not an SSE data frame: {f:?}"));
+            serde_json::from_str(json).unwrap_or_else(|e| panic!("not JSON ({e}): {json}"))
+        })
+        .collect()
 }
 
 pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {

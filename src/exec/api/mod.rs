@@ -1,0 +1,142 @@
+//! The exec API's routes, one file per request kind, wire-compatible with execd
+//! (`../shared/reference/execd-contract.md`): the same paths, fields, events and status codes,
+//! except where execd's were bugs (see the README's list of differences).
+
+mod command_logs;
+mod command_status;
+mod create_session;
+mod delete_session;
+mod interrupt;
+mod metrics;
+mod ping;
+mod run_command;
+mod run_in_session;
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+use super::{Commands, Metrics, Sessions};
+use crate::http::auth::Auth;
+use crate::http::error::{self, ApiError};
+
+/// The header execd reads its access token from.
+pub const TOKEN_HEADER: &str = "X-EXECD-ACCESS-TOKEN";
+
+#[derive(Clone)]
+pub struct ExecApi {
+    pub commands: Arc<Commands>,
+    pub sessions: Arc<Sessions>,
+    pub metrics: Arc<Metrics>,
+    /// Turns true when sandlet shuts down; `/metrics/watch` ends then.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+pub fn router(api: ExecApi, auth: Auth, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/ping", get(ping::ping))
+        .route(
+            "/command",
+            post(run_command::run_command).delete(interrupt::interrupt),
+        )
+        .route("/command/status/{id}", get(command_status::command_status))
+        .route("/command/{id}/logs", get(command_logs::command_logs))
+        .route("/session", post(create_session::create_session))
+        .route("/session/{id}/run", post(run_in_session::run_in_session))
+        .route("/session/{id}", delete(delete_session::delete_session))
+        .route("/metrics", get(metrics::metrics))
+        .route("/metrics/watch", get(metrics::watch))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        // Every route, /ping included, as with execd; the 404s too.
+        .layer(middleware::from_fn_with_state(auth, require_execd_token))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(api)
+}
+
+async fn require_execd_token(State(auth): State<Auth>, request: Request, next: Next) -> Response {
+    let presented = request.headers().get(TOKEN_HEADER).map(|v| v.as_bytes());
+    if !auth.admits(presented) {
+        let message = format!("Unauthorized: invalid or missing header {TOKEN_HEADER}");
+        // execd's body is {"error"}; code and message are added for clients that read those.
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": message, "code": "UNAUTHORIZED", "message": message})),
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
+/// A JSON body; every problem is `400 INVALID_REQUEST_BODY` (413 past the body limit).
+pub struct ExecJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ExecJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            let status = r.status();
+            ApiError::new(status, "INVALID_REQUEST_BODY", r.body_text())
+        })?;
+        serde_json::from_slice(&bytes).map(ExecJson).map_err(|e| {
+            invalid(format!(
+                "error parsing request, MAYBE invalid body format. {e}"
+            ))
+        })
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::bad_request("INVALID_REQUEST_BODY", message)
+}
+
+fn runtime_error(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "RUNTIME_ERROR", message)
+}
+
+fn limit_error(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "LIMIT_EXCEEDED", message)
+}
+
+/// `200` with an empty body, as execd answers success without data.
+fn empty_ok() -> Response {
+    StatusCode::OK.into_response()
+}
+
+/// A stream of SSE frames as a response, with execd's headers.
+fn event_stream(frames: mpsc::Receiver<Bytes>) -> Response {
+    let body = Body::from_stream(futures_util::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(frames),
+        Ok::<_, std::convert::Infallible>,
+    ));
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("X-Accel-Buffering", HeaderValue::from_static("no"));
+    response
+}
+
+/// Milliseconds as a duration; execd's `timeout` fields. 0 means none.
+fn millis(timeout: Option<i64>) -> Result<Option<std::time::Duration>, ApiError> {
+    match timeout {
+        None | Some(0) => Ok(None),
+        Some(ms) if ms < 0 => Err(invalid(format!(
+            "invalid request, validation error timeout must be >= 0 milliseconds, got {ms}"
+        ))),
+        Some(ms) => Ok(Some(std::time::Duration::from_millis(ms as u64))),
+    }
+}

@@ -1,0 +1,196 @@
+//! The stream events of `POST /command` and `POST /session/{id}/run`, execd's
+//! `ServerStreamEvent`, framed as standard SSE (`data: <json>` and a blank line), which every
+//! OpenSandbox SDK parses; and the splitting of output into line events.
+
+use axum::body::Bytes;
+use serde::Serialize;
+
+/// Lines longer than this are sent in pieces of this size (execd sent them whole, unbounded).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Event {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub text: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub execution_time: i64,
+    pub timestamp: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ErrorDetail {
+    pub ename: String,
+    pub evalue: String,
+    pub traceback: Vec<String>,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Event {
+    fn new(kind: &'static str, text: String) -> Event {
+        Event {
+            kind,
+            text,
+            execution_time: 0,
+            timestamp: now_ms(),
+            error: None,
+        }
+    }
+
+    /// The first event: its text is the id of what runs.
+    pub fn init(id: &str) -> Event {
+        Event::new("init", id.to_string())
+    }
+
+    pub fn ping() -> Event {
+        Event::new("ping", "pong".into())
+    }
+
+    pub fn output(stderr: bool, line: String) -> Event {
+        Event::new(if stderr { "stderr" } else { "stdout" }, line)
+    }
+
+    pub fn complete(execution_ms: i64) -> Event {
+        let mut e = Event::new("execution_complete", String::new());
+        e.execution_time = execution_ms;
+        e
+    }
+
+    /// A failed run. `evalue` is the decimal exit code (`-1` for a signal), which the SDKs turn
+    /// into the exit code.
+    pub fn error(ename: &str, evalue: String, traceback: String) -> Event {
+        let mut e = Event::new("error", String::new());
+        e.error = Some(ErrorDetail {
+            ename: ename.into(),
+            evalue,
+            traceback: vec![traceback],
+        });
+        e
+    }
+
+    /// `data: <json>\n\n`.
+    pub fn frame(&self) -> Bytes {
+        let mut out = b"data: ".to_vec();
+        serde_json::to_writer(&mut out, self).expect("an event serialises");
+        out.extend_from_slice(b"\n\n");
+        Bytes::from(out)
+    }
+}
+
+/// Splits a byte stream into execd's line events: lines end at `\n`, `\r` or `\r\n` (also when
+/// the pair is split across reads); a line is sent without its terminator, an empty line as
+/// `"\n"`; a last line without terminator is sent at the end. Bytes that are not UTF-8 are
+/// replaced (the event text is a JSON string).
+#[derive(Debug, Default)]
+pub struct LineSplitter {
+    partial: Vec<u8>,
+    after_cr: bool,
+}
+
+impl LineSplitter {
+    /// Feeds bytes; calls `line` for each complete line.
+    pub fn feed(&mut self, mut data: &[u8], mut line: impl FnMut(String)) {
+        if self.after_cr && data.first() == Some(&b'\n') {
+            data = &data[1..];
+        }
+        self.after_cr = false;
+        while let Some(end) = data.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            self.partial.extend_from_slice(&data[..end]);
+            line(self.take());
+            let cr = data[end] == b'\r';
+            data = &data[end + 1..];
+            if cr {
+                if data.first() == Some(&b'\n') {
+                    data = &data[1..];
+                } else if data.is_empty() {
+                    self.after_cr = true;
+                }
+            }
+        }
+        self.partial.extend_from_slice(data);
+        while self.partial.len() >= MAX_LINE_BYTES {
+            let rest = self.partial.split_off(MAX_LINE_BYTES);
+            let piece = std::mem::replace(&mut self.partial, rest);
+            line(String::from_utf8_lossy(&piece).into_owned());
+        }
+    }
+
+    /// The last line, if output ended without a terminator.
+    pub fn finish(&mut self, line: impl FnOnce(String)) {
+        if !self.partial.is_empty() {
+            line(self.take());
+        }
+    }
+
+    fn take(&mut self) -> String {
+        let bytes = std::mem::take(&mut self.partial);
+        if bytes.is_empty() {
+            "\n".to_string()
+        } else {
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(chunks: &[&[u8]]) -> Vec<String> {
+        let mut s = LineSplitter::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            s.feed(c, |l| out.push(l));
+        }
+        s.finish(|l| out.push(l));
+        out
+    }
+
+    #[test]
+    fn lines_split_like_execd() {
+        assert_eq!(
+            split(&[b"a\n\nb\n\n\nc\n"]),
+            ["a", "\n", "b", "\n", "\n", "c"]
+        );
+        assert_eq!(split(&[b"prog 10%\rprog 20%\r"]), ["prog 10%", "prog 20%"]);
+        assert_eq!(
+            split(&[b"x\r", b"\ny\r\n"]),
+            ["x", "y"],
+            "a split CRLF is one end"
+        );
+        assert_eq!(split(&[b"par", b"tial"]), ["partial"]);
+        assert_eq!(split(&[b"\xff\n"]), ["\u{fffd}"]);
+    }
+
+    #[test]
+    fn long_lines_come_in_bounded_pieces_with_nothing_lost() {
+        let long = vec![b'x'; MAX_LINE_BYTES * 2 + 5];
+        let lines = split(&[&long, b"\n"]);
+        assert_eq!(
+            lines.iter().map(String::len).collect::<Vec<_>>(),
+            [MAX_LINE_BYTES, MAX_LINE_BYTES, 5]
+        );
+    }
+
+    #[test]
+    fn frames_are_standard_sse_with_a_timestamp() {
+        let frame = Event::error("CommandExecError", "3".into(), "exit status 3".into()).frame();
+        let text = std::str::from_utf8(&frame).unwrap();
+        assert!(text.starts_with("data: {\"type\":\"error\""), "{text}");
+        assert!(text.ends_with("}\n\n"));
+        let json: serde_json::Value = serde_json::from_str(&text[6..text.len() - 2]).unwrap();
+        assert!(json["timestamp"].as_i64().unwrap() > 0);
+        assert_eq!(json["error"]["evalue"], "3");
+        assert!(json.get("text").is_none());
+    }
+}

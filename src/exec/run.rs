@@ -1,0 +1,253 @@
+//! Starting and driving one process of the exec API (a command, or one run of a bash session).
+//!
+//! Every process runs under a shim, like a task: started by the same launcher (a spare shim,
+//! one fork+exec on the critical path), placed by the same rules (sidecar mode: inside the main
+//! container), in its own process group, with its tree below the shim. The [`Driver`] turns the
+//! shim's reports into output, pings and the ending, and carries out the deadline (SIGKILL to the
+//! whole tree, as execd) and interrupts (SIGTERM, then SIGKILL after [`INTERRUPT_GRACE`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Interval, sleep_until};
+
+use crate::process::shim::{OutputMode, ShimSpec};
+use crate::process::{ExitRecord, ExitWatch, Launcher, PidFd, ShimEvent, Tree};
+use crate::target::{PlaceError, StartIn, TargetWatch, file_type_in, start_in};
+
+/// Between SIGTERM and SIGKILL on interrupt (execd's figure).
+pub const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
+/// Between ping events on a stream (execd's figure).
+pub const PING_INTERVAL: Duration = Duration::from_secs(3);
+/// After SIGKILL, the tree is swept again at this interval until it is gone.
+const KILL_SWEEP: Duration = Duration::from_millis(100);
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What to run: a shell script, where and as whom.
+pub struct Spawn {
+    pub script: String,
+    /// Working directory, already expanded; `None`: the default (see `target::start_in`).
+    pub cwd: Option<String>,
+    /// Variables on top of the base environment.
+    pub envs: Vec<(String, String)>,
+    /// Replaces the base environment altogether (bash sessions carry their own).
+    pub env_override: Option<Vec<(String, String)>>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub output: OutputMode,
+    pub dir: PathBuf,
+    pub log_limit: u64,
+}
+
+/// Why a process could not be started: the request's fault (400) or not (500).
+pub enum SpawnError {
+    Invalid(String),
+    Failed(String),
+}
+
+/// A started process and what it takes to drive it.
+pub struct Started {
+    pub shim_pidfd: PidFd,
+    pub tree: Tree,
+    pub exit: ExitWatch,
+}
+
+/// Resolves placement, user, environment and shell, checks the working directory, and starts.
+pub async fn spawn(
+    launcher: &Arc<Launcher>,
+    target: Option<&TargetWatch>,
+    spec: Spawn,
+) -> Result<Started, SpawnError> {
+    let user = match (spec.uid, spec.gid) {
+        (None, Some(_)) => {
+            return Err(SpawnError::Invalid(
+                "uid is required when gid is provided".into(),
+            ));
+        }
+        (None, None) => String::new(),
+        (Some(uid), None) => uid.to_string(),
+        (Some(uid), Some(gid)) => format!("{uid}:{gid}"),
+    };
+    let place = start_in(target, &user).map_err(|e| match e {
+        PlaceError::Unavailable(m) => SpawnError::Failed(m),
+        PlaceError::User(m) => SpawnError::Invalid(m),
+    })?;
+    let StartIn {
+        clear_env,
+        env: base,
+        placement,
+        credentials,
+        root,
+    } = place;
+    let (clear_env, env) = match spec.env_override {
+        Some(env) => (true, env),
+        None => {
+            let mut env = base;
+            env.extend(spec.envs);
+            (clear_env, env)
+        }
+    };
+    if let Some(cwd) = &spec.cwd
+        && cwd.starts_with('/')
+    {
+        match file_type_in(&root, cwd) {
+            Ok(t) if t.is_dir() => {}
+            Ok(_) => {
+                return Err(SpawnError::Invalid(format!(
+                    "working directory path is not a directory: {cwd}"
+                )));
+            }
+            Err(e) => {
+                return Err(SpawnError::Invalid(format!(
+                    "working directory does not exist: {cwd}: {e}"
+                )));
+            }
+        }
+    }
+    let path_var = env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .or_else(|| (!clear_env).then(|| std::env::var("PATH").ok()).flatten())
+        .unwrap_or_else(|| DEFAULT_PATH.into());
+    let shell = if has_program(&root, &path_var, "bash") {
+        "bash"
+    } else {
+        "sh"
+    };
+    let shim_spec = ShimSpec {
+        task_dir: spec.dir,
+        log_limit: spec.log_limit,
+        program: shell.into(),
+        args: vec!["-c".into(), spec.script],
+        env,
+        working_dir: spec.cwd.map(PathBuf::from),
+        clear_env,
+        placement,
+        credentials,
+        output: spec.output,
+    };
+    let launched = launcher
+        .launch(shim_spec)
+        .await
+        .map_err(SpawnError::Failed)?;
+    Ok(Started {
+        tree: Tree {
+            shim: launched.shim,
+            pgid: launched.task.pid,
+        },
+        shim_pidfd: launched.shim_pidfd,
+        exit: launched.exit,
+    })
+}
+
+fn has_program(root: &std::path::Path, path_var: &str, name: &str) -> bool {
+    path_var
+        .split(':')
+        .filter(|d| d.starts_with('/'))
+        .any(|dir| {
+            file_type_in(root, &format!("{}/{name}", dir.trim_end_matches('/')))
+                .is_ok_and(|t| t.is_file())
+        })
+}
+
+/// What a driven process produced.
+pub enum Driven {
+    Output(u8, Vec<u8>),
+    Ping,
+    Ended(ExitRecord),
+}
+
+/// Drives a started process: see the module docs.
+pub struct Driver {
+    exit: ExitWatch,
+    tree: Tree,
+    deadline: Option<Instant>,
+    kill_at: Option<Instant>,
+    interrupts: mpsc::UnboundedReceiver<()>,
+    interrupts_open: bool,
+    ping: Option<Interval>,
+    pub timed_out: bool,
+    pub interrupted: bool,
+}
+
+impl Driver {
+    pub fn new(
+        started_exit: ExitWatch,
+        tree: Tree,
+        timeout: Option<Duration>,
+        interrupts: mpsc::UnboundedReceiver<()>,
+        pings: bool,
+    ) -> Driver {
+        Driver {
+            exit: started_exit,
+            tree,
+            deadline: timeout.map(|t| Instant::now() + t),
+            kill_at: None,
+            interrupts,
+            interrupts_open: true,
+            ping: pings
+                .then(|| tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL)),
+            timed_out: false,
+            interrupted: false,
+        }
+    }
+
+    pub async fn next(&mut self) -> Driven {
+        let far = Instant::now() + Duration::from_secs(86400 * 365);
+        loop {
+            let deadline = self.deadline.filter(|_| self.kill_at.is_none());
+            tokio::select! {
+                biased;
+                event = self.exit.next() => return match event {
+                    ShimEvent::Output(stream, data) => Driven::Output(stream, data),
+                    ShimEvent::Ended(record) => Driven::Ended(record),
+                },
+                _ = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                    self.timed_out = true;
+                    self.tree.signal(Signal::SIGKILL);
+                    self.kill_at = Some(Instant::now() + KILL_SWEEP);
+                }
+                request = self.interrupts.recv(), if self.interrupts_open => match request {
+                    Some(()) if self.kill_at.is_none() => {
+                        self.interrupted = true;
+                        self.tree.signal(Signal::SIGTERM);
+                        self.kill_at = Some(Instant::now() + INTERRUPT_GRACE);
+                    }
+                    Some(()) => {}
+                    None => self.interrupts_open = false,
+                },
+                _ = sleep_until(self.kill_at.unwrap_or(far)), if self.kill_at.is_some() => {
+                    self.tree.signal(Signal::SIGKILL);
+                    self.kill_at = Some(Instant::now() + KILL_SWEEP);
+                }
+                _ = async { self.ping.as_mut().expect("guarded").tick().await }, if self.ping.is_some() => {
+                    return Driven::Ping;
+                }
+            }
+        }
+    }
+
+    /// After the ending: reaps the shim once its tree is gone, and keeps killing the tree if a
+    /// deadline or interrupt had started to, so nothing of it is left behind.
+    pub fn finish(self, launcher: Arc<Launcher>, shim_pidfd: PidFd) {
+        let killing = self.kill_at.is_some();
+        let tree = self.tree;
+        tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(KILL_SWEEP);
+            loop {
+                tokio::select! {
+                    _ = shim_pidfd.exited() => break,
+                    _ = sweep.tick(), if killing => {
+                        tree.signal(Signal::SIGKILL);
+                    }
+                }
+            }
+            launcher.reaper().reap_owned(&shim_pidfd);
+        });
+    }
+}

@@ -1,0 +1,312 @@
+"""Checks sandlet's execd-compatible exec API with the real OpenSandbox Python SDK.
+
+Run with the Python of a venv that has the pinned `opensandbox` package
+(`pip install opensandbox==1.1.1`), with sandlet's exec API already listening:
+
+    SANDLET_EXEC_ADDR=127.0.0.1:40123 [SANDLET_EXEC_TOKEN=...] [SANDLET_SDK_CWD=/tmp] \
+        /path/to/venv/bin/python tests/sdk/sdk_checks.py [check-name ...]
+
+The SDK finds execd through a lifecycle server; `lifecycle_stub` (a stand-in, in this
+folder) plays that part in-process and points the SDK at SANDLET_EXEC_ADDR. Each check
+prints one `ok:` line; the first failure prints `FAIL:` and the script exits 1. Every
+check runs under a hard deadline (SIGALRM), so a stream that never ends fails instead
+of hanging. The last line is `N passed, M failed`.
+"""
+
+import os
+import signal
+import sys
+import time
+import traceback
+from datetime import timedelta
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lifecycle_stub
+from opensandbox.config import ConnectionConfigSync
+from opensandbox.exceptions import SandboxApiException, SandboxException
+from opensandbox.models.execd import RunCommandOpts
+from opensandbox.sync import SandboxSync
+
+CWD = os.environ.get("SANDLET_SDK_CWD", "/tmp")
+TOKEN = os.environ.get("SANDLET_EXEC_TOKEN", "")
+CHECK_DEADLINE_S = float(os.environ.get("SANDLET_SDK_CHECK_DEADLINE", "30"))  # per check; generous
+
+
+class CheckTimeout(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):
+    raise CheckTimeout(f"check did not finish within {CHECK_DEADLINE_S:.0f} s")
+
+
+def poll(what, fn, timeout_s, interval_s=0.05):
+    """Call fn() until it returns a truthy value; fail with `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while True:
+        last = fn()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not reached within {timeout_s} s (last: {last!r})")
+        time.sleep(interval_s)
+
+
+def out(execution):
+    return [m.text for m in execution.logs.stdout]
+
+
+def err(execution):
+    return [m.text for m in execution.logs.stderr]
+
+
+def describe(execution):
+    e = execution.error
+    return (
+        f"id={execution.id!r} exit_code={execution.exit_code!r} stdout={out(execution)!r} "
+        f"stderr={err(execution)!r} error={None if e is None else (e.name, e.value, e.traceback)!r} "
+        f"complete={execution.complete is not None}"
+    )
+
+
+# ---------------------------------------------------------------- the checks
+
+
+def check_connect(ctx):
+    """Sandbox.connect: endpoint lookup at the stub, then GET /ping at SANDLET_EXEC_ADDR."""
+    sb = ctx["sandbox"]
+    seen = [(r["method"], r["path"]) for r in lifecycle_stub.requests()]
+    want = ("GET", f"/v1/sandboxes/{lifecycle_stub.SANDBOX_ID}/endpoints/{lifecycle_stub.EXECD_PORT}")
+    assert want in seen, f"the SDK did not ask the stub for the execd endpoint; it asked {seen}"
+    ep = sb.get_endpoint(lifecycle_stub.EXECD_PORT)
+    assert ep.endpoint == os.environ["SANDLET_EXEC_ADDR"], f"endpoint {ep.endpoint!r}"
+    if TOKEN:
+        assert ep.headers.get(lifecycle_stub.TOKEN_HEADER) == TOKEN, f"endpoint headers {ep.headers!r}"
+
+
+def check_ping(ctx):
+    """GET /ping through the SDK's health call (is_healthy swallows errors -> False)."""
+    assert ctx["sandbox"].is_healthy() is True, "is_healthy() is False: GET /ping did not answer 2xx"
+
+
+def check_token_required(ctx):
+    """Only with SANDLET_EXEC_TOKEN: without the token header, GET /ping must be refused."""
+    if not TOKEN:
+        return "skipped (SANDLET_EXEC_TOKEN not set)"
+    other = SandboxSync.connect(
+        lifecycle_stub.NO_TOKEN_SANDBOX_ID,
+        connection_config=ctx["config_factory"](),
+        skip_health_check=True,
+    )
+    try:
+        assert other.is_healthy() is False, "GET /ping without X-EXECD-ACCESS-TOKEN was accepted"
+    finally:
+        other.close()
+
+
+def check_foreground_exit_code(ctx):
+    cmds = ctx["sandbox"].commands
+    ex = cmds.run("echo hello; echo err >&2; exit 3")
+    assert out(ex) == ["hello"], f"stdout lines: {describe(ex)}"
+    assert err(ex) == ["err"], f"stderr lines: {describe(ex)}"
+    assert ex.exit_code == 3, f"exit code (from the error event's evalue) should be 3: {describe(ex)}"
+    assert ex.error is not None and ex.error.name == "CommandExecError", f"error event: {describe(ex)}"
+    assert ex.error.value == "3", f"error evalue should be '3': {describe(ex)}"
+    assert ex.id, f"no init event with the command id: {describe(ex)}"
+    st = cmds.get_command_status(ex.id)
+    assert st.running is False and st.exit_code == 3, f"status of the finished foreground command: {st!r}"
+
+
+def check_foreground_blank_lines(ctx):
+    ex = ctx["sandbox"].commands.run("printf 'a\\n\\nb\\n'")
+    assert out(ex) == ["a", "\n", "b"], f"stdout texts should be ['a', '\\n', 'b']: {describe(ex)}"
+    assert ex.exit_code == 0, f"exit code (from execution_complete) should be 0: {describe(ex)}"
+    assert ex.error is None and ex.complete is not None, f"terminal event: {describe(ex)}"
+
+
+def check_envs(ctx):
+    ex = ctx["sandbox"].commands.run("echo $FOO", opts=RunCommandOpts(envs={"FOO": "bar"}))
+    assert out(ex) == ["bar"], f"envs FOO=bar: {describe(ex)}"
+    assert ex.exit_code == 0, describe(ex)
+
+
+def check_cwd(ctx):
+    ex = ctx["sandbox"].commands.run("pwd", opts=RunCommandOpts(working_directory=CWD))
+    assert out(ex) == [CWD], f"cwd {CWD}: {describe(ex)}"
+    assert ex.exit_code == 0, describe(ex)
+
+
+def check_timeout(ctx):
+    t0 = time.monotonic()
+    ex = ctx["sandbox"].commands.run("sleep 30", opts=RunCommandOpts(timeout=timedelta(seconds=1)))
+    took = time.monotonic() - t0
+    assert took < 5.0, f"a 1 s timeout took {took:.1f} s to end the stream: {describe(ex)}"
+    assert ex.error is not None, f"a timed-out command should end with an error event: {describe(ex)}"
+    # execd reports a signal death as evalue "-1"; the SDK turns that into exit_code -1.
+    assert ex.exit_code == -1, f"timed-out command: evalue should be '-1' (exit_code -1): {describe(ex)}"
+
+
+def check_background(ctx):
+    cmds = ctx["sandbox"].commands
+    ex = cmds.run("echo one; sleep 0.5; echo two", opts=RunCommandOpts(background=True))
+    cid = ex.id
+    assert cid, f"background run gave no id: {describe(ex)}"
+    assert ex.complete is not None, f"background stream should end with execution_complete: {describe(ex)}"
+    st = cmds.get_command_status(cid)  # right away: must not be a 404 (execd's race, not repeated)
+    assert st.id in (None, cid), f"status id {st.id!r} != {cid!r}"
+    assert st.started_at is not None, f"status without started_at: {st!r}"
+
+    def finished():
+        s = cmds.get_command_status(cid)
+        return s if s.running is False else None
+
+    st = poll("background command finishes", finished, 10.0)
+    assert st.exit_code == 0, f"background exit code: {st!r}"
+    assert st.finished_at is not None, f"finished status without finished_at: {st!r}"
+
+    logs = cmds.get_background_command_logs(cid, cursor=0)
+    assert "one\ntwo\n" in logs.content, f"logs from cursor 0: {logs.content!r}"
+    assert logs.cursor is not None, "no EXECD-COMMANDS-TAIL-CURSOR header on the logs response"
+    assert logs.cursor >= len(logs.content.encode()), f"cursor {logs.cursor} < bytes read"
+    again = cmds.get_background_command_logs(cid, cursor=logs.cursor)
+    assert again.content == "", f"logs from the returned cursor should be empty: {again.content!r}"
+    assert again.cursor is not None and again.cursor >= logs.cursor, f"cursor went back: {again.cursor}"
+
+
+def check_interrupt(ctx):
+    cmds = ctx["sandbox"].commands
+    ex = cmds.run("sleep 30", opts=RunCommandOpts(background=True))
+    cid = ex.id
+    assert cid, f"background run gave no id: {describe(ex)}"
+
+    def running():
+        s = cmds.get_command_status(cid)
+        return s if s.running is True else None
+
+    poll("background sleep is running", running, 5.0)
+    t0 = time.monotonic()
+    cmds.interrupt(cid)
+
+    def stopped():
+        s = cmds.get_command_status(cid)
+        return s if s.running is False else None
+
+    st = poll("interrupted command stops", stopped, 5.0)
+    assert st.exit_code not in (None, 0), f"interrupted command's exit code: {st!r}"
+    return f"stopped after {time.monotonic() - t0:.2f} s, exit_code {st.exit_code}"
+
+
+def check_sessions(ctx):
+    cmds = ctx["sandbox"].commands
+    sid = cmds.create_session()
+    assert sid, "create_session returned no id"
+    r = cmds.run_in_session(sid, f"export A=1; cd {CWD}")
+    assert r.exit_code == 0, f"export/cd run: {describe(r)}"
+    assert r.id == sid, f"session run's init id should be the session id {sid!r}: {describe(r)}"
+    r = cmds.run_in_session(sid, "echo $A; pwd")
+    assert out(r) == ["1", CWD], f"env and cwd should persist in the session: {describe(r)}"
+    assert r.exit_code == 0, describe(r)
+    r = cmds.run_in_session(sid, "sh -c 'exit 7'")
+    assert r.exit_code == 7, f"session run exit code should be 7: {describe(r)}"
+    cmds.delete_session(sid)
+    try:
+        cmds.delete_session(sid)
+    except SandboxApiException as e:
+        assert e.status_code == 404, f"deleting a deleted session: status {e.status_code} (want 404): {e}"
+    except SandboxException as e:
+        raise AssertionError(f"deleting a deleted session raised a non-API error: {type(e).__name__}: {e}")
+    else:
+        raise AssertionError("deleting a deleted session did not raise")
+
+
+def check_metrics(ctx):
+    m = ctx["sandbox"].get_metrics()
+    assert m.cpu_count > 0, f"cpu_count {m.cpu_count}"
+    assert 0 <= m.cpu_used_percentage <= 100 * m.cpu_count, f"cpu_used_pct {m.cpu_used_percentage}"
+    assert 0 < m.memory_used_in_mib <= m.memory_total_in_mib, (
+        f"mem_used_mib {m.memory_used_in_mib}, mem_total_mib {m.memory_total_in_mib}"
+    )
+    assert m.timestamp > 0, f"timestamp {m.timestamp}"
+
+
+CHECKS = [
+    ("connect", check_connect),
+    ("ping", check_ping),
+    ("token-required", check_token_required),
+    ("foreground-exit-code", check_foreground_exit_code),
+    ("foreground-blank-lines", check_foreground_blank_lines),
+    ("envs", check_envs),
+    ("cwd", check_cwd),
+    ("timeout", check_timeout),
+    ("background", check_background),
+    ("interrupt", check_interrupt),
+    ("sessions", check_sessions),
+    ("metrics", check_metrics),
+]
+
+
+def main(argv):
+    if not os.environ.get("SANDLET_EXEC_ADDR"):
+        print("FAIL: set SANDLET_EXEC_ADDR=host:port of sandlet's exec API", flush=True)
+        return 2
+    names = [n for n, _ in CHECKS]
+    unknown = [a for a in argv if a not in names]
+    if unknown:
+        print(f"unknown checks {unknown}; known: {' '.join(names)}", flush=True)
+        return 2
+    selected = [(n, f) for n, f in CHECKS if not argv or n in argv or n == "connect"]
+
+    port = lifecycle_stub.start()
+
+    def config_factory():
+        return ConnectionConfigSync(
+            domain=f"127.0.0.1:{port}",
+            protocol="http",
+            request_timeout=timedelta(seconds=20),
+        )
+
+    signal.signal(signal.SIGALRM, _on_alarm)
+    passed = 0
+    current = "connect"
+    ctx = {"config_factory": config_factory}
+    try:
+        signal.setitimer(signal.ITIMER_REAL, CHECK_DEADLINE_S)
+        try:
+            ctx["sandbox"] = SandboxSync.connect(
+                lifecycle_stub.SANDBOX_ID,
+                connection_config=config_factory(),
+                connect_timeout=timedelta(seconds=20),
+            )
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        for name, fn in selected:
+            current = name
+            t0 = time.monotonic()
+            signal.setitimer(signal.ITIMER_REAL, CHECK_DEADLINE_S)
+            try:
+                note = fn(ctx)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            passed += 1
+            extra = f" ({note})" if note else ""
+            print(f"ok: {name} [{time.monotonic() - t0:.2f} s]{extra}", flush=True)
+    except Exception as e:
+        if not isinstance(e, (AssertionError, CheckTimeout)):
+            traceback.print_exc()
+        print(f"FAIL: {current}: {type(e).__name__}: {e}", flush=True)
+        if current == "connect":
+            print(f"  (is sandlet's exec API listening on {os.environ['SANDLET_EXEC_ADDR']}?)", flush=True)
+        print(f"{passed} passed, 1 failed", flush=True)
+        return 1
+    finally:
+        if "sandbox" in ctx:
+            ctx["sandbox"].close()
+        lifecycle_stub.stop()
+    print(f"{passed} passed, 0 failed", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
