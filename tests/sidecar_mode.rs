@@ -405,3 +405,67 @@ fn is_mount_of(path: &str, fstype: &str) -> bool {
             left.get(4) == Some(&path) && right.split(' ').next() == Some(fstype)
         })
 }
+
+#[test]
+fn exec_api_commands_and_sessions_run_in_the_main_container() {
+    let Some(pod) = Pod::start() else { return };
+    let s = sidecar(&pod, "", SIDECAR_CAPABILITIES);
+    wait_ready(&s);
+    let texts = |events: &[Value], kind: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["type"] == kind)
+            .map(|e| e["text"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let events = s.exec_events(
+        "/command",
+        &json!({"command": "hostname; id -u; cat /etc/sandbox-rootfs; echo $MAIN_VAR $HOME; pwd"}),
+    );
+    assert_eq!(
+        texts(&events, "stdout"),
+        [
+            MAIN_HOSTNAME,
+            "1000",
+            "busybox-rootfs",
+            "from-main /home/sandbox",
+            "/work"
+        ],
+        "{events:?}"
+    );
+    let events = s.exec_events(
+        "/command",
+        &json!({"command": "id -u; id -G; echo $HOME; pwd", "uid": WORKER_UID, "cwd": "/home/worker"}),
+    );
+    assert_eq!(
+        texts(&events, "stdout"),
+        ["1001", "1001 2000", "/home/worker", "/home/worker"],
+        "a uid resolved in the rootfs's passwd: {events:?}"
+    );
+    // A directory of the sidecar's filesystem is not the container's.
+    let r = s.exec(
+        "POST",
+        "/command",
+        Some(&json!({"command": "true", "cwd": "/usr/bin"})),
+        &[],
+    );
+    r.assert_error(400, "INVALID_REQUEST_BODY");
+
+    let sid = s.exec("POST", "/session", None, &[]).json()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let path = format!("/session/{sid}/run");
+    s.exec_events(&path, &json!({"command": "export Z=zz; cd /tmp"}));
+    let events = s.exec_events(
+        &path,
+        &json!({"command": "echo $Z $MAIN_VAR; pwd; hostname"}),
+    );
+    assert_eq!(
+        texts(&events, "stdout"),
+        ["zz from-main", "/tmp", MAIN_HOSTNAME],
+        "{events:?}"
+    );
+    let metrics = s.exec("GET", "/metrics", None, &[]).json();
+    assert!(metrics["mem_used_mib"].as_f64().unwrap() > 0.0, "{metrics}");
+}

@@ -163,6 +163,7 @@ impl Commands {
         );
         let launcher = Arc::clone(&self.launcher);
         let shim_pidfd = started.shim_pidfd;
+        let table = Arc::clone(self);
         if request.background {
             let _ = tx
                 .send(Event::complete(received.elapsed().as_millis() as i64).frame())
@@ -178,6 +179,7 @@ impl Commands {
                 command.finish(finished_of(&record, &driver));
                 driver.finish(launcher, shim_pidfd);
                 drop(slot);
+                table.evict_expired();
             });
         } else {
             let _ = tx.send(Event::ping().frame()).await;
@@ -185,6 +187,7 @@ impl Commands {
                 let record = stream(driver, &tx, launcher, shim_pidfd, &command, received).await;
                 tracing::debug!(command = %command.id, outcome = ?record.outcome, "command ended");
                 drop(slot);
+                table.evict_expired();
             });
         }
         Ok(rx)
