@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use indexmap::IndexMap;
 use tokio::sync::mpsc;
 
-use super::events::{Event, LineSplitter};
+use super::events::{Event, LineFrames};
 use super::run::{Driven, Driver, Spawn, SpawnError, spawn};
 use super::{ExecConfig, RunSlot, new_id};
 use crate::process::shim::{COMBINED_LOG, OutputMode};
@@ -305,7 +305,7 @@ async fn stream(
     command: &Command,
     received: std::time::Instant,
 ) -> ExitRecord {
-    let mut splitters = [LineSplitter::default(), LineSplitter::default()];
+    let mut frames = [LineFrames::new(false), LineFrames::new(true)];
     let mut connected = true;
     let record = loop {
         match driver.next().await {
@@ -313,16 +313,10 @@ async fn stream(
                 if !connected {
                     continue;
                 }
-                let stderr = stream == 2;
-                let mut frames = Vec::new();
-                splitters[usize::from(stderr)].feed(&data, |line| {
-                    frames.push(Event::output(stderr, line).frame())
-                });
-                for frame in frames {
-                    if tx.send(frame).await.is_err() {
-                        connected = false;
-                        break;
-                    }
+                let mut out = Vec::with_capacity(data.len() + data.len() / 2);
+                frames[usize::from(stream == 2)].feed(&data, &mut out);
+                if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
+                    connected = false;
                 }
             }
             Driven::Ping => {
@@ -337,12 +331,12 @@ async fn stream(
     command.finish(finished.clone());
     driver.finish(launcher, shim_pidfd);
     if connected {
-        for (i, splitter) in splitters.iter_mut().enumerate() {
-            let mut last = None;
-            splitter.finish(|line| last = Some(Event::output(i == 1, line).frame()));
-            if let Some(frame) = last {
-                let _ = tx.send(frame).await;
-            }
+        let mut out = Vec::new();
+        for f in &mut frames {
+            f.finish(&mut out);
+        }
+        if !out.is_empty() {
+            let _ = tx.send(Bytes::from(out)).await;
         }
         let end = if finished.exit_code == 0 && finished.error.is_empty() {
             Event::complete(received.elapsed().as_millis() as i64)

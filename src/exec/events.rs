@@ -56,10 +56,6 @@ impl Event {
         Event::new("ping", "pong".into())
     }
 
-    pub fn output(stderr: bool, line: String) -> Event {
-        Event::new(if stderr { "stderr" } else { "stdout" }, line)
-    }
-
     pub fn complete(execution_ms: i64) -> Event {
         let mut e = Event::new("execution_complete", String::new());
         e.execution_time = execution_ms;
@@ -99,14 +95,30 @@ pub struct LineSplitter {
 
 impl LineSplitter {
     /// Feeds bytes; calls `line` for each complete line.
-    pub fn feed(&mut self, mut data: &[u8], mut line: impl FnMut(String)) {
+    pub fn feed(&mut self, mut data: &[u8], mut line: impl FnMut(&str)) {
         if self.after_cr && data.first() == Some(&b'\n') {
             data = &data[1..];
         }
         self.after_cr = false;
-        while let Some(end) = data.iter().position(|b| *b == b'\n' || *b == b'\r') {
-            self.partial.extend_from_slice(&data[..end]);
-            line(self.take());
+        // Validated once for the whole read rather than line by line.
+        let valid = std::str::from_utf8(data).is_ok();
+        while let Some(end) = memchr::memchr2(b'\n', b'\r', data) {
+            if self.partial.is_empty() {
+                if valid {
+                    // SAFETY: a prefix of valid UTF-8 ending before an ASCII byte is valid.
+                    line(if end == 0 {
+                        "\n"
+                    } else {
+                        unsafe { std::str::from_utf8_unchecked(&data[..end]) }
+                    });
+                } else {
+                    emit(&data[..end], &mut line);
+                }
+            } else {
+                self.partial.extend_from_slice(&data[..end]);
+                let whole = std::mem::take(&mut self.partial);
+                emit(&whole, &mut line);
+            }
             let cr = data[end] == b'\r';
             data = &data[end + 1..];
             if cr {
@@ -121,26 +133,98 @@ impl LineSplitter {
         while self.partial.len() >= MAX_LINE_BYTES {
             let rest = self.partial.split_off(MAX_LINE_BYTES);
             let piece = std::mem::replace(&mut self.partial, rest);
-            line(String::from_utf8_lossy(&piece).into_owned());
+            emit(&piece, &mut line);
         }
     }
 
     /// The last line, if output ended without a terminator.
-    pub fn finish(&mut self, line: impl FnOnce(String)) {
+    pub fn finish(&mut self, mut line: impl FnMut(&str)) {
         if !self.partial.is_empty() {
-            line(self.take());
-        }
-    }
-
-    fn take(&mut self) -> String {
-        let bytes = std::mem::take(&mut self.partial);
-        if bytes.is_empty() {
-            "\n".to_string()
-        } else {
-            String::from_utf8_lossy(&bytes).into_owned()
+            let last = std::mem::take(&mut self.partial);
+            emit(&last, &mut line);
         }
     }
 }
+
+fn emit(bytes: &[u8], line: &mut impl FnMut(&str)) {
+    if bytes.is_empty() {
+        line("\n");
+    } else {
+        line(&String::from_utf8_lossy(bytes));
+    }
+}
+
+/// One output stream's lines, written as SSE frames into the caller's buffer, so that a whole
+/// read of output goes to the client as one write rather than one per line.
+#[derive(Debug, Default)]
+pub struct LineFrames {
+    lines: LineSplitter,
+    stderr: bool,
+}
+
+impl LineFrames {
+    pub fn new(stderr: bool) -> LineFrames {
+        LineFrames {
+            lines: LineSplitter::default(),
+            stderr,
+        }
+    }
+
+    pub fn feed(&mut self, data: &[u8], out: &mut Vec<u8>) {
+        let (head, tail) = self.frame_parts();
+        self.lines
+            .feed(data, |line| write_line(out, head, line, &tail));
+    }
+
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        let (head, tail) = self.frame_parts();
+        self.lines.finish(|line| write_line(out, head, line, &tail));
+    }
+
+    /// What comes before and after the text in every frame of one read (one timestamp).
+    fn frame_parts(&self) -> (&'static [u8], Vec<u8>) {
+        let head: &[u8] = if self.stderr {
+            b"data: {\"type\":\"stderr\",\"text\":"
+        } else {
+            b"data: {\"type\":\"stdout\",\"text\":"
+        };
+        (
+            head,
+            format!(",\"timestamp\":{}}}\n\n", now_ms()).into_bytes(),
+        )
+    }
+}
+
+/// The frame of an output event (`type`, `text`, `timestamp`), written in place.
+fn write_line(out: &mut Vec<u8>, head: &[u8], text: &str, tail: &[u8]) {
+    out.extend_from_slice(head);
+    // Most lines need no escaping: then the text is copied as it is. The scan has no early
+    // exit, so it runs over whole words.
+    if text
+        .bytes()
+        .fold(false, |any, b| any | NEEDS_ESCAPE[b as usize])
+    {
+        serde_json::to_writer(&mut *out, text).expect("a string serialises");
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    }
+    out.extend_from_slice(tail);
+}
+
+/// Bytes a JSON string cannot hold as they are.
+static NEEDS_ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
 
 #[cfg(test)]
 mod tests {
@@ -150,10 +234,29 @@ mod tests {
         let mut s = LineSplitter::default();
         let mut out = Vec::new();
         for c in chunks {
-            s.feed(c, |l| out.push(l));
+            s.feed(c, |l| out.push(l.to_string()));
         }
-        s.finish(|l| out.push(l));
+        s.finish(|l| out.push(l.to_string()));
         out
+    }
+
+    #[test]
+    fn written_line_frames_are_the_events_frames() {
+        let mut out = Vec::new();
+        let mut frames = LineFrames::new(true);
+        frames.feed(b"a \"q\"\n\tplain\n", &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.ends_with("}\n\n"));
+        let events: Vec<serde_json::Value> = text
+            .split("\n\n")
+            .filter(|f| !f.is_empty())
+            .map(|f| serde_json::from_str(f.strip_prefix("data: ").unwrap()).unwrap())
+            .collect();
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0]["type"], "stderr");
+        assert_eq!(events[0]["text"], "a \"q\"");
+        assert_eq!(events[1]["text"], "\tplain");
+        assert!(events[1]["timestamp"].as_i64().unwrap() > 0);
     }
 
     #[test]
@@ -170,6 +273,11 @@ mod tests {
         );
         assert_eq!(split(&[b"par", b"tial"]), ["partial"]);
         assert_eq!(split(&[b"\xff\n"]), ["\u{fffd}"]);
+        assert_eq!(
+            split(&[b"\xc3", b"\xa9\n"]),
+            ["\u{e9}"],
+            "a character split across reads"
+        );
     }
 
     #[test]

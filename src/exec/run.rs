@@ -22,6 +22,8 @@ use crate::target::{PlaceError, StartIn, TargetWatch, file_type_in, start_in};
 pub const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
 /// Between ping events on a stream (execd's figure).
 pub const PING_INTERVAL: Duration = Duration::from_secs(3);
+/// Output frames read ahead of the consumer.
+const REPORT_BUFFER: usize = 8;
 /// After SIGKILL, the tree is swept again at this interval until it is gone.
 const KILL_SWEEP: Duration = Duration::from_millis(100);
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -114,22 +116,36 @@ pub async fn spawn(
         .map(|(_, v)| v.clone())
         .or_else(|| (!clear_env).then(|| std::env::var("PATH").ok()).flatten())
         .unwrap_or_else(|| DEFAULT_PATH.into());
-    let shell = if has_program(&root, &path_var, "bash") {
-        "bash"
-    } else {
-        "sh"
+    // A plain command line (words only, no shell syntax) runs without a shell in between: the
+    // same result, without the shell's start-up. Anything else goes to bash (or sh) as in execd.
+    let (program, args) = match simple_command(&spec.script)
+        .filter(|words| has_program(&root, &path_var, &words[0]))
+    {
+        Some(mut words) => {
+            let program = words.remove(0);
+            (program, words)
+        }
+        None => {
+            let shell = if has_program(&root, &path_var, "bash") {
+                "bash"
+            } else {
+                "sh"
+            };
+            (shell.to_string(), vec!["-c".to_string(), spec.script])
+        }
     };
     let shim_spec = ShimSpec {
         task_dir: spec.dir,
         log_limit: spec.log_limit,
-        program: shell.into(),
-        args: vec!["-c".into(), spec.script],
+        program,
+        args,
         env,
         working_dir: spec.cwd.map(PathBuf::from),
         clear_env,
         placement,
         credentials,
         output: spec.output,
+        record_exit: false,
     };
     let launched = launcher
         .launch(shim_spec)
@@ -144,6 +160,96 @@ pub async fn spawn(
         exit: launched.exit,
     })
 }
+
+/// The words of a command line that a shell would run as one program with these exact
+/// arguments: only characters no shell treats specially, the first word an executable's name
+/// rather than a shell builtin, keyword or variable assignment.
+fn simple_command(script: &str) -> Option<Vec<String>> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./=:,+@%-".contains(c);
+    let words: Vec<String> = script
+        .split_ascii_whitespace()
+        .map(str::to_string)
+        .collect();
+    let first = words.first()?;
+    let ok = script.chars().all(|c| plain(c) || c == ' ' || c == '\t')
+        && !first.contains(['=', '/'])
+        && !SHELL_ONLY.contains(&first.as_str());
+    ok.then_some(words)
+}
+
+/// Builtins and keywords of bash with no external program that behaves the same.
+const SHELL_ONLY: &[&str] = &[
+    "alias",
+    "bg",
+    "bind",
+    "break",
+    "builtin",
+    "caller",
+    "case",
+    "cd",
+    "command",
+    "compgen",
+    "complete",
+    "compopt",
+    "continue",
+    "coproc",
+    "declare",
+    "dirs",
+    "disown",
+    "do",
+    "done",
+    "elif",
+    "else",
+    "enable",
+    "esac",
+    "eval",
+    "exec",
+    "exit",
+    "export",
+    "fc",
+    "fg",
+    "fi",
+    "for",
+    "function",
+    "getopts",
+    "hash",
+    "help",
+    "history",
+    "if",
+    "in",
+    "jobs",
+    "kill",
+    "let",
+    "local",
+    "logout",
+    "mapfile",
+    "popd",
+    "pushd",
+    "pwd",
+    "read",
+    "readarray",
+    "readonly",
+    "return",
+    "select",
+    "set",
+    "shift",
+    "shopt",
+    "source",
+    "suspend",
+    "then",
+    "time",
+    "times",
+    "trap",
+    "type",
+    "typeset",
+    "ulimit",
+    "umask",
+    "unalias",
+    "unset",
+    "until",
+    "wait",
+    "while",
+];
 
 fn has_program(root: &std::path::Path, path_var: &str, name: &str) -> bool {
     path_var
@@ -164,7 +270,10 @@ pub enum Driven {
 
 /// Drives a started process: see the module docs.
 pub struct Driver {
-    exit: ExitWatch,
+    /// The shim's reports, read by a task of their own: a frame half read when another branch
+    /// of `next` wins must not be lost, and a channel receive is cancel-safe where the pipe
+    /// read is not. The channel is small, so a slow consumer still holds the shim back.
+    events: mpsc::Receiver<ShimEvent>,
     tree: Tree,
     deadline: Option<Instant>,
     kill_at: Option<Instant>,
@@ -183,8 +292,19 @@ impl Driver {
         interrupts: mpsc::UnboundedReceiver<()>,
         pings: bool,
     ) -> Driver {
+        let (tx, events) = mpsc::channel(REPORT_BUFFER);
+        let mut exit = started_exit;
+        tokio::spawn(async move {
+            loop {
+                let event = exit.next().await;
+                let ended = matches!(event, ShimEvent::Ended(_));
+                if tx.send(event).await.is_err() || ended {
+                    break;
+                }
+            }
+        });
         Driver {
-            exit: started_exit,
+            events,
             tree,
             deadline: timeout.map(|t| Instant::now() + t),
             kill_at: None,
@@ -203,9 +323,10 @@ impl Driver {
             let deadline = self.deadline.filter(|_| self.kill_at.is_none());
             tokio::select! {
                 biased;
-                event = self.exit.next() => return match event {
-                    ShimEvent::Output(stream, data) => Driven::Output(stream, data),
-                    ShimEvent::Ended(record) => Driven::Ended(record),
+                event = self.events.recv() => return match event {
+                    Some(ShimEvent::Output(stream, data)) => Driven::Output(stream, data),
+                    Some(ShimEvent::Ended(record)) => Driven::Ended(record),
+                    None => unreachable!("the reader sends the ending before it stops"),
                 },
                 _ = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
                     self.timed_out = true;
@@ -249,5 +370,36 @@ impl Driver {
             }
             launcher.reaper().reap_owned(&shim_pidfd);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::simple_command;
+
+    #[test]
+    fn only_plain_command_lines_skip_the_shell() {
+        assert_eq!(simple_command("true").unwrap(), ["true"]);
+        assert_eq!(
+            simple_command(" seq  1 2000 ").unwrap(),
+            ["seq", "1", "2000"]
+        );
+        for shell in [
+            "echo $HOME",
+            "echo 'a b'",
+            "ls *.txt",
+            "true; false",
+            "a | b",
+            "x=1 true",
+            "cd /tmp",
+            "exit 3",
+            "sleep 1 &",
+            "echo a\nb",
+            "~/bin/x",
+            "./run",
+            "",
+        ] {
+            assert!(simple_command(shell).is_none(), "{shell:?}");
+        }
     }
 }

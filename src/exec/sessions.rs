@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use tokio::sync::mpsc;
 
-use super::events::{Event, LineSplitter};
+use super::events::{Event, LineFrames};
 use super::run::{Driven, Driver, Spawn, SpawnError, spawn};
 use super::{ExecConfig, RunSlot, new_id, uuid_v4};
 use crate::process::shim::OutputMode;
@@ -180,36 +180,31 @@ impl Sessions {
         let shim_pidfd = started.shim_pidfd;
         tokio::spawn(async move {
             let mut out = Demux::new(marker.as_bytes());
-            let mut stderr = LineSplitter::default();
+            let mut stderr = LineFrames::new(true);
             let mut connected = true;
             let record = loop {
-                let mut frames = Vec::new();
+                let mut frame = Vec::new();
                 match driver.next().await {
-                    Driven::Output(2, data) => {
-                        stderr.feed(&data, |l| frames.push(Event::output(true, l).frame()));
-                    }
-                    Driven::Output(_, data) => {
-                        out.feed(&data, |l| frames.push(Event::output(false, l).frame()));
-                    }
-                    Driven::Ping => frames.push(Event::ping().frame()),
+                    Driven::Output(2, data) => stderr.feed(&data, &mut frame),
+                    Driven::Output(_, data) => out.feed(&data, &mut frame),
+                    Driven::Ping => frame = Event::ping().frame().to_vec(),
                     Driven::Ended(record) => break record,
                 }
-                for frame in frames {
-                    if connected && tx.send(frame).await.is_err() {
-                        // The client went away: execd cancels the run; so does sandlet, whole tree.
-                        connected = false;
-                        if let Some(stop) = &*session.lock_current() {
-                            let _ = stop.send(());
-                        }
+                if connected && !frame.is_empty() && tx.send(Bytes::from(frame)).await.is_err() {
+                    // The client went away: execd cancels the run; so does sandlet, whole tree.
+                    connected = false;
+                    if let Some(stop) = &*session.lock_current() {
+                        let _ = stop.send(());
                     }
                 }
             };
             let timed_out = driver.timed_out;
             driver.finish(launcher, shim_pidfd);
             *session.lock_current() = None;
-            let mut frames = Vec::new();
-            out.finish(|l| frames.push(Event::output(false, l).frame()));
-            stderr.finish(|l| frames.push(Event::output(true, l).frame()));
+            let mut last = Vec::new();
+            out.finish(&mut last);
+            stderr.finish(&mut last);
+            let mut frames = vec![Bytes::from(last)];
             let end = match (&record.outcome, timed_out) {
                 (_, true) => Event::error(
                     "CommandExecError",
@@ -246,7 +241,7 @@ impl Sessions {
             *session.lock_last_used() = Instant::now();
             let _ = std::fs::remove_dir_all(&dir);
             drop(slot);
-            for frame in frames {
+            for frame in frames.into_iter().filter(|f| !f.is_empty()) {
                 if !connected || tx.send(frame).await.is_err() {
                     break;
                 }
@@ -311,7 +306,7 @@ impl Session {
 struct Demux {
     marker: Vec<u8>,
     held: Vec<u8>,
-    lines: LineSplitter,
+    lines: LineFrames,
     state: Option<Vec<u8>>,
 }
 
@@ -323,19 +318,20 @@ impl Demux {
         Demux {
             marker: full,
             held: Vec::new(),
-            lines: LineSplitter::default(),
+            lines: LineFrames::new(false),
             state: None,
         }
     }
 
-    fn feed(&mut self, data: &[u8], mut line: impl FnMut(String)) {
+    /// Appends the frames of the output lines in `data` to `frames`.
+    fn feed(&mut self, data: &[u8], frames: &mut Vec<u8>) {
         if let Some(state) = &mut self.state {
             state.extend_from_slice(data);
             return;
         }
         self.held.extend_from_slice(data);
         if let Some(at) = find(&self.held, &self.marker) {
-            self.lines.feed(&self.held[..at], &mut line);
+            self.lines.feed(&self.held[..at], frames);
             self.state = Some(self.held[at + self.marker.len()..].to_vec());
             self.held.clear();
             return;
@@ -343,13 +339,13 @@ impl Demux {
         // Everything but a tail that could be the start of the marker is output.
         let keep = (self.marker.len() - 1).min(self.held.len());
         let out: Vec<u8> = self.held.drain(..self.held.len() - keep).collect();
-        self.lines.feed(&out, line);
+        self.lines.feed(&out, frames);
     }
 
-    fn finish(&mut self, mut line: impl FnMut(String)) {
+    fn finish(&mut self, frames: &mut Vec<u8>) {
         let held = std::mem::take(&mut self.held);
-        self.lines.feed(&held, &mut line);
-        self.lines.finish(line);
+        self.lines.feed(&held, frames);
+        self.lines.finish(frames);
     }
 
     /// The exported environment and working directory the run ended with.
@@ -396,11 +392,20 @@ mod tests {
 
     fn demux(chunks: &[&[u8]]) -> (Vec<String>, Option<EndState>) {
         let mut d = Demux::new(b"__M__");
-        let mut lines = Vec::new();
+        let mut frames = Vec::new();
         for c in chunks {
-            d.feed(c, |l| lines.push(l));
+            d.feed(c, &mut frames);
         }
-        d.finish(|l| lines.push(l));
+        d.finish(&mut frames);
+        let lines = String::from_utf8(frames)
+            .unwrap()
+            .split("\n\n")
+            .filter(|f| !f.is_empty())
+            .map(|f| {
+                let e: serde_json::Value = serde_json::from_str(&f[6..]).unwrap();
+                e["text"].as_str().unwrap().to_string()
+            })
+            .collect();
         (lines, d.state())
     }
 

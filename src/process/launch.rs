@@ -117,9 +117,10 @@ impl Launcher {
         };
         let task_dir = spec.task_dir.clone();
         let started = self.await_start(shim).await;
-        // Refill off the critical path: the task has started (or failed) by now.
+        // Refill off the critical path: the task has started (or failed) by now. The fork+exec
+        // runs on a blocking thread, not on a runtime worker that serves requests.
         let launcher = Arc::clone(self);
-        tokio::spawn(async move { launcher.refill() });
+        tokio::task::spawn_blocking(move || launcher.refill());
         let (shim_pid, shim_pidfd, reports, (task, shim_ticks, started_at)) = started?;
         Ok(Launched {
             shim: ProcessIdentity {
@@ -187,6 +188,7 @@ impl Launcher {
     fn start_shim(&self) -> io::Result<Shim> {
         let (spec_r, spec_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
         let (report_r, report_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        super::grow_pipe(&report_w);
         let mut command = Command::new("/proc/self/exe");
         command
             .arg0(super::SHIM_ARGV0)
@@ -205,7 +207,7 @@ impl Launcher {
             pidfd,
             spec: pipe::Sender::from_owned_fd(spec_w)?,
             reports: Reports(BufReader::with_capacity(
-                64 << 10,
+                256 << 10,
                 pipe::Receiver::from_owned_fd(report_r)?,
             )),
         })

@@ -66,6 +66,12 @@ pub struct ExitRecord {
     pub outcome: Outcome,
 }
 
+/// Grows a pipe to 1 MiB (the unprivileged maximum by default), so a fast writer and its
+/// reader meet less often. Best effort: the default size works, only slower.
+pub fn grow_pipe(fd: &impl std::os::fd::AsFd) {
+    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
+}
+
 /// How shims show up in `ps` (and how sidecar mode tells a task's ancestry from a container's).
 pub const SHIM_ARGV0: &str = "sandlet-shim";
 

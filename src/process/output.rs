@@ -30,12 +30,18 @@ impl SegmentWriter {
         })
     }
 
-    pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
-        if self.len >= self.segment_bytes {
-            self.rotate()?;
+    /// Appends `data`, split at segment boundaries, so no segment grows past its size however
+    /// large a write is.
+    pub fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            if self.len >= self.segment_bytes {
+                self.rotate()?;
+            }
+            let room = (self.segment_bytes - self.len).min(data.len() as u64) as usize;
+            self.file.write_all(&data[..room])?;
+            self.len += room as u64;
+            data = &data[room..];
         }
-        self.file.write_all(data)?;
-        self.len += data.len() as u64;
         Ok(())
     }
 

@@ -39,6 +39,9 @@ use super::output::SegmentWriter;
 use super::{EXIT_FILE, ExitRecord, Outcome, ProcessIdentity, RUN_FILE, RunRecord};
 use crate::atomic_file::{self, Durability};
 
+/// Bytes read from a task's pipe at a time (a pipe holds up to 1 MiB, see `grow_pipe`).
+const READ_BUFFER: usize = 256 << 10;
+
 /// How long a reaped task's pipes may stay open (held by a descendant) before its exit is
 /// recorded anyway.
 pub const DRAIN_GRACE: Duration = Duration::from_millis(100);
@@ -69,6 +72,15 @@ pub struct ShimSpec {
     pub credentials: Option<Credentials>,
     #[serde(default)]
     pub output: OutputMode,
+    /// Whether `exit.json` is written, durably, before the exit is reported (tasks: a result the
+    /// controller saw survives a crash, and a restarted sandlet finds it). Commands of the exec
+    /// API do not outlive sandlet and learn their exit from the report alone.
+    #[serde(default = "durable")]
+    pub record_exit: bool,
+}
+
+fn durable() -> bool {
+    true
 }
 
 /// Where the task's output goes.
@@ -89,7 +101,23 @@ pub enum OutputMode {
 
 /// Runs the shim; returns the process exit code.
 pub fn run() -> i32 {
-    let mut report = std::io::stdout().lock();
+    // Unbuffered: every report is one write, flushed as it is made (std's stdout would split
+    // output frames at newlines).
+    // SAFETY: fd 1 is the report pipe for the shim's whole life; ManuallyDrop never closes it.
+    let mut report =
+        std::mem::ManuallyDrop::new(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(1) });
+    let report = &mut *report;
+    // Done while the shim waits as a spare, off the task's start: the task inherits the shim's
+    // signal state, so the shim starts clean (sandlet's environment may have ignored some
+    // signals) and blocks what it handles only once the task is started, which lets the task
+    // be spawned with posix_spawn, without a fork-time hook.
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true)
+        .map_err(io::Error::from)
+        .and_then(|()| reset_signals())
+    {
+        let _ = report.write_all(format!("E shim could not prepare: {e}\n").as_bytes());
+        return 1;
+    }
     let mut line = String::new();
     match std::io::stdin().lock().read_line(&mut line) {
         Ok(0) => return 0, // sandlet went away before this shim was needed
@@ -101,7 +129,7 @@ pub fn run() -> i32 {
     }
     let result = serde_json::from_str::<ShimSpec>(&line)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-        .and_then(|spec| supervise(&spec, &mut report));
+        .and_then(|spec| supervise(&spec, &mut *report));
     match result {
         Ok(()) => 0,
         Err(e) => {
@@ -112,16 +140,13 @@ pub fn run() -> i32 {
 }
 
 fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
-    nix::sys::prctl::set_child_subreaper(true)?;
-    // The task inherits the shim's signal state, so the shim starts clean (sandlet's environment
-    // may have ignored some signals) and blocks what it handles only once the task is started:
-    // the task is then spawned with posix_spawn, without a fork-time hook.
-    reset_signals()?;
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+    super::grow_pipe(&out_w);
     let (err_r, err_w) = match spec.output {
         OutputMode::Combined => (None, out_w.try_clone()?),
         _ => {
             let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+            super::grow_pipe(&w);
             (Some(r), w)
         }
     };
@@ -239,18 +264,20 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
     }
     let mut ended: Option<(ExitRecord, Instant)> = None;
     let mut reported = false;
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; READ_BUFFER];
     loop {
         let no_children = reap(task_pid, &mut ended)?;
         if !reported
             && let Some((record, reaped_at)) = &ended
             && (outputs.iter().all(|o| o.pipe.is_none()) || reaped_at.elapsed() >= DRAIN_GRACE)
         {
-            let _ = atomic_file::write_json(
-                &spec.task_dir.join(EXIT_FILE),
-                record,
-                Durability::Durable,
-            );
+            if spec.record_exit {
+                let _ = atomic_file::write_json(
+                    &spec.task_dir.join(EXIT_FILE),
+                    record,
+                    Durability::Durable,
+                );
+            }
             // The record also travels on the report, so a failed write costs durability, not
             // the result. sandlet may be gone (being restarted): the exit file is then the record.
             let line = format!("X {}\n", serde_json::to_string(record).unwrap_or_default());
@@ -344,11 +371,10 @@ impl Output {
                     let written = match &mut self.sink {
                         Sink::Log(log) => log.write(&buf[..n]),
                         Sink::Report(stream) => {
-                            let header = format!("O{} {n}\n", *stream as char);
-                            report
-                                .write_all(header.as_bytes())
-                                .and_then(|()| report.write_all(&buf[..n]))
-                                .and_then(|()| report.flush())
+                            // Header and bytes in one write: one wakeup of sandlet per read.
+                            let mut frame = format!("O{} {n}\n", *stream as char).into_bytes();
+                            frame.extend_from_slice(&buf[..n]);
+                            report.write_all(&frame)
                         }
                         Sink::Nowhere => Ok(()),
                     };
@@ -467,6 +493,7 @@ mod tests {
             placement: None,
             credentials: None,
             output: OutputMode::Logs,
+            record_exit: true,
         };
         let line = serde_json::to_string(&spec).unwrap();
         assert!(!line.contains('\n'));
