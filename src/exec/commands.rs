@@ -153,7 +153,12 @@ impl Commands {
         tracing::info!(command = %id, background = request.background, pid = started.tree.pgid, "command started");
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         // Registered before init: its status answers from the moment the client has its id.
-        let _ = tx.send(Event::init(&id).frame()).await;
+        // A foreground stream's first ping goes out in the same write.
+        let mut first = Event::init(&id).frame().to_vec();
+        if !request.background {
+            first.extend_from_slice(&Event::ping().frame());
+        }
+        let _ = tx.send(Bytes::from(first)).await;
         let driver = Driver::new(
             started.exit,
             started.tree,
@@ -182,7 +187,6 @@ impl Commands {
                 table.evict_expired();
             });
         } else {
-            let _ = tx.send(Event::ping().frame()).await;
             tokio::spawn(async move {
                 let record = stream(driver, &tx, launcher, shim_pidfd, &command, received).await;
                 tracing::debug!(command = %command.id, outcome = ?record.outcome, "command ended");

@@ -14,8 +14,11 @@ use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval, sleep_until};
 
+use crate::atomic_file::{self, Durability};
 use crate::process::shim::{OutputMode, ShimSpec};
-use crate::process::{ExitRecord, ExitWatch, Launcher, PidFd, ShimEvent, Tree};
+use crate::process::{
+    ExitRecord, ExitWatch, Launcher, PidFd, RUN_FILE, RunRecord, ShimEvent, Tree,
+};
 use crate::target::{PlaceError, StartIn, TargetWatch, file_type_in, start_in};
 
 /// Between SIGTERM and SIGKILL on interrupt (execd's figure).
@@ -145,12 +148,25 @@ pub async fn spawn(
         placement,
         credentials,
         output: spec.output,
-        record_exit: false,
+        records: false,
     };
+    let dir = shim_spec.task_dir.clone();
+    let target = shim_spec.placement.as_ref().map(|p| p.target);
     let launched = launcher
         .launch(shim_spec)
         .await
         .map_err(SpawnError::Failed)?;
+    // What a restarted sandlet needs to stop what is left of this command (see
+    // `clean_leftovers`), written off the start's path.
+    let run = RunRecord {
+        shim: launched.shim,
+        task: launched.task,
+        started_at: launched.started_at,
+        target,
+    };
+    tokio::task::spawn_blocking(move || {
+        let _ = atomic_file::write_json(&dir.join(RUN_FILE), &run, Durability::Atomic);
+    });
     Ok(Started {
         tree: Tree {
             shim: launched.shim,

@@ -72,11 +72,12 @@ pub struct ShimSpec {
     pub credentials: Option<Credentials>,
     #[serde(default)]
     pub output: OutputMode,
-    /// Whether `exit.json` is written, durably, before the exit is reported (tasks: a result the
-    /// controller saw survives a crash, and a restarted sandlet finds it). Commands of the exec
-    /// API do not outlive sandlet and learn their exit from the report alone.
+    /// Whether the shim writes `run.json` and, durably before the exit is reported, `exit.json`
+    /// (tasks: a result the controller saw survives a crash, and a restarted sandlet finds it).
+    /// Commands of the exec API do not outlive sandlet: they learn their exit from the report
+    /// alone, and sandlet writes their `run.json` itself, off the start's path.
     #[serde(default = "durable")]
-    pub record_exit: bool,
+    pub records: bool,
 }
 
 fn durable() -> bool {
@@ -241,7 +242,9 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
     // that fails (a full disk) costs that file, never the task or its exit status.
     // After the report, off sandlet's start path; only the shim writes it, so a restarted
     // sandlet finds it whether or not sandlet itself lived through this moment.
-    let _ = atomic_file::write_json(&spec.task_dir.join(RUN_FILE), &run, Durability::Atomic);
+    if spec.records {
+        let _ = atomic_file::write_json(&spec.task_dir.join(RUN_FILE), &run, Durability::Atomic);
+    }
 
     let sink = |stream: &'static str, frame: u8| match spec.output {
         OutputMode::Stream => Sink::Report(frame),
@@ -271,7 +274,7 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
             && let Some((record, reaped_at)) = &ended
             && (outputs.iter().all(|o| o.pipe.is_none()) || reaped_at.elapsed() >= DRAIN_GRACE)
         {
-            if spec.record_exit {
+            if spec.records {
                 let _ = atomic_file::write_json(
                     &spec.task_dir.join(EXIT_FILE),
                     record,
@@ -493,7 +496,7 @@ mod tests {
             placement: None,
             credentials: None,
             output: OutputMode::Logs,
-            record_exit: true,
+            records: true,
         };
         let line = serde_json::to_string(&spec).unwrap();
         assert!(!line.contains('\n'));

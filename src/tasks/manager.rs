@@ -338,7 +338,7 @@ impl TaskManager {
                     placement: place.placement,
                     credentials: place.credentials,
                     output: OutputMode::Logs,
-                    record_exit: true,
+                    records: true,
                 };
                 let incarnation = spec.placement.as_ref().map(|p| p.target);
                 self.0

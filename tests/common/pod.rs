@@ -112,7 +112,7 @@ impl Pod {
                 .parse()
                 .ok()
         });
-        let main = start_main(pid1, &rootfs, &mark);
+        let main = start_main(pid1, &rootfs, &mark, &dir.path().join("main.log"));
         let mut pod = Pod {
             pid1,
             main_pid: 0,
@@ -123,22 +123,33 @@ impl Pod {
             cgroups: Vec::new(),
             _dir: dir,
         };
-        pod.main_pid = pod.find_main(0);
+        pod.main_pid = pod.find_main(&[]);
         Some(pod)
     }
 
     /// The main container's process: the one with this pod's mark that runs as the main user
-    /// (other than `old`, a previous incarnation).
-    fn find_main(&self, old: i32) -> i32 {
+    /// and is none of `earlier` (processes that existed before it was started, such as tasks of
+    /// a previous incarnation, which inherit the mark; namespace inodes are reused, so they
+    /// cannot tell incarnations apart).
+    fn find_main(&self, earlier: &[i32]) -> i32 {
         let mark = format!("POD_MARK={}", self.mark);
-        wait_for(|| {
-            pids().into_iter().find(|&pid| {
-                pid != old
-                    && uid_of(pid) == Some(MAIN_UID)
-                    && std::fs::read(format!("/proc/{pid}/environ"))
-                        .is_ok_and(|env| env.split(|b| *b == 0).any(|e| e == mark.as_bytes()))
-            })
-        })
+        let log = self.main_log();
+        wait_for_or(
+            || std::fs::read_to_string(&log).unwrap_or_default(),
+            || {
+                pids().into_iter().find(|&pid| {
+                    !earlier.contains(&pid)
+                        && uid_of(pid) == Some(MAIN_UID)
+                        && std::fs::read(format!("/proc/{pid}/environ"))
+                            .is_ok_and(|env| env.split(|b| *b == 0).any(|e| e == mark.as_bytes()))
+                })
+            },
+        )
+    }
+
+    /// Where the main container's setup writes its errors.
+    fn main_log(&self) -> PathBuf {
+        self._dir.path().join("main.log")
     }
 
     /// Simulates a container restart: the main container's process is killed and a new one, in
@@ -148,8 +159,9 @@ impl Pod {
         unsafe { libc_kill(old, 9) };
         let _ = self.main.wait();
         wait_gone(&[old]);
-        self.main = start_main(self.pid1, &self.rootfs, &self.mark);
-        self.main_pid = self.find_main(old);
+        let earlier = pids();
+        self.main = start_main(self.pid1, &self.rootfs, &self.mark, &self.main_log());
+        self.main_pid = self.find_main(&earlier);
         for cgroup in self.cgroups.clone() {
             self.put_main_in(&cgroup);
         }
@@ -251,7 +263,7 @@ impl Drop for Pod {
 
 /// Starts a main container in the pod: new mount, UTS and IPC namespaces, a reduced bounding
 /// set, the script below.
-fn start_main(pid1: i32, rootfs: &Path, mark: &str) -> Child {
+fn start_main(pid1: i32, rootfs: &Path, mark: &str, log: &Path) -> Child {
     Command::new("nsenter")
         .args([
             "--target",
@@ -272,6 +284,7 @@ fn start_main(pid1: i32, rootfs: &Path, mark: &str) -> Child {
         .arg(MAIN_CONTAINER_SCRIPT)
         .env("ROOTFS", rootfs)
         .env("POD_MARK", mark)
+        .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .expect("nsenter")
 }
@@ -358,6 +371,22 @@ fn build_rootfs(root: &Path) {
     std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
     for dir in ["home/sandbox", "work"] {
         std::os::unix::fs::chown(root.join(dir), Some(MAIN_UID), Some(MAIN_UID)).unwrap();
+    }
+}
+
+/// Like `wait_for`, with `why()` in the failure message.
+fn wait_for_or<T>(why: impl Fn() -> String, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the simulated pod's main container did not come up: {}",
+            why()
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
