@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use common::schemas::Schemas;
 use common::{Reply, Sandlet, scratch, wait_until};
-use jsonschema::{Registry, Validator};
 use sandlet::tasks::wire::Task;
 use serde_json::{Value, json};
 
@@ -22,61 +21,13 @@ fn read_json(path: &Path) -> Value {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// One validator per schema file, each built with every schema registered under its `$id`.
-struct Schemas(BTreeMap<String, Validator>);
+/// What only the task API's tests check.
+trait TaskApiChecks {
+    fn list(&self, r: &Reply) -> Vec<Value>;
+    fn error(&self, r: &Reply, status: u16, code: &str);
+}
 
-impl Schemas {
-    fn load() -> Schemas {
-        let mut docs = Vec::new();
-        for entry in std::fs::read_dir(proto_dir()).unwrap() {
-            let path = entry.unwrap().path();
-            let file = path.file_name().unwrap().to_string_lossy().into_owned();
-            if let Some(name) = file.strip_suffix(".schema.json") {
-                let doc = read_json(&path);
-                let id = doc["$id"].as_str().unwrap().to_string();
-                assert!(id.ends_with(&file), "{file}: $id {id}");
-                docs.push((name.to_string(), id, doc));
-            }
-        }
-        assert!(docs.len() >= 10, "schemas found: {}", docs.len());
-        let registry = Registry::new()
-            .extend(docs.iter().map(|(_, id, doc)| (id.as_str(), doc)))
-            .unwrap()
-            .prepare()
-            .unwrap();
-        let validators = docs
-            .iter()
-            .map(|(name, id, _)| {
-                let validator = jsonschema::options()
-                    .with_registry(&registry)
-                    .should_validate_formats(true)
-                    .build(&json!({"$ref": id}))
-                    .unwrap_or_else(|e| panic!("schema {name}: {e}"));
-                (name.clone(), validator)
-            })
-            .collect();
-        Schemas(validators)
-    }
-
-    fn errors(&self, schema: &str, value: &Value) -> Vec<String> {
-        let validator = self
-            .0
-            .get(schema)
-            .unwrap_or_else(|| panic!("no schema {schema}"));
-        validator
-            .iter_errors(value)
-            .map(|e| format!("{} at {}", e, e.instance_path()))
-            .collect()
-    }
-
-    fn check(&self, schema: &str, value: &Value) {
-        let errors = self.errors(schema, value);
-        assert!(
-            errors.is_empty(),
-            "does not match {schema}.schema.json: {errors:?}\n{value}"
-        );
-    }
-
+impl TaskApiChecks for Schemas {
     /// A 200 `task-list` answer.
     fn list(&self, r: &Reply) -> Vec<Value> {
         assert_eq!(r.status, 200, "{}", r.text());
@@ -159,7 +110,7 @@ fn fixture_task(name: &str, release: &Path, code: i32) -> Value {
 
 #[test]
 fn controller_flow_run_succeed_release() {
-    let schemas = Schemas::load();
+    let schemas = Schemas::load(&proto_dir());
     let s = Sandlet::start(&[]);
     let dir = scratch();
     let release = dir.path().join("release");
@@ -211,7 +162,7 @@ fn controller_flow_run_succeed_release() {
 
 #[test]
 fn controller_flow_failure_and_release_while_running() {
-    let schemas = Schemas::load();
+    let schemas = Schemas::load(&proto_dir());
     let s = Sandlet::start(&[]);
     let dir = scratch();
     let release = dir.path().join("release");
@@ -260,7 +211,7 @@ fn controller_flow_failure_and_release_while_running() {
 
 #[test]
 fn other_answers_match_their_schemas() {
-    let schemas = Schemas::load();
+    let schemas = Schemas::load(&proto_dir());
     let s = Sandlet::start(&[]);
     let r = s.get("/health");
     assert_eq!(r.status, 200);
@@ -334,8 +285,7 @@ fn schema_of(file: &str, schemas: &Schemas) -> String {
     }
     // invalid/<schema>-<defect>
     schemas
-        .0
-        .keys()
+        .names()
         .filter(|k| stem.starts_with(&format!("{k}-")))
         .max_by_key(|k| k.len())
         .unwrap_or_else(|| panic!("no schema for fixture {file}"))
@@ -361,7 +311,7 @@ fn fixtures(sub: &str) -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn golden_fixtures_validate_and_invalid_ones_do_not() {
-    let schemas = Schemas::load();
+    let schemas = Schemas::load(&proto_dir());
     let good = fixtures("fixtures");
     assert!(good.len() >= 15, "{}", good.len());
     for (file, bytes) in &good {

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod pod;
+pub mod schemas;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
