@@ -11,7 +11,7 @@ RUN cargo build --locked --release \
 
 FROM scratch
 COPY --from=build /sandlet /sandlet
-# The task API (the Go task-executor's port).
-EXPOSE 5758
+# The task API (the Go task-executor's port) and the exec API (execd's).
+EXPOSE 5758 44772
 ENTRYPOINT ["/sandlet"]
 CMD ["serve"]
