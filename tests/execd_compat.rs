@@ -119,3 +119,33 @@ fn every_answer_matches_its_schema() {
         schemas.check("error", &r.json());
     }
 }
+
+#[test]
+fn metrics_watch_streams_a_sample_a_second() {
+    use std::io::{BufRead, BufReader, Write};
+    let schemas = Schemas::load(&proto_dir());
+    let s = Sandlet::start(&[]);
+    let addr = s.exec_base.trim_start_matches("http://").to_string();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(stream, "GET /metrics/watch HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(stream);
+    let started = std::time::Instant::now();
+    let mut samples = Vec::new();
+    let mut line = String::new();
+    while samples.len() < 2 {
+        line.clear();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the stream ended");
+        if let Some(json) = line.trim_end().strip_prefix("data: ") {
+            let sample: Value = serde_json::from_str(json).unwrap();
+            schemas.check("metrics", &sample);
+            samples.push(sample);
+        }
+    }
+    // The first at once, the next a second later: about 1 s for two, not execd's 4.
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+    assert!(samples[1]["timestamp"].as_i64() > samples[0]["timestamp"].as_i64());
+}
