@@ -4,6 +4,17 @@ use sandlet::cli::{Cli, Command};
 use sandlet::process::shim;
 
 fn main() -> ExitCode {
+    // Descriptors inherited from whoever started sandlet (a shell's, a runtime's) are not
+    // passed on to shims, tasks and commands: those start with their standard streams only.
+    // SAFETY: plain syscall; it only sets close-on-exec flags.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
     // The shim role runs once per task start: no CLI parser, no async runtime.
     if std::env::args_os().nth(1).is_some_and(|a| a == shim::ROLE) {
         return ExitCode::from(shim::run() as u8);

@@ -472,3 +472,90 @@ fn uid_and_gid_are_applied_with_the_users_home() {
     );
     assert_eq!(texts(&events, "stdout"), ["4242"]);
 }
+
+/// `PPid`, `SigBlk` and `SigIgn` of a command run without a shell, from its own status.
+fn parent_and_signal_state(s: &Sandlet) -> (i32, String) {
+    let events = run(s, json!({"command": "cat /proc/self/status"}));
+    assert_eq!(*kinds(&events).last().unwrap(), "execution_complete");
+    let field = |name: &str| {
+        texts(&events, "stdout")
+            .into_iter()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {events:?}"))
+            .trim()
+            .to_string()
+    };
+    let state = format!("blocked {} ignored {}", field("SigBlk:"), field("SigIgn:"));
+    (field("PPid:").parse().unwrap(), state)
+}
+
+#[test]
+fn shims_serve_command_after_command_cleanly_and_only_once_their_tree_is_gone() {
+    let s = Sandlet::start(&[]);
+    let clean = "blocked 0000000000000000 ignored 0000000000000000";
+    // Sequential commands share a few shims instead of forking one each, and every command
+    // starts with the signal state of a fresh process, whatever the shim did for the last one.
+    let mut shims = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let (shim, state) = parent_and_signal_state(&s);
+        assert_eq!(state, clean);
+        shims.insert(shim);
+    }
+    // Up to 4 are kept idle; a command that comes before the last one's shim is back may take
+    // another.
+    assert!(shims.len() <= 5, "shims were not reused: {shims:?}");
+    // Nor does it inherit descriptors: only its standard streams (and `ls`'s own directory).
+    let listed = run(&s, json!({"command": "ls /proc/self/fd"}));
+    assert_eq!(texts(&listed, "stdout"), ["0", "1", "2", "3"], "{listed:?}");
+
+    // A shim whose command left a grandchild behind serves nothing else until it is gone.
+    let dir = scratch();
+    let pid_file = dir.path().join("pid");
+    let events = run(
+        &s,
+        json!({"command": format!("sleep 1011 & echo $! > {}; echo $PPID", pid_file.display())}),
+    );
+    let busy: i32 = texts(&events, "stdout")[0].parse().unwrap();
+    let grandchild = read_pid(&pid_file);
+    for _ in 0..8 {
+        assert_ne!(parent_and_signal_state(&s).0, busy);
+    }
+    unsafe { kill(grandchild, 9) };
+    // Then it goes back to the idle shims, or away if enough are idle: never left behind.
+    wait_until("the shim serves again or exits", || {
+        parent_and_signal_state(&s).0 == busy || !pid_alive(busy)
+    });
+
+    // Idle shims killed from outside cost nothing but a fresh start.
+    let sandlet = s.pid();
+    for shim in children_of(sandlet) {
+        unsafe { kill(shim, 9) };
+    }
+    let (shim, state) = parent_and_signal_state(&s);
+    assert_eq!(state, clean);
+    assert!(pid_alive(shim));
+    assert!(
+        children_of(sandlet).len() <= 5,
+        "idle shims are bounded: {:?}",
+        children_of(sandlet)
+    );
+}
+
+fn children_of(parent: i32) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid: i32 = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid == parent && pid_alive(pid)).then_some(pid)
+        })
+        .collect()
+}

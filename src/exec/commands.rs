@@ -101,8 +101,13 @@ impl Commands {
         let received = std::time::Instant::now();
         let id = new_id();
         let dir = self.config.data_dir.join("commands").join(&id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| CommandError::Limit(format!("cannot create {}: {e}", dir.display())))?;
+        // A background command's log is there from its start; a foreground command's directory
+        // only records it, and is created off the start's path.
+        if request.background {
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                CommandError::Limit(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
         let spec = Spawn {
             script: request.command.clone(),
             cwd: request.cwd,
@@ -159,15 +164,8 @@ impl Commands {
             first.extend_from_slice(&Event::ping().frame());
         }
         let _ = tx.send(Bytes::from(first)).await;
-        let driver = Driver::new(
-            started.exit,
-            started.tree,
-            request.timeout,
-            interrupts,
-            !request.background,
-        );
+        let driver = Driver::new(started, request.timeout, interrupts, !request.background);
         let launcher = Arc::clone(&self.launcher);
-        let shim_pidfd = started.shim_pidfd;
         let table = Arc::clone(self);
         if request.background {
             let _ = tx
@@ -182,13 +180,13 @@ impl Commands {
                     }
                 };
                 command.finish(finished_of(&record, &driver));
-                driver.finish(launcher, shim_pidfd);
+                driver.finish(launcher);
                 drop(slot);
                 table.evict_expired();
             });
         } else {
             tokio::spawn(async move {
-                let record = stream(driver, &tx, launcher, shim_pidfd, &command, received).await;
+                let record = stream(driver, &tx, launcher, &command, received).await;
                 tracing::debug!(command = %command.id, outcome = ?record.outcome, "command ended");
                 drop(slot);
                 table.evict_expired();
@@ -305,7 +303,6 @@ async fn stream(
     mut driver: Driver,
     tx: &mpsc::Sender<Bytes>,
     launcher: Arc<Launcher>,
-    shim_pidfd: crate::process::PidFd,
     command: &Command,
     received: std::time::Instant,
 ) -> ExitRecord {
@@ -333,7 +330,7 @@ async fn stream(
     };
     let finished = finished_of(&record, &driver);
     command.finish(finished.clone());
-    driver.finish(launcher, shim_pidfd);
+    driver.finish(launcher);
     if connected {
         let mut out = Vec::new();
         for f in &mut frames {

@@ -1,8 +1,9 @@
 //! Starting and driving one process of the exec API (a command, or one run of a bash session).
 //!
-//! Every process runs under a shim, like a task: started by the same launcher (a spare shim,
+//! Every process runs under a shim, like a task: started by the same launcher (an idle shim,
 //! one fork+exec on the critical path), placed by the same rules (sidecar mode: inside the main
-//! container), in its own process group, with its tree below the shim. The [`Driver`] turns the
+//! container), in its own process group, with its tree below the shim. Unlike a task's, the
+//! shim is reused: once the tree is gone it goes back to the launcher for the next process. The [`Driver`] turns the
 //! shim's reports into output, pings and the ending, and carries out the deadline (SIGKILL to the
 //! whole tree, as execd) and interrupts (SIGTERM, then SIGKILL after [`INTERRUPT_GRACE`]).
 
@@ -11,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval, sleep_until};
 
 use crate::atomic_file::{self, Durability};
@@ -43,6 +46,8 @@ pub struct Spawn {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub output: OutputMode,
+    /// The process's directory: `run.json` (created off the start's path if missing) and, for
+    /// [`OutputMode::Combined`], the log (the caller creates it first).
     pub dir: PathBuf,
     pub log_limit: u64,
 }
@@ -58,6 +63,10 @@ pub struct Started {
     pub shim_pidfd: PidFd,
     pub tree: Tree,
     pub exit: ExitWatch,
+    /// The shim's spec pipe, to give the shim back once the run is over.
+    next_spec: Option<pipe::Sender>,
+    /// Writing `run.json`, off the start's path.
+    recording: JoinHandle<()>,
 }
 
 /// Resolves placement, user, environment and shell, checks the working directory, and starts.
@@ -149,6 +158,7 @@ pub async fn spawn(
         credentials,
         output: spec.output,
         records: false,
+        reuse: true,
     };
     let dir = shim_spec.task_dir.clone();
     let target = shim_spec.placement.as_ref().map(|p| p.target);
@@ -157,15 +167,20 @@ pub async fn spawn(
         .await
         .map_err(SpawnError::Failed)?;
     // What a restarted sandlet needs to stop what is left of this command (see
-    // `clean_leftovers`), written off the start's path.
+    // `clean_leftovers`), written off the start's path; the ending waits for it (see
+    // [`Driver::next`]), so whoever removes the directory after the ending finds it complete.
     let run = RunRecord {
         shim: launched.shim,
         task: launched.task,
         started_at: launched.started_at,
         target,
     };
-    tokio::task::spawn_blocking(move || {
-        let _ = atomic_file::write_json(&dir.join(RUN_FILE), &run, Durability::Atomic);
+    let recording = tokio::task::spawn_blocking(move || {
+        let written = std::fs::create_dir_all(&dir)
+            .and_then(|()| atomic_file::write_json(&dir.join(RUN_FILE), &run, Durability::Atomic));
+        if let Err(e) = written {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot record a command; a restarted sandlet will not find it");
+        }
     });
     Ok(Started {
         tree: Tree {
@@ -174,6 +189,8 @@ pub async fn spawn(
         },
         shim_pidfd: launched.shim_pidfd,
         exit: launched.exit,
+        next_spec: launched.next_spec,
+        recording,
     })
 }
 
@@ -290,6 +307,11 @@ pub struct Driver {
     /// of `next` wins must not be lost, and a channel receive is cancel-safe where the pipe
     /// read is not. The channel is small, so a slow consumer still holds the shim back.
     events: mpsc::Receiver<ShimEvent>,
+    /// The reader gives the report pipe back once it has read the ending.
+    reader: JoinHandle<ExitWatch>,
+    recording: Option<JoinHandle<()>>,
+    shim_pidfd: PidFd,
+    next_spec: Option<pipe::Sender>,
     tree: Tree,
     deadline: Option<Instant>,
     kill_at: Option<Instant>,
@@ -302,26 +324,29 @@ pub struct Driver {
 
 impl Driver {
     pub fn new(
-        started_exit: ExitWatch,
-        tree: Tree,
+        started: Started,
         timeout: Option<Duration>,
         interrupts: mpsc::UnboundedReceiver<()>,
         pings: bool,
     ) -> Driver {
         let (tx, events) = mpsc::channel(REPORT_BUFFER);
-        let mut exit = started_exit;
-        tokio::spawn(async move {
+        let mut exit = started.exit;
+        let reader = tokio::spawn(async move {
             loop {
                 let event = exit.next().await;
                 let ended = matches!(event, ShimEvent::Ended(_));
                 if tx.send(event).await.is_err() || ended {
-                    break;
+                    return exit;
                 }
             }
         });
         Driver {
             events,
-            tree,
+            reader,
+            recording: Some(started.recording),
+            shim_pidfd: started.shim_pidfd,
+            next_spec: started.next_spec,
+            tree: started.tree,
             deadline: timeout.map(|t| Instant::now() + t),
             kill_at: None,
             interrupts,
@@ -341,7 +366,12 @@ impl Driver {
                 biased;
                 event = self.events.recv() => return match event {
                     Some(ShimEvent::Output(stream, data)) => Driven::Output(stream, data),
-                    Some(ShimEvent::Ended(record)) => Driven::Ended(record),
+                    Some(ShimEvent::Ended(record)) => {
+                        if let Some(recording) = self.recording.take() {
+                            let _ = recording.await;
+                        }
+                        Driven::Ended(record)
+                    }
                     None => unreachable!("the reader sends the ending before it stops"),
                 },
                 _ = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
@@ -369,22 +399,46 @@ impl Driver {
         }
     }
 
-    /// After the ending: reaps the shim once its tree is gone, and keeps killing the tree if a
-    /// deadline or interrupt had started to, so nothing of it is left behind.
-    pub fn finish(self, launcher: Arc<Launcher>, shim_pidfd: PidFd) {
+    /// After the ending: once the tree is gone, gives the shim back to the launcher (or reaps
+    /// it, if it ended), and meanwhile keeps killing the tree if a deadline or interrupt had
+    /// started to, so nothing of it is left behind.
+    pub fn finish(self, launcher: Arc<Launcher>) {
         let killing = self.kill_at.is_some();
-        let tree = self.tree;
+        let Driver {
+            reader,
+            shim_pidfd,
+            next_spec,
+            tree,
+            ..
+        } = self;
         tokio::spawn(async move {
-            let mut sweep = tokio::time::interval(KILL_SWEEP);
-            loop {
-                tokio::select! {
-                    _ = shim_pidfd.exited() => break,
-                    _ = sweep.tick(), if killing => {
-                        tree.signal(Signal::SIGKILL);
+            let reports = reader.await.ok().and_then(ExitWatch::into_reports);
+            // The shim says it is idle when the tree is gone; a one-shot shim exits instead.
+            let idle = {
+                let tree_gone = async {
+                    if let (Some(mut reports), Some(spec)) = (reports, next_spec)
+                        && reports.idle().await
+                    {
+                        return Some((reports, spec));
+                    }
+                    let _ = shim_pidfd.exited().await;
+                    None
+                };
+                tokio::pin!(tree_gone);
+                let mut sweep = tokio::time::interval(KILL_SWEEP);
+                loop {
+                    tokio::select! {
+                        idle = &mut tree_gone => break idle,
+                        _ = sweep.tick(), if killing => {
+                            tree.signal(Signal::SIGKILL);
+                        }
                     }
                 }
+            };
+            match idle {
+                Some((reports, spec)) => launcher.idle(shim_pidfd.pid(), shim_pidfd, spec, reports),
+                None => launcher.reaper().reap_owned(&shim_pidfd),
             }
-            launcher.reaper().reap_owned(&shim_pidfd);
         });
     }
 }

@@ -149,8 +149,6 @@ impl Sessions {
             .data_dir
             .join("sessions")
             .join(format!("{}-{nonce}", session.id));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| SessionError::Failed(format!("cannot create {}: {e}", dir.display())))?;
         let spec = Spawn {
             script,
             cwd: None,
@@ -172,12 +170,11 @@ impl Sessions {
         let (interrupt, interrupts) = mpsc::unbounded_channel();
         *session.lock_current() = Some(interrupt);
         let timeout = timeout.unwrap_or(DEFAULT_RUN_TIMEOUT);
-        let mut driver = Driver::new(started.exit, started.tree, Some(timeout), interrupts, true);
+        let mut driver = Driver::new(started, Some(timeout), interrupts, true);
         let (tx, rx) = mpsc::channel(64);
         let _ = tx.send(Event::init(&session.id).frame()).await;
         let _ = tx.send(Event::ping().frame()).await;
         let launcher = Arc::clone(&self.launcher);
-        let shim_pidfd = started.shim_pidfd;
         tokio::spawn(async move {
             let mut out = Demux::new(marker.as_bytes());
             let mut stderr = LineFrames::new(true);
@@ -199,7 +196,7 @@ impl Sessions {
                 }
             };
             let timed_out = driver.timed_out;
-            driver.finish(launcher, shim_pidfd);
+            driver.finish(launcher);
             *session.lock_current() = None;
             let mut last = Vec::new();
             out.finish(&mut last);

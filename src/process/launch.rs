@@ -1,9 +1,11 @@
 //! sandlet's side of starting a task: hand the task to a shim, wait for its start report, and
 //! return what it takes to watch the task end.
 //!
-//! One shim is kept started ahead of need, already exec'd and waiting for its spec, so a task
-//! start costs one fork+exec (the task's) on the critical path instead of two; the next spare
-//! is started once the task has started.
+//! Shims are kept started ahead of need, already exec'd and waiting for a spec, so a start
+//! costs one fork+exec (the task's) on the critical path instead of two. When the idle ones run
+//! out, the next is started once the task has started. A shim started with
+//! [`ShimSpec::reuse`] (the exec API's commands) comes back idle once its run and its tree are
+//! gone, so a steady stream of commands forks no shims at all.
 
 use std::io;
 use std::os::unix::process::CommandExt;
@@ -25,6 +27,8 @@ use crate::atomic_file;
 const START_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an exit may take to be recorded after the task's process is seen gone.
 const EXIT_RECORD_WAIT: Duration = Duration::from_secs(5);
+/// Idle shims kept at most; more are let go (a burst of commands does not leave a crowd).
+const MAX_IDLE_SHIMS: usize = 4;
 
 pub struct Launched {
     pub shim: ProcessIdentity,
@@ -33,6 +37,8 @@ pub struct Launched {
     pub task: ProcessIdentity,
     pub started_at: DateTime<Utc>,
     pub exit: ExitWatch,
+    /// A reusable shim's spec pipe: with its reports (in `exit`), what [`Launcher::idle`] needs.
+    pub next_spec: Option<pipe::Sender>,
 }
 
 /// A started shim, idle until it is sent a spec.
@@ -59,6 +65,12 @@ pub enum ShimEvent {
 }
 
 impl Reports {
+    /// Waits for a reusable shim to report that its run's tree is gone and it is idle; false
+    /// when the shim ended (or sent anything else) instead.
+    pub async fn idle(&mut self) -> bool {
+        matches!(self.line().await, Ok(Some(line)) if line == "R")
+    }
+
     async fn line(&mut self) -> io::Result<Option<String>> {
         let mut line = String::new();
         if self.0.read_line(&mut line).await? == 0 {
@@ -73,14 +85,14 @@ impl Reports {
 
 pub struct Launcher {
     reaper: Arc<Reaper>,
-    spare: Mutex<Option<Shim>>,
+    idle: Mutex<Vec<Shim>>,
 }
 
 impl Launcher {
     pub fn new(reaper: Arc<Reaper>) -> Arc<Launcher> {
         Arc::new(Launcher {
             reaper,
-            spare: Mutex::new(None),
+            idle: Mutex::new(Vec::new()),
         })
     }
 
@@ -102,13 +114,13 @@ impl Launcher {
         }
         let mut line = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
         line.push(b'\n');
-        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let spare = self.idle_shims().pop();
         let shim = match spare {
             Some(mut shim) => match shim.spec.write_all(&line).await {
                 Ok(()) => shim,
-                // The spare died while idle (killed from outside): use a fresh one.
+                // The shim died while idle (killed from outside): use a fresh one.
                 Err(e) => {
-                    tracing::warn!(pid = shim.pid, error = %e, "spare shim is gone; starting a fresh one");
+                    tracing::warn!(pid = shim.pid, error = %e, "idle shim is gone; starting a fresh one");
                     self.discard(shim).await;
                     self.fresh_shim(&line).await?
                 }
@@ -119,9 +131,11 @@ impl Launcher {
         let started = self.await_start(shim).await;
         // Refill off the critical path: the task has started (or failed) by now. The fork+exec
         // runs on a blocking thread, not on a runtime worker that serves requests.
-        let launcher = Arc::clone(self);
-        tokio::task::spawn_blocking(move || launcher.refill());
-        let (shim_pid, shim_pidfd, reports, (task, shim_ticks, started_at)) = started?;
+        if self.idle_shims().is_empty() {
+            let launcher = Arc::clone(self);
+            tokio::task::spawn_blocking(move || launcher.refill());
+        }
+        let (shim_pid, shim_pidfd, reports, spec_pipe, (task, shim_ticks, started_at)) = started?;
         Ok(Launched {
             shim: ProcessIdentity {
                 pid: shim_pid,
@@ -134,7 +148,34 @@ impl Launcher {
                 reports,
                 dir: task_dir,
             },
+            next_spec: spec.reuse.then_some(spec_pipe),
         })
+    }
+
+    /// Takes back a reusable shim whose run is over: `reports` has just said it is idle.
+    pub fn idle(&self, pid: i32, pidfd: PidFd, spec: pipe::Sender, reports: Reports) {
+        let mut idle = self.idle_shims();
+        if idle.len() < MAX_IDLE_SHIMS {
+            idle.push(Shim {
+                pid,
+                pidfd,
+                spec,
+                reports,
+            });
+            return;
+        }
+        drop(idle);
+        // Its spec pipe closes here: the shim reads the end of it and exits.
+        drop(spec);
+        let reaper = Arc::clone(&self.reaper);
+        tokio::spawn(async move {
+            let _ = pidfd.exited().await;
+            reaper.reap_owned(&pidfd);
+        });
+    }
+
+    fn idle_shims(&self) -> std::sync::MutexGuard<'_, Vec<Shim>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn fresh_shim(&self, spec_line: &[u8]) -> Result<Shim, String> {
@@ -153,10 +194,21 @@ impl Launcher {
     async fn await_start(
         &self,
         mut shim: Shim,
-    ) -> Result<(i32, PidFd, Reports, (ProcessIdentity, u64, DateTime<Utc>)), String> {
+    ) -> Result<
+        (
+            i32,
+            PidFd,
+            Reports,
+            pipe::Sender,
+            (ProcessIdentity, u64, DateTime<Utc>),
+        ),
+        String,
+    > {
         let failure = match tokio::time::timeout(START_REPORT_TIMEOUT, shim.reports.line()).await {
             Ok(Ok(Some(line))) => match parse_start(&line) {
-                Ok(started) => return Ok((shim.pid, shim.pidfd, shim.reports, started)),
+                Ok(started) => {
+                    return Ok((shim.pid, shim.pidfd, shim.reports, shim.spec, started));
+                }
                 Err(message) => message,
             },
             Err(_) => "the task's shim did not report within 10 s".into(),
@@ -174,13 +226,11 @@ impl Launcher {
     }
 
     fn refill(&self) {
-        let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
-        if spare.is_none() {
-            match self.start_shim() {
-                Ok(shim) => *spare = Some(shim),
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not start a spare shim; the next task starts one itself")
-                }
+        // Started outside the lock: a launch never waits for this fork+exec.
+        match self.start_shim() {
+            Ok(shim) => self.idle_shims().push(shim),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not start a spare shim; the next task starts one itself")
             }
         }
     }
@@ -254,6 +304,14 @@ pub enum ExitWatch {
 }
 
 impl ExitWatch {
+    /// The shim's report pipe, once the ending has been read from it.
+    pub fn into_reports(self) -> Option<Reports> {
+        match self {
+            ExitWatch::Report { reports, .. } => Some(reports),
+            _ => None,
+        }
+    }
+
     /// The next output frame or the ending; output is only reported in stream mode.
     pub async fn next(&mut self) -> ShimEvent {
         match self {

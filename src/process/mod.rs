@@ -13,6 +13,7 @@ mod output;
 mod pidfd;
 mod reaper;
 pub mod shim;
+mod spawn;
 mod tree;
 
 use chrono::{DateTime, Utc};

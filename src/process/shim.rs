@@ -10,12 +10,15 @@
 //!    (for at most [`DRAIN_GRACE`] once reaped, so a grandchild holding a pipe cannot hold back
 //!    the exit);
 //! 5. writes `exit.json` durably, then reports `X <the same record as JSON>`;
-//! 6. keeps reaping (and logging) what is left of the tree until it has no children, then exits.
+//! 6. keeps reaping (and logging) what is left of the tree until it has no children, then exits
+//!    or, with [`ShimSpec::reuse`], restores its signal state, reports `R` and waits for the
+//!    next spec (the exec API's commands: no fork+exec of a shim per command).
 //!
-//! A start failure writes `exit.json` and reports `E <message>`. End of input before a spec
-//! (sandlet went away) ends an idle shim quietly. The shim ignores the usual termination
+//! A start failure writes `exit.json` (with [`ShimSpec::records`]) and reports `E <message>`.
+//! End of input before a spec (sandlet went away) ends an idle shim quietly. The shim ignores the usual termination
 //! signals: sandlet stops the tree below it, and the shim must outlive that to record the result.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, BufRead, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -78,6 +81,9 @@ pub struct ShimSpec {
     /// alone, and sandlet writes their `run.json` itself, off the start's path.
     #[serde(default = "durable")]
     pub records: bool,
+    /// Serve another spec once this run and its whole tree are gone (see the module docs).
+    #[serde(default)]
+    pub reuse: bool,
 }
 
 fn durable() -> bool {
@@ -108,39 +114,56 @@ pub fn run() -> i32 {
     let mut report =
         std::mem::ManuallyDrop::new(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(1) });
     let report = &mut *report;
-    // Done while the shim waits as a spare, off the task's start: the task inherits the shim's
-    // signal state, so the shim starts clean (sandlet's environment may have ignored some
-    // signals) and blocks what it handles only once the task is started, which lets the task
-    // be spawned with posix_spawn, without a fork-time hook.
-    if let Err(e) = nix::sys::prctl::set_child_subreaper(true)
+    // Done while the shim waits as a spare, off the task's start: the shim is a subreaper and
+    // knows its own identity; and as the task inherits the shim's signal state, the shim starts
+    // clean (sandlet's environment may have ignored some signals) and blocks what it handles
+    // only once the task is started, which lets the task be spawned with posix_spawn, without
+    // a fork-time hook.
+    let prepared = nix::sys::prctl::set_child_subreaper(true)
         .map_err(io::Error::from)
-        .and_then(|()| reset_signals())
-    {
-        let _ = report.write_all(format!("E shim could not prepare: {e}\n").as_bytes());
-        return 1;
-    }
-    let mut line = String::new();
-    match std::io::stdin().lock().read_line(&mut line) {
-        Ok(0) => return 0, // sandlet went away before this shim was needed
-        Ok(_) => {}
+        .and_then(|()| ProcessIdentity::of(std::process::id() as i32));
+    let myself = match prepared {
+        Ok(myself) => myself,
         Err(e) => {
-            let _ = report.write_all(format!("E shim could not read its spec: {e}\n").as_bytes());
+            let _ = report.write_all(format!("E shim could not prepare: {e}\n").as_bytes());
             return 1;
         }
-    }
-    let result = serde_json::from_str::<ShimSpec>(&line)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-        .and_then(|spec| supervise(&spec, &mut *report));
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
+    };
+    let mut stdin = std::io::stdin().lock();
+    loop {
+        if let Err(e) = reset_signals() {
+            let _ = report.write_all(format!("E shim could not prepare: {e}\n").as_bytes());
+            return 1;
+        }
+        let mut line = String::new();
+        match stdin.read_line(&mut line) {
+            Ok(0) => return 0, // sandlet went away, or has no more work for this shim
+            Ok(_) => {}
+            Err(e) => {
+                let _ =
+                    report.write_all(format!("E shim could not read its spec: {e}\n").as_bytes());
+                return 1;
+            }
+        }
+        let spec = match serde_json::from_str::<ShimSpec>(&line) {
+            Ok(spec) => spec,
+            Err(e) => {
+                let _ =
+                    report.write_all(format!("E shim got an unreadable spec: {e}\n").as_bytes());
+                return 1;
+            }
+        };
+        if let Err(e) = supervise(&spec, myself, &mut *report) {
             let _ = report.write_all(format!("E shim failed: {e}\n").as_bytes());
-            1
+            return 1;
+        }
+        if !spec.reuse || report.write_all(b"R\n").is_err() {
+            return 0;
         }
     }
 }
 
-fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
+fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) -> io::Result<()> {
     let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
     super::grow_pipe(&out_w);
     let (err_r, err_w) = match spec.output {
@@ -151,17 +174,7 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
             (Some(r), w)
         }
     };
-    let mut command = Command::new(&spec.program);
-    if spec.clear_env {
-        command.env_clear();
-    }
-    command
-        .args(&spec.args)
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(blocking(out_w)?)
-        .stderr(blocking(err_w)?);
+    let (out_w, err_w) = (blocking(out_w)?, blocking(err_w)?);
     let spawned = match ChildSetup::prepare(
         spec.placement.as_ref(),
         spec.credentials.as_ref(),
@@ -169,15 +182,43 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
     ) {
         Err(message) => Err(message),
         Ok(setup) if setup.is_empty() => {
-            if let Some(dir) = &spec.working_dir {
-                command.current_dir(dir);
+            let mut env: Vec<(OsString, OsString)> = if spec.clear_env {
+                Vec::new()
+            } else {
+                std::env::vars_os().collect()
+            };
+            for (k, v) in &spec.env {
+                env.retain(|(existing, _)| existing.as_os_str() != k.as_str());
+                env.push((k.into(), v.into()));
             }
-            command.spawn().map_err(|e| e.to_string())
+            super::spawn::spawn(&super::spawn::Program {
+                program: &spec.program,
+                args: &spec.args,
+                env: &env,
+                working_dir: spec.working_dir.as_deref(),
+                stdout: out_w.as_fd(),
+                stderr: err_w.as_fd(),
+            })
+            .map_err(|e| e.to_string())
         }
-        Ok(setup) => spawn_with(&mut command, setup, spec.working_dir.as_deref()),
+        Ok(setup) => {
+            let mut command = Command::new(&spec.program);
+            if spec.clear_env {
+                command.env_clear();
+            }
+            command
+                .args(&spec.args)
+                .envs(spec.env.iter().map(|(k, v)| (k, v)))
+                .process_group(0)
+                .stdin(Stdio::null())
+                .stdout(out_w.try_clone()?)
+                .stderr(err_w.try_clone()?);
+            spawn_with(&mut command, setup, spec.working_dir.as_deref())
+                .map(|child| child.id() as i32)
+        }
     };
     // Our copies of the write ends must go, or the pipes never reach EOF.
-    drop(command);
+    drop((out_w, err_w));
     let mut handled = SigSet::empty();
     for sig in [
         Signal::SIGCHLD,
@@ -195,8 +236,8 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
     // loop below reaps before it first waits.
     handled.thread_block()?;
     let signals = SignalFd::with_flags(&handled, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
-    let child = match spawned {
-        Ok(child) => child,
+    let task_pid = match spawned {
+        Ok(pid) => pid,
         Err(e) => {
             let message = format!("cannot start {:?}: {e}", spec.program);
             let record = ExitRecord {
@@ -205,19 +246,22 @@ fn supervise(spec: &ShimSpec, report: &mut impl Write) -> io::Result<()> {
                     message: message.clone(),
                 },
             };
-            atomic_file::write_json(&spec.task_dir.join(EXIT_FILE), &record, Durability::Durable)?;
+            if spec.records {
+                atomic_file::write_json(
+                    &spec.task_dir.join(EXIT_FILE),
+                    &record,
+                    Durability::Durable,
+                )?;
+            }
             report.write_all(format!("E {message}\n").as_bytes())?;
             report.flush()?;
             return Ok(());
         }
     };
-    let task_pid = child.id() as i32;
     let started_at = Utc::now();
-    let identities = ProcessIdentity::of(std::process::id() as i32)
-        .and_then(|shim| Ok((shim, ProcessIdentity::of(task_pid)?)));
-    let run = match identities {
-        Ok((shim, task)) => RunRecord {
-            shim,
+    let run = match ProcessIdentity::of(task_pid) {
+        Ok(task) => RunRecord {
+            shim: myself,
             task,
             started_at,
             target: spec.placement.as_ref().map(|p| p.target),
@@ -459,12 +503,42 @@ fn spawn_with(
 }
 
 /// No blocked signals and every disposition at its default, whatever sandlet's own
-/// environment ignored (a `nohup`ed SIGHUP, say).
+/// environment ignored (a `nohup`ed SIGHUP, say). The real-time signals are included, and with
+/// a raw syscall: libc's own (32 and 33 for glibc) cannot be set through `sigaction`, and a
+/// process started by glibc's `posix_spawn` gets them ignored, which its exec'd programs would
+/// inherit (a musl program's timers and cancellation use them).
 fn reset_signals() -> io::Result<()> {
     SigSet::empty().thread_set_mask()?;
-    for signal in Signal::iterator().filter(|s| !matches!(s, Signal::SIGKILL | Signal::SIGSTOP)) {
-        // SAFETY: installing SIG_DFL runs no handler code.
-        unsafe { nix::sys::signal::signal(signal, nix::sys::signal::SigHandler::SigDfl) }?;
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: u64,
+        restorer: usize,
+        mask: u64,
+    }
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for signal in 1..=libc::SIGRTMAX() {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installs SIG_DFL (no handler code) from a struct in the kernel's layout.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                &default as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(())
 }
@@ -497,6 +571,7 @@ mod tests {
             credentials: None,
             output: OutputMode::Logs,
             records: true,
+            reuse: false,
         };
         let line = serde_json::to_string(&spec).unwrap();
         assert!(!line.contains('\n'));

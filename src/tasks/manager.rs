@@ -339,6 +339,7 @@ impl TaskManager {
                     credentials: place.credentials,
                     output: OutputMode::Logs,
                     records: true,
+                    reuse: false,
                 };
                 let incarnation = spec.placement.as_ref().map(|p| p.target);
                 self.0
