@@ -118,6 +118,19 @@ fn the_end_is_sent_when_the_command_exits_not_when_a_grandchild_lets_go_of_the_p
         "it is not killed either: only timeouts and interrupts kill"
     );
     unsafe { kill(grandchild, 9) };
+
+    // A leftover that writes after the end (more than a pipe holds) is neither blocked nor
+    // killed by SIGPIPE: its output is dropped.
+    let marker = dir.path().join("written");
+    let events = run(
+        &s,
+        json!({"command": format!(
+            "(sleep 0.3; head -c 4000000 /dev/zero; echo ok > {}) & echo started",
+            marker.display()
+        )}),
+    );
+    assert_eq!(texts(&events, "stdout"), ["started"]);
+    wait_until("the leftover finishes writing", || marker.exists());
 }
 
 #[test]

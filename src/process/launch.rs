@@ -7,19 +7,25 @@
 //! [`ShimSpec::reuse`] (the exec API's commands) comes back idle once its run and its tree are
 //! gone, so a steady stream of commands forks no shims at all.
 
+use std::collections::VecDeque;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use nix::fcntl::OFlag;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::UnixStream;
 use tokio::net::unix::pipe;
+use tokio::time::Instant;
 
-use super::shim::{ROLE, ShimSpec};
+use super::shim::{DRAIN_GRACE, ROLE, ShimSpec};
 use super::{EXIT_FILE, ExitRecord, Outcome, PidFd, ProcessIdentity, Reaper};
 use crate::atomic_file;
 
@@ -49,13 +55,18 @@ struct Shim {
     reports: Reports,
 }
 
-/// A shim's report pipe: lines (`S`, `E`, `X`), and with [`super::shim::OutputMode::Stream`]
-/// output frames (`O<stream> <len>`, then the bytes).
-pub struct Reports(BufReader<pipe::Receiver>);
+/// A shim's report socket: lines (`S`, `E`, `X`, `R`). The start report of a
+/// [`super::shim::OutputMode::Stream`] run carries the read ends of the task's stdout and stderr
+/// pipes (`SCM_RIGHTS`), kept here until taken.
+pub struct Reports {
+    socket: UnixStream,
+    /// Received, not yet returned as a line: kept across calls, so reading is cancel-safe.
+    pending: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
 
-/// Upper bound of one output frame, far above the shim's read buffer: anything larger is a
-/// corrupt stream.
-const MAX_FRAME: usize = 1 << 20;
+/// Bytes read from a streamed task's pipe at a time (a pipe holds up to 1 MiB).
+const READ_CHUNK: usize = 128 << 10;
 
 /// What a shim reports after the start.
 pub enum ShimEvent {
@@ -71,28 +82,86 @@ impl Reports {
         matches!(self.line().await, Ok(Some(line)) if line == "R")
     }
 
+    fn new(socket: UnixStream) -> Reports {
+        Reports {
+            socket,
+            pending: Vec::new(),
+            fds: Vec::new(),
+        }
+    }
+
+    /// The next line, or `None` at the end. Cancel-safe: what was received stays in `pending`.
     async fn line(&mut self) -> io::Result<Option<String>> {
-        let mut line = String::new();
-        if self.0.read_line(&mut line).await? == 0 {
-            return Ok(None);
+        loop {
+            if let Some(end) = memchr::memchr(b'\n', &self.pending) {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                return Ok(Some(String::from_utf8_lossy(&line[..end]).into_owned()));
+            }
+            if self.receive().await? == 0 {
+                return Ok(None);
+            }
         }
-        if line.ends_with('\n') {
-            line.pop();
+    }
+
+    /// One `recvmsg`: bytes into `pending`, passed descriptors into `fds`.
+    async fn receive(&mut self) -> io::Result<usize> {
+        let fd = self.socket.as_raw_fd();
+        loop {
+            self.socket.readable().await?;
+            let mut chunk = [0u8; 4096];
+            let received = self.socket.try_io(Interest::READABLE, || {
+                let mut cmsg = nix::cmsg_space!([RawFd; 2]);
+                let mut iov = [io::IoSliceMut::new(&mut chunk)];
+                let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
+                let mut fds = Vec::new();
+                for c in msg.cmsgs()? {
+                    if let ControlMessageOwned::ScmRights(passed) = c {
+                        fds.extend(passed);
+                    }
+                }
+                Ok((msg.bytes, fds))
+            });
+            match received {
+                Ok((n, fds)) => {
+                    // SAFETY: descriptors just received are ours alone.
+                    self.fds.extend(
+                        fds.into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                    self.pending.extend_from_slice(&chunk[..n]);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
         }
-        Ok(Some(line))
+    }
+
+    /// The pipes passed with the start report, as streams 1 (stdout) and 2 (stderr).
+    fn take_outputs(&mut self) -> io::Result<Vec<Output>> {
+        std::mem::take(&mut self.fds)
+            .into_iter()
+            .zip(1u8..)
+            .map(|(fd, stream)| Ok((stream, pipe::Receiver::from_owned_fd(fd)?)))
+            .collect()
     }
 }
 
+/// A streamed task's pipe and its stream number.
+type Output = (u8, pipe::Receiver);
+
 pub struct Launcher {
     reaper: Arc<Reaper>,
-    idle: Mutex<Vec<Shim>>,
+    /// Taken from the front, returned to the back: every idle shim gets work in turn, so one
+    /// that died while idle is found out soon.
+    idle: Mutex<VecDeque<Shim>>,
 }
 
 impl Launcher {
     pub fn new(reaper: Arc<Reaper>) -> Arc<Launcher> {
         Arc::new(Launcher {
             reaper,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -114,28 +183,47 @@ impl Launcher {
         }
         let mut line = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
         line.push(b'\n');
-        let spare = self.idle_shims().pop();
-        let shim = match spare {
+        let spare = self.idle_shims().pop_front();
+        let (shim, was_idle) = match spare {
             Some(mut shim) => match shim.spec.write_all(&line).await {
-                Ok(()) => shim,
+                Ok(()) => (shim, true),
                 // The shim died while idle (killed from outside): use a fresh one.
                 Err(e) => {
                     tracing::warn!(pid = shim.pid, error = %e, "idle shim is gone; starting a fresh one");
                     self.discard(shim).await;
-                    self.fresh_shim(&line).await?
+                    (self.fresh_shim(&line).await?, false)
                 }
             },
-            None => self.fresh_shim(&line).await?,
+            None => (self.fresh_shim(&line).await?, false),
         };
         let task_dir = spec.task_dir.clone();
-        let started = self.await_start(shim).await;
+        let mut started = self.await_start(shim).await;
+        if was_idle && matches!(started, Err(StartFailure::NeverRead)) {
+            // An idle shim that died before it read its spec started nothing: a fresh one can.
+            tracing::warn!("idle shim died before it started anything; starting a fresh one");
+            started = self.await_start(self.fresh_shim(&line).await?).await;
+        }
+        let started = started.map_err(|e| e.to_string());
         // Refill off the critical path: the task has started (or failed) by now. The fork+exec
         // runs on a blocking thread, not on a runtime worker that serves requests.
         if self.idle_shims().is_empty() {
             let launcher = Arc::clone(self);
             tokio::task::spawn_blocking(move || launcher.refill());
         }
-        let (shim_pid, shim_pidfd, reports, spec_pipe, (task, shim_ticks, started_at)) = started?;
+        let (shim_pid, shim_pidfd, mut reports, spec_pipe, (task, shim_ticks, started_at)) =
+            started?;
+        let outputs = match reports.take_outputs() {
+            Ok(outputs) => outputs,
+            Err(e) => {
+                // The task runs, but its output could not be read: it must not run unseen.
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(task.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                tracing::warn!(pid = task.pid, error = %e, "cannot read the task's output; killed it");
+                Vec::new()
+            }
+        };
         Ok(Launched {
             shim: ProcessIdentity {
                 pid: shim_pid,
@@ -147,6 +235,10 @@ impl Launcher {
             exit: ExitWatch::Report {
                 reports,
                 dir: task_dir,
+                outputs,
+                buffer: Vec::new(),
+                turn: 0,
+                ending: None,
             },
             next_spec: spec.reuse.then_some(spec_pipe),
         })
@@ -156,7 +248,7 @@ impl Launcher {
     pub fn idle(&self, pid: i32, pidfd: PidFd, spec: pipe::Sender, reports: Reports) {
         let mut idle = self.idle_shims();
         if idle.len() < MAX_IDLE_SHIMS {
-            idle.push(Shim {
+            idle.push_back(Shim {
                 pid,
                 pidfd,
                 spec,
@@ -174,7 +266,7 @@ impl Launcher {
         });
     }
 
-    fn idle_shims(&self) -> std::sync::MutexGuard<'_, Vec<Shim>> {
+    fn idle_shims(&self) -> std::sync::MutexGuard<'_, VecDeque<Shim>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -202,18 +294,20 @@ impl Launcher {
             pipe::Sender,
             (ProcessIdentity, u64, DateTime<Utc>),
         ),
-        String,
+        StartFailure,
     > {
         let failure = match tokio::time::timeout(START_REPORT_TIMEOUT, shim.reports.line()).await {
             Ok(Ok(Some(line))) => match parse_start(&line) {
                 Ok(started) => {
                     return Ok((shim.pid, shim.pidfd, shim.reports, shim.spec, started));
                 }
-                Err(message) => message,
+                Err(message) => StartFailure::Failed(message),
             },
-            Err(_) => "the task's shim did not report within 10 s".into(),
-            Ok(Err(e)) => format!("the task's shim could not be read: {e}"),
-            Ok(Ok(None)) => "the task's shim exited without a report".into(),
+            Err(_) => StartFailure::Failed("the task's shim did not report within 10 s".into()),
+            Ok(Err(e)) => StartFailure::Failed(format!("the task's shim could not be read: {e}")),
+            // Whether it died before reading the spec, the pipe tells: unread bytes stay in it.
+            Ok(Ok(None)) if unread(&shim.spec) > 0 => StartFailure::NeverRead,
+            Ok(Ok(None)) => StartFailure::Failed("the task's shim exited without a report".into()),
         };
         self.discard(shim).await;
         Err(failure)
@@ -228,7 +322,7 @@ impl Launcher {
     fn refill(&self) {
         // Started outside the lock: a launch never waits for this fork+exec.
         match self.start_shim() {
-            Ok(shim) => self.idle_shims().push(shim),
+            Ok(shim) => self.idle_shims().push_back(shim),
             Err(e) => {
                 tracing::warn!(error = %e, "could not start a spare shim; the next task starts one itself")
             }
@@ -237,8 +331,8 @@ impl Launcher {
 
     fn start_shim(&self) -> io::Result<Shim> {
         let (spec_r, spec_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-        let (report_r, report_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-        super::grow_pipe(&report_w);
+        let (report_r, report_w) = std::os::unix::net::UnixStream::pair()?;
+        report_r.set_nonblocking(true)?;
         let mut command = Command::new("/proc/self/exe");
         command
             .arg0(super::SHIM_ARGV0)
@@ -246,7 +340,7 @@ impl Launcher {
             // Its own group: signals meant for sandlet's group (a terminal's Ctrl-C) skip the shims.
             .process_group(0)
             .stdin(Stdio::from(spec_r))
-            .stdout(Stdio::from(report_w))
+            .stdout(Stdio::from(OwnedFd::from(report_w)))
             .stderr(Stdio::null());
         let spawned = self.reaper.spawn_owned(|| command.spawn());
         // Our copies of the shim's ends go now, so EOF on either pipe means the other side is gone.
@@ -256,12 +350,35 @@ impl Launcher {
             pid: child.id() as i32,
             pidfd,
             spec: pipe::Sender::from_owned_fd(spec_w)?,
-            reports: Reports(BufReader::with_capacity(
-                256 << 10,
-                pipe::Receiver::from_owned_fd(report_r)?,
-            )),
+            reports: Reports::new(UnixStream::from_std(report_r)?),
         })
     }
+}
+
+/// Why a shim did not report a start.
+enum StartFailure {
+    /// It ended before it read its spec: it started nothing.
+    NeverRead,
+    Failed(String),
+}
+
+impl std::fmt::Display for StartFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartFailure::NeverRead => {
+                f.write_str("the task's shim exited before it read the task")
+            }
+            StartFailure::Failed(message) => f.write_str(message),
+        }
+    }
+}
+
+/// Bytes written to a pipe and not read yet.
+fn unread(pipe: &pipe::Sender) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int; a pipe answers it on either end.
+    let rc = unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc == 0 { n.max(0) as usize } else { 0 }
 }
 
 fn parse_start(line: &str) -> Result<(ProcessIdentity, u64, DateTime<Utc>), String> {
@@ -291,8 +408,18 @@ fn parse_start(line: &str) -> Result<(ProcessIdentity, u64, DateTime<Utc>), Stri
 
 /// Learns how a task ended.
 pub enum ExitWatch {
-    /// A task this sandlet started: the shim reports on its pipe.
-    Report { reports: Reports, dir: PathBuf },
+    /// A task this sandlet started: the shim reports on its socket; a streamed task's output is
+    /// read here, from its pipes.
+    Report {
+        reports: Reports,
+        dir: PathBuf,
+        outputs: Vec<Output>,
+        buffer: Vec<u8>,
+        /// Which output is read first next time, so neither starves the other.
+        turn: usize,
+        /// The exit, once reported, and until when the pipes may still be drained.
+        ending: Option<(ExitRecord, Instant)>,
+    },
     /// A task re-adopted after a restart: watched through its pidfd, read from the exit file.
     Adopted {
         task: PidFd,
@@ -304,7 +431,7 @@ pub enum ExitWatch {
 }
 
 impl ExitWatch {
-    /// The shim's report pipe, once the ending has been read from it.
+    /// The shim's report socket, once the ending has been read from it.
     pub fn into_reports(self) -> Option<Reports> {
         match self {
             ExitWatch::Report { reports, .. } => Some(reports),
@@ -312,36 +439,58 @@ impl ExitWatch {
         }
     }
 
-    /// The next output frame or the ending; output is only reported in stream mode.
+    /// The next output (streamed tasks only) or the ending. The ending comes once the pipes
+    /// are at EOF, or [`DRAIN_GRACE`] after the exit when a leftover of the tree holds them
+    /// open: it follows the exit, not the pipes.
     pub async fn next(&mut self) -> ShimEvent {
         match self {
-            ExitWatch::Report { reports, dir } => {
-                // "O<n> <len>" + bytes, or "X <record>"; anything else (EOF: the shim died)
-                // falls back to the exit file.
-                if let Ok(Some(line)) = reports.line().await {
-                    if let Some(frame) = line.strip_prefix('O')
-                        && let Some((stream, len)) = frame.split_once(' ')
-                        && let (Ok(stream), Ok(len)) = (stream.parse::<u8>(), len.parse::<usize>())
-                        && len <= MAX_FRAME
-                    {
-                        let mut data = vec![0; len];
-                        if reports.0.read_exact(&mut data).await.is_ok() {
+            ExitWatch::Report {
+                reports,
+                dir,
+                outputs,
+                buffer,
+                turn,
+                ending,
+            } => loop {
+                if let Some((_, drain_until)) = ending
+                    && (outputs.is_empty() || Instant::now() >= *drain_until)
+                {
+                    let leftovers = std::mem::take(outputs);
+                    if !leftovers.is_empty() {
+                        // What is left of the tree may write on: its output is dropped, never
+                        // left to fill the pipe and block it (nor to kill it with SIGPIPE).
+                        tokio::spawn(discard(leftovers));
+                    }
+                    let (record, _) = ending.take().expect("checked");
+                    return ShimEvent::Ended(record);
+                }
+                let drain_until = ending.as_ref().map(|(_, until)| *until);
+                tokio::select! {
+                    biased;
+                    read = read_some(outputs, buffer, turn), if !outputs.is_empty() => {
+                        if let Some((stream, data)) = read {
                             return ShimEvent::Output(stream, data);
                         }
-                    } else if let Some(record) = line
-                        .strip_prefix("X ")
-                        .and_then(|r| serde_json::from_str(r).ok())
-                    {
-                        return ShimEvent::Ended(record);
                     }
+                    line = reports.line(), if ending.is_none() => {
+                        // "X <record>"; anything else (EOF: the shim died) falls back to the
+                        // exit file.
+                        let record = line
+                            .ok()
+                            .flatten()
+                            .and_then(|l| serde_json::from_str(l.strip_prefix("X ")?).ok())
+                            .or_else(|| read_exit_record(dir))
+                            .unwrap_or_else(|| {
+                                lost(
+                                    "ShimLost",
+                                    "the task's shim ended before it recorded the exit status; the process may have been killed along with it",
+                                )
+                            });
+                        *ending = Some((record, Instant::now() + DRAIN_GRACE));
+                    }
+                    _ = tokio::time::sleep_until(drain_until.unwrap_or_else(Instant::now)), if drain_until.is_some() => {}
                 }
-                ShimEvent::Ended(read_exit_record(dir).unwrap_or_else(|| {
-                    lost(
-                        "ShimLost",
-                        "the task's shim ended before it recorded the exit status; the process may have been killed along with it",
-                    )
-                }))
-            }
+            },
             ExitWatch::Adopted { .. } => {
                 let ExitWatch::Adopted { task, shim, dir } =
                     std::mem::replace(self, ExitWatch::Done)
@@ -360,6 +509,62 @@ impl ExitWatch {
                 return record;
             }
         }
+    }
+}
+
+/// Reads what one of `outputs` holds, starting with the one whose turn it is; `None` when a
+/// pipe reached its end (it is dropped from `outputs`). Cancel-safe: a read either happens and
+/// is returned, or does not happen.
+async fn read_some(
+    outputs: &mut Vec<Output>,
+    buffer: &mut Vec<u8>,
+    turn: &mut usize,
+) -> Option<(u8, Vec<u8>)> {
+    if buffer.is_empty() {
+        buffer.resize(READ_CHUNK, 0);
+    }
+    std::future::poll_fn(|cx| {
+        for i in 0..outputs.len() {
+            let at = (*turn + i) % outputs.len();
+            let (stream, pipe) = &outputs[at];
+            loop {
+                match pipe.poll_read_ready(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Ok(())) => match pipe.try_read(buffer) {
+                        Ok(0) => {
+                            outputs.remove(at);
+                            return Poll::Ready(None);
+                        }
+                        Ok(n) => {
+                            *turn = at + 1;
+                            return Poll::Ready(Some((*stream, buffer[..n].to_vec())));
+                        }
+                        // Stale readiness, now cleared: poll again to be woken.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(_) => {
+                            outputs.remove(at);
+                            return Poll::Ready(None);
+                        }
+                    },
+                    Poll::Ready(Err(_)) => {
+                        outputs.remove(at);
+                        return Poll::Ready(None);
+                    }
+                }
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Reads and drops what leftovers of a tree still write, until the pipes' ends.
+async fn discard(outputs: Vec<Output>) {
+    for (_, mut pipe) in outputs {
+        tokio::spawn(async move {
+            let mut buffer = vec![0; 16 << 10];
+            while matches!(pipe.read(&mut buffer).await, Ok(n) if n > 0) {}
+        });
     }
 }
 

@@ -1,11 +1,13 @@
 //! The shim role: `sandlet shim`, one per task.
 //!
 //! sandlet starts shims ahead of need (see `launch.rs`): a shim waits for its task's
-//! [`ShimSpec`] as one JSON line on its standard input and reports on its standard output.
-//! Given the spec, the shim
+//! [`ShimSpec`] as one JSON line on its standard input and reports on its standard output, a
+//! unix socket. Given the spec, the shim
 //! 1. is a child subreaper, so the task's whole tree stays below it;
 //! 2. starts the task in its own process group, stdout and stderr on pipes;
 //! 3. reports `S <pid> <start_ticks> <shim_start_ticks> <unix_nanos>`, then writes `run.json`;
+//!    with [`OutputMode::Stream`] the pipes' read ends go to sandlet with that report
+//!    (`SCM_RIGHTS`) and the shim keeps none;
 //! 4. copies output into bounded log segments until the task is reaped and its pipes are drained
 //!    (for at most [`DRAIN_GRACE`] once reaped, so a grandchild holding a pipe cannot hold back
 //!    the exit);
@@ -15,13 +17,14 @@
 //!    next spec (the exec API's commands: no fork+exec of a shim per command).
 //!
 //! A start failure writes `exit.json` (with [`ShimSpec::records`]) and reports `E <message>`.
-//! End of input before a spec (sandlet went away) ends an idle shim quietly. The shim ignores the usual termination
-//! signals: sandlet stops the tree below it, and the shim must outlive that to record the result.
+//! End of input before a spec (sandlet went away) ends an idle shim quietly. The shim ignores
+//! the usual termination signals while it supervises: sandlet stops the tree below it, and the
+//! shim must outlive that to record the result.
 
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, BufRead, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -100,17 +103,15 @@ pub enum OutputMode {
     /// stdout and stderr share one pipe, logged as one `output` stream in write order
     /// (background commands).
     Combined,
-    /// Forwarded to sandlet on the report pipe as `O<1|2> <len>` frames (foreground commands).
-    /// The shim blocks while sandlet does not read, so a slow client slows the process down
-    /// instead of losing output.
+    /// Read by sandlet itself from the pipes, whose read ends it gets with the start report
+    /// (foreground commands): a slow client slows the process down instead of losing output.
     Stream,
 }
 
 /// Runs the shim; returns the process exit code.
 pub fn run() -> i32 {
-    // Unbuffered: every report is one write, flushed as it is made (std's stdout would split
-    // output frames at newlines).
-    // SAFETY: fd 1 is the report pipe for the shim's whole life; ManuallyDrop never closes it.
+    // Unbuffered: every report is one write, flushed as it is made.
+    // SAFETY: fd 1 is the report socket for the shim's whole life; ManuallyDrop never closes it.
     let mut report =
         std::mem::ManuallyDrop::new(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(1) });
     let report = &mut *report;
@@ -280,8 +281,19 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
         run.shim.start_ticks,
         started_at.timestamp_nanos_opt().unwrap_or(0)
     );
-    report.write_all(started.as_bytes())?;
-    report.flush()?;
+    let outputs_read_by_sandlet = spec.output == OutputMode::Stream;
+    if outputs_read_by_sandlet {
+        // The read ends travel with the start report: sandlet reads the task's output straight
+        // from its pipes, and the shim, holding no read end, cannot hold the pipes open.
+        let ends = [
+            out_r.as_raw_fd(),
+            err_r.as_ref().map_or(-1, |r| r.as_raw_fd()),
+        ];
+        send_with_fds(started.as_bytes(), &ends)?;
+    } else {
+        report.write_all(started.as_bytes())?;
+        report.flush()?;
+    }
     // From here on the task runs, and nothing may stop the shim from supervising it: a write
     // that fails (a full disk) costs that file, never the task or its exit status.
     // After the report, off sandlet's start path; only the shim writes it, so a restarted
@@ -290,24 +302,24 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
         let _ = atomic_file::write_json(&spec.task_dir.join(RUN_FILE), &run, Durability::Atomic);
     }
 
-    let sink = |stream: &'static str, frame: u8| match spec.output {
-        OutputMode::Stream => Sink::Report(frame),
-        _ => SegmentWriter::create(&spec.task_dir, stream, spec.log_limit)
-            .map_or(Sink::Nowhere, Sink::Log),
+    let sink = |stream: &'static str| {
+        SegmentWriter::create(&spec.task_dir, stream, spec.log_limit)
+            .map_or(Sink::Nowhere, Sink::Log)
     };
-    let mut outputs = vec![Output::new(
-        out_r,
-        sink(
-            if spec.output == OutputMode::Combined {
-                COMBINED_LOG
-            } else {
-                "stdout"
-            },
-            b'1',
-        ),
-    )];
-    if let Some(err_r) = err_r {
-        outputs.push(Output::new(err_r, sink("stderr", b'2')));
+    let mut outputs = Vec::new();
+    if !outputs_read_by_sandlet {
+        let stdout = if spec.output == OutputMode::Combined {
+            COMBINED_LOG
+        } else {
+            "stdout"
+        };
+        outputs.push(Output::new(out_r, sink(stdout)));
+        if let Some(err_r) = err_r {
+            outputs.push(Output::new(err_r, sink("stderr")));
+        }
+    } else {
+        // sandlet has its own copies now.
+        drop((out_r, err_r));
     }
     let mut ended: Option<(ExitRecord, Instant)> = None;
     let mut reported = false;
@@ -332,13 +344,6 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
                 .write_all(line.as_bytes())
                 .and_then(|()| report.flush());
             reported = true;
-            // sandlet reads no more frames after the exit: what leftovers of the tree still
-            // write is drained and dropped rather than left to block the shim.
-            for output in &mut outputs {
-                if matches!(output.sink, Sink::Report(_)) {
-                    output.sink = Sink::Nowhere;
-                }
-            }
         }
         if reported && no_children {
             break;
@@ -367,11 +372,11 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
         drop(fds);
         while let Ok(Some(_)) = signals.read_signal() {}
         for &i in &open {
-            outputs[i].copy(&mut buf, report);
+            outputs[i].copy(&mut buf);
         }
     }
     for output in &mut outputs {
-        output.copy(&mut buf, report);
+        output.copy(&mut buf);
     }
     Ok(())
 }
@@ -382,8 +387,6 @@ pub const COMBINED_LOG: &str = "output";
 /// Where one output stream goes.
 enum Sink {
     Log(SegmentWriter),
-    /// Frames on the report pipe, tagged with this stream number.
-    Report(u8),
     /// A log that could not be created or written any more (a full disk).
     Nowhere,
 }
@@ -404,7 +407,7 @@ impl Output {
     }
 
     /// Copies what the pipe holds now; closes it at EOF.
-    fn copy(&mut self, buf: &mut [u8], report: &mut impl Write) {
+    fn copy(&mut self, buf: &mut [u8]) {
         let Some(pipe) = &self.pipe else { return };
         let Ok(clone) = pipe.try_clone() else { return };
         let mut file = File::from(clone);
@@ -417,12 +420,6 @@ impl Output {
                 Ok(n) => {
                     let written = match &mut self.sink {
                         Sink::Log(log) => log.write(&buf[..n]),
-                        Sink::Report(stream) => {
-                            // Header and bytes in one write: one wakeup of sandlet per read.
-                            let mut frame = format!("O{} {n}\n", *stream as char).into_bytes();
-                            frame.extend_from_slice(&buf[..n]);
-                            report.write_all(&frame)
-                        }
                         Sink::Nowhere => Ok(()),
                     };
                     if written.is_err() {
@@ -538,6 +535,32 @@ fn reset_signals() -> io::Result<()> {
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Sends `line` on the report socket (fd 1) with the open descriptors of `fds` attached.
+fn send_with_fds(line: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    let fds: Vec<RawFd> = fds.iter().copied().filter(|fd| *fd >= 0).collect();
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let sent = sendmsg::<()>(
+        1,
+        &[io::IoSlice::new(line)],
+        &rights,
+        MsgFlags::empty(),
+        None,
+    )?;
+    if sent < line.len() {
+        // The descriptors went with the first byte; the rest of the line follows plainly.
+        let mut rest = &line[sent..];
+        while !rest.is_empty() {
+            match nix::unistd::write(std::io::stdout(), rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     Ok(())

@@ -211,6 +211,10 @@ pub fn start_in(watch: Option<&TargetWatch>, user: &str) -> Result<StartIn, Plac
 pub fn file_type_in(root: &Path, path: &str) -> io::Result<std::fs::FileType> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
     use nix::sys::stat::Mode;
+    if root == Path::new("/") {
+        // sandlet's own root: nothing to stay inside of, and one syscall instead of five.
+        return Ok(std::fs::metadata(path)?.file_type());
+    }
     let dir = open(
         root,
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
