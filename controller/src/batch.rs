@@ -1,0 +1,379 @@
+//! The BatchSandbox controller (pooled mode): reports the pods its pool allocated (status
+//! counters, phase, conditions, the endpoints annotation), runs one task per pod through the
+//! pod's executor, counts the tasks from their change feeds, gives pods back under the
+//! `Release` policy, and on deletion stops every task before the pool takes the pods back
+//! (finalizer `task-cleanup`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::context::{Context, Error, Result};
+use crate::crd::{
+    ALLOC_RELEASE, ALLOC_STATUS, BatchSandbox, BatchSandboxStatus, ENDPOINTS, POOL_NAME, PodList,
+    TASK_CLEANUP, TaskResourcePolicy,
+};
+use crate::pods::{failure, ip, is_ready};
+use crate::pool::MANAGER;
+use crate::tasks::TaskState;
+
+pub async fn reconcile(bsb: Arc<BatchSandbox>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = bsb.namespace().unwrap_or_default();
+    let api: Api<BatchSandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    if bsb.spec.task_template.is_none() {
+        if bsb.meta().deletion_timestamp.is_some() {
+            return Ok(Action::await_change());
+        }
+        return apply(&bsb, &ctx).await;
+    }
+    finalizer(&api, TASK_CLEANUP, bsb, |event| async {
+        match event {
+            Finalizer::Apply(bsb) => apply(&bsb, &ctx).await,
+            Finalizer::Cleanup(bsb) => cleanup(&bsb, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    })
+}
+
+pub fn error_policy(bsb: Arc<BatchSandbox>, error: &Error, _: Arc<Context>) -> Action {
+    tracing::warn!(batchsandbox = %bsb.name_any(), %error, "batchsandbox reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// The pods a BatchSandbox holds, in allocation order (their index).
+async fn pods_of(bsb: &BatchSandbox, ctx: &Context) -> Result<Vec<Pod>> {
+    let Some(pool) = bsb
+        .spec
+        .pool_ref
+        .as_deref()
+        .filter(|p| !p.is_empty() && *p != "*")
+    else {
+        return Ok(Vec::new());
+    };
+    let annotations = bsb.meta().annotations.as_ref();
+    let release = PodList::from_annotation(annotations, ALLOC_RELEASE).pods;
+    let names: Vec<String> = PodList::from_annotation(annotations, ALLOC_STATUS)
+        .pods
+        .into_iter()
+        .filter(|p| !release.contains(p))
+        .collect();
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &bsb.namespace().unwrap_or_default());
+    let mut by_name: BTreeMap<String, Pod> = pods
+        .list(&ListParams::default().labels(&format!("{POOL_NAME}={pool}")))
+        .await?
+        .items
+        .into_iter()
+        .map(|p| (p.name_any(), p))
+        .collect();
+    Ok(names.iter().filter_map(|n| by_name.remove(n)).collect())
+}
+
+async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
+    let ns = bsb.namespace().unwrap_or_default();
+    let name = bsb.name_any();
+    let api: Api<BatchSandbox> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut requeue: Option<Duration> = None;
+    if let Some(expiry) = bsb
+        .spec
+        .expire_time
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    {
+        let left = expiry.with_timezone(&Utc) - Utc::now();
+        if left <= chrono::TimeDelta::zero() {
+            tracing::info!(batchsandbox = %name, "expired; deleting");
+            api.delete(&name, &Default::default()).await?;
+            return Ok(Action::await_change());
+        }
+        requeue = left.to_std().ok();
+    }
+    if bsb
+        .spec
+        .pool_ref
+        .as_deref()
+        .is_none_or(|p| p.is_empty() || p == "*")
+    {
+        return Err(Error::Invalid(format!(
+            "batchsandbox {name}: only pooled BatchSandboxes (spec.poolRef naming a pool) are supported"
+        )));
+    }
+    let pods = pods_of(bsb, ctx).await?;
+    let owner = ObjectRef::from_obj(bsb);
+
+    let mut status = BatchSandboxStatus {
+        observed_generation: bsb.meta().generation,
+        replicas: pods.len() as i32,
+        allocated: pods
+            .iter()
+            .filter(|p| ip(p).is_some() || p.spec.as_ref().is_some_and(|s| s.node_name.is_some()))
+            .count() as i32,
+        ready: pods.iter().filter(|p| is_ready(p)).count() as i32,
+        ..Default::default()
+    };
+
+    let mut release: Vec<String> = Vec::new();
+    if let Some(template) = &bsb.spec.task_template {
+        let patches = bsb.spec.shard_task_patches.as_deref().unwrap_or_default();
+        let replicas = usize::try_from(bsb.spec.replicas).unwrap_or(0);
+        let followed: Vec<String> = ctx.tracker.pods_of(&owner);
+        for index in 0..replicas {
+            let task_name = format!("{name}-{index}");
+            let pod = pods.get(index);
+            let Some((pod, ip)) = pod.and_then(|p| Some((p, ip(p)?))) else {
+                status.task_pending += 1;
+                continue;
+            };
+            let key = format!("{ns}/{}", pod.name_any());
+            let task = task_spec(&task_name, template, patches.get(index))?;
+            ctx.tracker.declare(&owner, &key, ip, Some(task));
+            match ctx.tracker.state(&key, &task_name) {
+                None | Some(TaskState::Pending) => status.task_pending += 1,
+                Some(TaskState::Running) => status.task_running += 1,
+                Some(TaskState::Succeed) => status.task_succeed += 1,
+                Some(TaskState::Failed) => status.task_failed += 1,
+                Some(TaskState::Unknown) => status.task_unknown += 1,
+            }
+            let done = matches!(
+                ctx.tracker.state(&key, &task_name),
+                Some(TaskState::Succeed | TaskState::Failed)
+            );
+            if done
+                && bsb.spec.task_resource_policy_when_completed == Some(TaskResourcePolicy::Release)
+            {
+                release.push(pod.name_any());
+            }
+        }
+        // Pods no longer held (released, gone) are not followed any more.
+        for key in followed {
+            if !pods.iter().any(|p| format!("{ns}/{}", p.name_any()) == key) {
+                ctx.tracker.forget(&key);
+            }
+        }
+    }
+    if !release.is_empty() {
+        let mut asked = PodList::from_annotation(bsb.meta().annotations.as_ref(), ALLOC_RELEASE);
+        let before = asked.pods.len();
+        asked.pods.extend(release);
+        asked.pods.sort();
+        asked.pods.dedup();
+        if asked.pods.len() != before {
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    json!({"metadata": {"annotations": {ALLOC_RELEASE: asked.to_annotation()}}}),
+                ),
+            )
+            .await?;
+        }
+    }
+
+    // Phase and conditions, as the Go controller sets them; one failing pod makes it Failed.
+    let old = bsb.status.clone().unwrap_or_default();
+    let failed: Vec<(String, String)> = pods
+        .iter()
+        .filter_map(|p| Some((p.name_any(), failure(p)?)))
+        .collect();
+    let phase = if !failed.is_empty() || old.phase.as_deref() == Some("Failed") {
+        "Failed"
+    } else if status.ready > 0 {
+        "Succeed"
+    } else {
+        "Pending"
+    };
+    status.phase = Some(phase.to_string());
+    status.pause_observed_generation = bsb.meta().generation;
+    status.conditions = match phase {
+        "Succeed" => vec![condition(&old, "Ready", "PodsReady", "Sandbox is running")],
+        "Pending" => vec![condition(
+            &old,
+            "Progressing",
+            "Creating",
+            "Sandbox is being created",
+        )],
+        _ if !failed.is_empty() => vec![condition(
+            &old,
+            "PodFailed",
+            &failed[0].1,
+            &format!(
+                "{}/{} observed pods failed; primary reason={}; sample pod={}",
+                failed.len(),
+                pods.len(),
+                failed[0].1,
+                failed[0].0
+            ),
+        )],
+        _ => old.conditions.clone(),
+    };
+
+    let endpoints: Vec<&str> = pods.iter().map(|p| ip(p).unwrap_or("")).collect();
+    let endpoints = serde_json::to_string(&endpoints).expect("strings serialise");
+    let current = bsb.annotations().get(ENDPOINTS);
+    if current != Some(&endpoints) && !(current.is_none() && endpoints == "[]") {
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {ENDPOINTS: endpoints}}})),
+        )
+        .await?;
+    }
+    let initial = pods.is_empty() && bsb.status.is_none() && bsb.spec.replicas > 0;
+    if bsb.status.as_ref() != Some(&status) && !initial {
+        api.patch_status(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "sandbox.opensandbox.io/v1alpha1",
+                "kind": "BatchSandbox",
+                "status": status,
+            })),
+        )
+        .await?;
+    }
+    Ok(match requeue {
+        Some(at) => Action::requeue(at),
+        None => Action::await_change(),
+    })
+}
+
+/// Deleting: every pod's executor is told to run nothing, and the finalizer goes once each
+/// says it runs nothing (or its pod is gone). Then the pool takes the pods back.
+async fn cleanup(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
+    let ns = bsb.namespace().unwrap_or_default();
+    let owner = ObjectRef::from_obj(bsb);
+    let pods = pods_of(bsb, ctx).await?;
+    let mut waiting = 0;
+    for pod in &pods {
+        let Some(ip) = ip(pod) else { continue };
+        let key = format!("{ns}/{}", pod.name_any());
+        ctx.tracker.declare(&owner, &key, ip, None);
+        if !ctx.tracker.is_idle(&key) {
+            waiting += 1;
+        }
+    }
+    if waiting > 0 {
+        // The followers wake this reconcile when the tasks are gone; this is the backstop.
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    for key in ctx.tracker.pods_of(&owner) {
+        ctx.tracker.forget(&key);
+    }
+    Ok(Action::await_change())
+}
+
+/// The task for one index: the template with that index's patch merged in (strategic-merge
+/// style: objects merge, `env` lists merge by `name`, other lists are replaced), as sandlet's
+/// and the Go executor's `{name, process}`. The timeout comes from the unpatched template.
+fn task_spec(name: &str, template: &Value, patch: Option<&Value>) -> Result<Value> {
+    let mut merged = template.clone();
+    if let Some(patch) = patch {
+        merge(&mut merged, patch);
+    }
+    let mut process = merged["spec"]["process"].clone();
+    if !process.is_object() || process["command"].as_array().is_none_or(|c| c.is_empty()) {
+        return Err(Error::Invalid(format!(
+            "task {name}: taskTemplate.spec.process.command is required"
+        )));
+    }
+    if let Some(timeout) = template["spec"]["timeoutSeconds"].as_i64() {
+        process["timeoutSeconds"] = json!(timeout);
+    }
+    Ok(json!({"name": name, "process": process}))
+}
+
+fn merge(base: &mut Value, patch: &Value) {
+    match (base, patch) {
+        (Value::Object(base), Value::Object(patch)) => {
+            for (k, v) in patch {
+                match base.get_mut(k) {
+                    Some(existing) if k == "env" && existing.is_array() && v.is_array() => {
+                        merge_by_name(existing, v)
+                    }
+                    Some(existing) if existing.is_object() && v.is_object() => merge(existing, v),
+                    _ if v.is_null() => {
+                        base.remove(k);
+                    }
+                    _ => {
+                        base.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (base, patch) => *base = patch.clone(),
+    }
+}
+
+fn merge_by_name(base: &mut Value, patch: &Value) {
+    let (Some(base), Some(patch)) = (base.as_array_mut(), patch.as_array()) else {
+        return;
+    };
+    for item in patch {
+        match base.iter_mut().find(|b| b["name"] == item["name"]) {
+            Some(existing) => merge(existing, item),
+            None => base.push(item.clone()),
+        }
+    }
+}
+
+fn condition(old: &BatchSandboxStatus, kind: &str, reason: &str, message: &str) -> Condition {
+    let previous = old.conditions.iter().find(|c| c.type_ == kind);
+    let unchanged =
+        previous.is_some_and(|c| c.status == "True" && c.reason == reason && c.message == message);
+    Condition {
+        type_: kind.to_string(),
+        status: "True".to_string(),
+        reason: reason.to_string(),
+        message: message.to_string(),
+        last_transition_time: match previous {
+            Some(c) if unchanged => c.last_transition_time.clone(),
+            _ => Time(k8s_openapi::jiff::Timestamp::now()),
+        },
+        observed_generation: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_patches_merge_env_by_name_and_replace_args() {
+        let template = json!({"spec": {"process": {
+            "command": ["sh", "-c"], "args": ["exit 0"],
+            "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]
+        }, "timeoutSeconds": 60}});
+        let patch = json!({"spec": {"process": {
+            "args": ["exit 3"], "env": [{"name": "B", "value": "x"}, {"name": "C", "value": "3"}]
+        }, "timeoutSeconds": 1}});
+        let task = task_spec("b-1", &template, Some(&patch)).unwrap();
+        assert_eq!(task["name"], "b-1");
+        assert_eq!(task["process"]["args"], json!(["exit 3"]));
+        assert_eq!(
+            task["process"]["env"],
+            json!([{"name": "A", "value": "1"}, {"name": "B", "value": "x"}, {"name": "C", "value": "3"}])
+        );
+        assert_eq!(
+            task["process"]["timeoutSeconds"], 60,
+            "the timeout is the template's"
+        );
+        assert!(task_spec("b-0", &json!({"spec": {}}), None).is_err());
+    }
+}

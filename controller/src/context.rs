@@ -1,0 +1,49 @@
+//! What every reconcile shares, and the crate's error.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+
+use crate::tasks::Tracker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub struct Context {
+    pub client: Client,
+    pub tracker: Tracker,
+    pub reporter: Reporter,
+    /// Pods this process allocated, by `namespace/pool`, until the BatchSandbox cache shows
+    /// them: a reconcile that runs on a cache older than its own last patch must not hand the
+    /// same pod out twice.
+    pub allocations: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
+    /// Pods this process released (deleted), by `namespace/pool`, for the same reason.
+    pub released: Mutex<BTreeMap<String, BTreeSet<String>>>,
+}
+
+impl Context {
+    pub fn allocations_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<String, String>>> {
+        self.allocations.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn released_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeSet<String>>> {
+        self.released.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn recorder(&self) -> Recorder {
+        Recorder::new(self.client.clone(), self.reporter.clone())
+    }
+}

@@ -1,0 +1,88 @@
+//! Runs both controllers in one process until a shutdown signal.
+
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::events::Reporter;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::context::Context;
+use crate::crd::{ALLOC_STATUS, BatchSandbox, PodList, Pool};
+use crate::tasks::Tracker;
+use crate::{batch, pool};
+use kube::runtime::reflector::ObjectRef;
+
+pub struct Settings {
+    /// Watched namespace; `None`: all.
+    pub namespace: Option<String>,
+    /// Sent as `Authorization: Bearer` to the executors' task API.
+    pub executor_token: Option<String>,
+    pub executor_port: u16,
+    /// Change-feed connections open at once, at most.
+    pub max_feeds: usize,
+}
+
+pub async fn run(client: Client, settings: Settings) {
+    let (wake, woken) = tokio::sync::mpsc::unbounded_channel();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        tracker: Tracker::new(
+            settings.executor_token,
+            settings.executor_port,
+            settings.max_feeds,
+            wake,
+        ),
+        reporter: Reporter {
+            controller: pool::MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+        allocations: Mutex::new(Default::default()),
+        released: Mutex::new(Default::default()),
+    });
+    let (pools, sandboxes, pods): (Api<Pool>, Api<BatchSandbox>, Api<Pod>) =
+        match &settings.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        };
+    let config = watcher::Config::default();
+    let pool_controller = Controller::new(pools, config.clone())
+        .owns(pods.clone(), config.clone())
+        .watches(sandboxes.clone(), config.clone(), |bsb| pool::pool_of(&bsb))
+        .shutdown_on_signal()
+        .run(pool::reconcile, pool::error_policy, Arc::clone(&ctx))
+        .for_each(|_| async {});
+    // Pool pods are not owned by their BatchSandbox: a pod event wakes whichever one holds
+    // the pod (by its alloc-status); task changes wake it through the followers.
+    let bsb_controller = Controller::new(sandboxes, config.clone());
+    let holders = bsb_controller.store();
+    let bsb_controller = bsb_controller
+        .watches(pods, config.clone(), move |pod: Pod| {
+            let name = pod.metadata.name.unwrap_or_default();
+            holders
+                .state()
+                .into_iter()
+                .filter(|b| {
+                    PodList::from_annotation(b.metadata.annotations.as_ref(), ALLOC_STATUS)
+                        .pods
+                        .contains(&name)
+                })
+                .map(|b| ObjectRef::from_obj(&*b))
+                .collect::<Vec<_>>()
+        })
+        .reconcile_on(UnboundedReceiverStream::new(woken))
+        .shutdown_on_signal()
+        .run(batch::reconcile, batch::error_policy, Arc::clone(&ctx))
+        .for_each(|_| async {});
+    tokio::join!(pool_controller, bsb_controller);
+}

@@ -1,0 +1,246 @@
+//! The controller against a real kube-apiserver and etcd, with real sandlet executors (the
+//! test plays the kubelet: see `common`). A Pool fills its buffer; a BatchSandbox of 10 gets
+//! pods, one task per pod runs in its sandlet, and the counters follow RUNNING -> SUCCEED (and
+//! FAILED for the failing shard); a killed executor makes its task UNKNOWN until it returns;
+//! a controller restart mid-flight loses nothing; deletion stops the tasks and returns the pods.
+
+mod kube_env;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube_env::{FakeKubelet, KubeEnv};
+use sandlet_controller::crd::{BatchSandbox, ENDPOINTS, POOL_NAME, Pool};
+use serde_json::json;
+
+const NS: &str = "e2e";
+const TOKEN: &str = "e2e-executor-token";
+
+async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn start_controller(client: kube::Client) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(sandlet_controller::run::run(
+        client,
+        sandlet_controller::run::Settings {
+            namespace: Some(NS.into()),
+            executor_token: Some(TOKEN.into()),
+            executor_port: 5758,
+            max_feeds: 64,
+        },
+    ))
+}
+
+fn counters(b: &BatchSandbox) -> (i32, i32, i32, i32, i32) {
+    let s = b.status.clone().unwrap_or_default();
+    (
+        s.allocated,
+        s.task_running,
+        s.task_succeed,
+        s.task_failed,
+        s.task_unknown,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
+    let Some(env) = KubeEnv::start().await else {
+        return;
+    };
+    env.apply_crds(include_str!(
+        "../../deploy/crds/sandbox.opensandbox.io.yaml"
+    ))
+    .await;
+    let client = env.client();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let kubelet = FakeKubelet::start(client.clone(), NS, TOKEN).await;
+    let mut controller = start_controller(client.clone());
+    let pools: Api<Pool> = Api::namespaced(client.clone(), NS);
+    let sandboxes: Api<BatchSandbox> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+
+    // The pool fills its buffer.
+    pools
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "Pool",
+                "metadata": {"name": "p"},
+                "spec": {
+                    "template": {"metadata": {"labels": {"app": "sbx"}}, "spec": {"containers": [
+                        {"name": "main", "image": "busybox", "command": ["sleep", "infinity"]}]}},
+                    "capacitySpec": {"bufferMin": 2, "bufferMax": 3, "poolMin": 0, "poolMax": 20}
+                }
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the pool's buffer of 2 ready pods",
+        Duration::from_secs(60),
+        async || {
+            let p = pools.get("p").await.ok()?;
+            let s = p.status?;
+            (s.total == 2 && s.available == 2).then_some(())
+        },
+    )
+    .await;
+
+    // Ten sandboxes, each a task that waits for a gate; shard 3 then fails.
+    let gate = tempfile::tempdir().unwrap();
+    let gate_file = gate.path().join("open");
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done",
+        gate_file.display()
+    );
+    sandboxes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "BatchSandbox",
+                "metadata": {"name": "b"},
+                "spec": {
+                    "replicas": 10, "poolRef": "p",
+                    "taskTemplate": {"spec": {"process": {"command": ["sh", "-c", script.clone()]}}},
+                    "shardTaskPatches": [{}, {}, {}, {"spec": {"process": {"command": ["sh", "-c", format!("{script}; exit 3")]}}}]
+                }
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    eventually(
+        "10 pods allocated and 10 tasks running",
+        Duration::from_secs(90),
+        async || {
+            let b = sandboxes.get("b").await.ok()?;
+            (counters(&b) == (10, 10, 0, 0, 0)).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "10 sandboxes allocated and running in {:?}",
+        started.elapsed()
+    );
+    let b = sandboxes.get("b").await.unwrap();
+    let endpoints: Vec<String> =
+        serde_json::from_str(&b.metadata.annotations.unwrap()[ENDPOINTS]).unwrap();
+    assert_eq!(endpoints.len(), 10);
+    assert!(
+        endpoints.iter().all(|ip| ip.starts_with("127.")),
+        "{endpoints:?}"
+    );
+
+    // A controller restart while the tasks run loses nothing.
+    controller.abort();
+    let _ = controller.await;
+    controller = start_controller(client.clone());
+
+    // An executor that cannot be reached makes its task UNKNOWN, never gone; it comes back.
+    let first = &b_pods(&sandboxes).await[0];
+    kubelet.kill_executor(first);
+    eventually(
+        "the killed executor's task is UNKNOWN",
+        Duration::from_secs(30),
+        async || {
+            let b = sandboxes.get("b").await.ok()?;
+            (counters(&b) == (10, 9, 0, 0, 1)).then_some(())
+        },
+    )
+    .await;
+    kubelet.restart_executor(first).await;
+    eventually(
+        "it recovers when the executor returns",
+        Duration::from_secs(30),
+        async || {
+            let b = sandboxes.get("b").await.ok()?;
+            (counters(&b) == (10, 10, 0, 0, 0)).then_some(())
+        },
+    )
+    .await;
+
+    // Open the gate: nine succeed, shard 3 fails.
+    std::fs::write(&gate_file, "").unwrap();
+    let opened = Instant::now();
+    eventually(
+        "9 tasks SUCCEED and 1 FAILED",
+        Duration::from_secs(30),
+        async || {
+            let b = sandboxes.get("b").await.ok()?;
+            (counters(&b) == (10, 0, 9, 1, 0)).then_some(())
+        },
+    )
+    .await;
+    eprintln!("task exits reached the status in {:?}", opened.elapsed());
+
+    // Deletion stops the tasks, then the pool takes the pods back (deletes them).
+    let held = b_pods(&sandboxes).await;
+    sandboxes
+        .delete("b", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the BatchSandbox is gone",
+        Duration::from_secs(60),
+        async || sandboxes.get_opt("b").await.ok()?.is_none().then_some(()),
+    )
+    .await;
+    eventually(
+        "its pods are deleted",
+        Duration::from_secs(30),
+        async || {
+            let left = pods
+                .list(&ListParams::default().labels(&format!("{POOL_NAME}=p")))
+                .await
+                .ok()?;
+            (!left
+                .items
+                .iter()
+                .any(|p| held.contains(p.metadata.name.as_ref().unwrap())))
+            .then_some(())
+        },
+    )
+    .await;
+    eventually(
+        "the pool is back to its buffer",
+        Duration::from_secs(60),
+        async || {
+            let s = pools.get("p").await.ok()?.status?;
+            (s.allocated == 0 && (2..=3).contains(&s.total)).then_some(())
+        },
+    )
+    .await;
+    controller.abort();
+    drop(kubelet);
+}
+
+async fn b_pods(sandboxes: &Api<BatchSandbox>) -> Vec<String> {
+    let b = sandboxes.get("b").await.unwrap();
+    sandlet_controller::crd::PodList::from_annotation(
+        b.metadata.annotations.as_ref(),
+        sandlet_controller::crd::ALLOC_STATUS,
+    )
+    .pods
+}
