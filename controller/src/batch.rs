@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::Utc;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
@@ -51,6 +51,9 @@ pub async fn reconcile(bsb: Arc<BatchSandbox>, ctx: Arc<Context>) -> Result<Acti
 }
 
 pub fn error_policy(bsb: Arc<BatchSandbox>, error: &Error, _: Arc<Context>) -> Action {
+    if let Error::NotReady(_) = error {
+        return Action::requeue(Duration::from_millis(200));
+    }
     tracing::warn!(batchsandbox = %bsb.name_any(), %error, "batchsandbox reconcile failed; retrying");
     Action::requeue(Duration::from_secs(2))
 }
@@ -75,13 +78,19 @@ async fn pods_of(bsb: &BatchSandbox, ctx: &Context) -> Result<Vec<Pod>> {
     if names.is_empty() {
         return Ok(Vec::new());
     }
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &bsb.namespace().unwrap_or_default());
-    let mut by_name: BTreeMap<String, Pod> = pods
-        .list(&ListParams::default().labels(&format!("{POOL_NAME}={pool}")))
-        .await?
-        .items
+    if futures::FutureExt::now_or_never(ctx.pods.wait_until_ready()).is_none() {
+        return Err(Error::NotReady("the pod cache is still loading"));
+    }
+    let ns = bsb.namespace().unwrap_or_default();
+    let mut by_name: BTreeMap<String, Pod> = ctx
+        .pods
+        .state()
         .into_iter()
-        .map(|p| (p.name_any(), p))
+        .filter(|p| {
+            p.metadata.namespace.as_deref() == Some(ns.as_str())
+                && p.labels().get(POOL_NAME).map(String::as_str) == Some(pool)
+        })
+        .map(|p| (p.name_any(), (*p).clone()))
         .collect();
     Ok(names.iter().filter_map(|n| by_name.remove(n)).collect())
 }

@@ -3,8 +3,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
+use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::Store;
 
 use crate::tasks::Tracker;
 
@@ -16,6 +18,8 @@ pub enum Error {
     Finalizer(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("not ready: {0}")]
+    NotReady(&'static str),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -24,6 +28,9 @@ pub struct Context {
     pub client: Client,
     pub tracker: Tracker,
     pub reporter: Reporter,
+    /// Every pod of the watched namespaces, kept by a watch: a BatchSandbox reconcile makes no
+    /// read calls (it runs on every task change).
+    pub pods: Store<Pod>,
     /// Pods this process allocated, by `namespace/pool`, until the BatchSandbox cache shows
     /// them: a reconcile that runs on a cache older than its own last patch must not hand the
     /// same pod out twice.

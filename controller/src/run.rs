@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::events::Reporter;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
@@ -27,6 +28,7 @@ pub struct Settings {
 
 pub async fn run(client: Client, settings: Settings) {
     let (wake, woken) = tokio::sync::mpsc::unbounded_channel();
+    let (pod_cache, pod_cache_writer) = kube::runtime::reflector::store::<Pod>();
     let ctx = Arc::new(Context {
         client: client.clone(),
         tracker: Tracker::new(
@@ -39,6 +41,7 @@ pub async fn run(client: Client, settings: Settings) {
             controller: pool::MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
         },
+        pods: pod_cache,
         allocations: Mutex::new(Default::default()),
         released: Mutex::new(Default::default()),
     });
@@ -67,19 +70,24 @@ pub async fn run(client: Client, settings: Settings) {
     let bsb_controller = Controller::new(sandboxes, config.clone());
     let holders = bsb_controller.store();
     let bsb_controller = bsb_controller
-        .watches(pods, config.clone(), move |pod: Pod| {
-            let name = pod.metadata.name.unwrap_or_default();
-            holders
-                .state()
-                .into_iter()
-                .filter(|b| {
-                    PodList::from_annotation(b.metadata.annotations.as_ref(), ALLOC_STATUS)
-                        .pods
-                        .contains(&name)
-                })
-                .map(|b| ObjectRef::from_obj(&*b))
-                .collect::<Vec<_>>()
-        })
+        .watches_stream(
+            kube::runtime::reflector(pod_cache_writer, watcher(pods, config.clone()))
+                .default_backoff()
+                .touched_objects(),
+            move |pod: Pod| {
+                let name = pod.metadata.name.unwrap_or_default();
+                holders
+                    .state()
+                    .into_iter()
+                    .filter(|b| {
+                        PodList::from_annotation(b.metadata.annotations.as_ref(), ALLOC_STATUS)
+                            .pods
+                            .contains(&name)
+                    })
+                    .map(|b| ObjectRef::from_obj(&*b))
+                    .collect::<Vec<_>>()
+            },
+        )
         .reconcile_on(UnboundedReceiverStream::new(woken))
         .shutdown_on_signal()
         .run(batch::reconcile, batch::error_policy, Arc::clone(&ctx))
