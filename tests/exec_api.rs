@@ -489,7 +489,11 @@ fn uid_and_gid_are_applied_with_the_users_home() {
 /// `PPid`, `SigBlk` and `SigIgn` of a command run without a shell, from its own status.
 fn parent_and_signal_state(s: &Sandlet) -> (i32, String) {
     let events = run(s, json!({"command": "cat /proc/self/status"}));
-    assert_eq!(*kinds(&events).last().unwrap(), "execution_complete");
+    assert_eq!(
+        *kinds(&events).last().unwrap(),
+        "execution_complete",
+        "{events:?}"
+    );
     let field = |name: &str| {
         texts(&events, "stdout")
             .into_iter()
@@ -541,9 +545,15 @@ fn shims_serve_command_after_command_cleanly_and_only_once_their_tree_is_gone() 
 
     // Idle shims killed from outside cost nothing but a fresh start.
     let sandlet = s.pid();
-    for shim in children_of(sandlet) {
-        unsafe { kill(shim, 9) };
+    let idle = children_of(sandlet);
+    for shim in &idle {
+        unsafe { kill(*shim, 9) };
     }
+    // Dead, not merely signalled: a shim that SIGKILL reaches as it is handed a command may
+    // take the command with it (it fails with a message), which is not what is tested here.
+    wait_until("the killed shims are gone", || {
+        idle.iter().all(|p| !pid_alive(*p))
+    });
     let (shim, state) = parent_and_signal_state(&s);
     assert_eq!(state, clean);
     assert!(pid_alive(shim));
