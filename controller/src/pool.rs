@@ -37,18 +37,20 @@ pub async fn reconcile(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
         return Ok(Action::await_change());
     }
     let revision = revision(&pool);
-    let pods: Vec<Pod> = pods_api
+    let listed = pods_api
         .list(&ListParams::default().labels(&format!("{POOL_NAME}={name}")))
         .await?
-        .items
-        .into_iter()
-        .filter(|p| !is_terminating(p))
-        .filter(|p| {
-            !ctx.released_lock()
-                .get(&key)
-                .is_some_and(|r| r.contains(&p.name_any()))
-        })
-        .collect();
+        .items;
+    let pods: Vec<Pod> = {
+        let mut released = ctx.released_lock();
+        let released = released.entry(key.clone()).or_default();
+        // A deleted pod that is no longer listed needs no entry any more.
+        released.retain(|r| listed.iter().any(|p| p.name_any() == *r));
+        listed
+            .into_iter()
+            .filter(|p| !is_terminating(p) && !released.contains(&p.name_any()))
+            .collect()
+    };
     let mut sandboxes: Vec<BatchSandbox> = bsb_api
         .list(&ListParams::default())
         .await?
@@ -67,18 +69,24 @@ pub async fn reconcile(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
             ))
     });
 
+    // Each BatchSandbox's allocation (alloc-status) and what is already back (alloc-released).
+    let allocations: Vec<(Vec<String>, BTreeSet<String>)> = sandboxes
+        .iter()
+        .map(|bsb| {
+            let annotations = bsb.meta().annotations.as_ref();
+            let released = PodList::from_annotation(annotations, ALLOC_RELEASED).pods;
+            (
+                PodList::from_annotation(annotations, ALLOC_STATUS).pods,
+                released.into_iter().collect(),
+            )
+        })
+        .collect();
     // Who holds what: the annotations, plus what this process allocated that the cache may
     // not show yet.
     let mut holder: BTreeMap<String, String> = BTreeMap::new();
-    for bsb in &sandboxes {
-        let annotations = bsb.meta().annotations.as_ref();
-        let status = PodList::from_annotation(annotations, ALLOC_STATUS);
-        let released: BTreeSet<String> = PodList::from_annotation(annotations, ALLOC_RELEASED)
-            .pods
-            .into_iter()
-            .collect();
-        for pod in status.pods.into_iter().filter(|p| !released.contains(p)) {
-            holder.insert(pod, bsb.name_any());
+    for (bsb, (status, released)) in sandboxes.iter().zip(&allocations) {
+        for pod in status.iter().filter(|p| !released.contains(*p)) {
+            holder.insert(pod.clone(), bsb.name_any());
         }
     }
     {
@@ -95,20 +103,14 @@ pub async fn reconcile(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
     // are stopped). Recycling is deletion.
     let mut shortfall = 0usize;
     let mut requests: Vec<(&BatchSandbox, usize)> = Vec::new();
-    for bsb in &sandboxes {
+    for (bsb, (status, released)) in sandboxes.iter().zip(&allocations) {
         let annotations = bsb.meta().annotations.as_ref();
-        let status = PodList::from_annotation(annotations, ALLOC_STATUS);
-        let released: BTreeSet<String> = PodList::from_annotation(annotations, ALLOC_RELEASED)
-            .pods
-            .into_iter()
-            .collect();
         let deleting = bsb.meta().deletion_timestamp.is_some();
         let to_release: Vec<String> = if deleting {
             if bsb.finalizers().iter().any(|f| f == TASK_CLEANUP) {
                 continue; // its tasks are being stopped first
             }
             status
-                .pods
                 .iter()
                 .filter(|p| !released.contains(*p))
                 .cloned()
@@ -130,7 +132,7 @@ pub async fn reconcile(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
         }
         if !deleting {
             let want = usize::try_from(bsb.spec.replicas).unwrap_or(0);
-            let need = want.saturating_sub(status.pods.len());
+            let need = want.saturating_sub(status.len());
             if need > 0 {
                 requests.push((bsb, need));
             }
