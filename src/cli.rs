@@ -108,6 +108,15 @@ pub struct ServeArgs {
         default_value_t = 86400
     )]
     pub exec_session_idle_seconds: u64,
+    /// Bytes one `/files/upload` request may carry (all its files together).
+    #[arg(long, env = "SANDLET_EXEC_MAX_UPLOAD_BYTES", default_value_t = 16 << 30)]
+    pub exec_max_upload_bytes: u64,
+    /// Entries one `/directories/list` or `/files/search` answer may hold.
+    #[arg(long, env = "SANDLET_EXEC_MAX_LISTED", default_value_t = 100_000)]
+    pub exec_max_listed: usize,
+    /// Largest file `/files/replace` rewrites (it is read into memory).
+    #[arg(long, env = "SANDLET_EXEC_MAX_REPLACE_BYTES", default_value_t = 64 << 20)]
+    pub exec_max_replace_bytes: u64,
     /// File holding the bearer token required on every route but /health.
     #[arg(long, env = "SANDLET_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,

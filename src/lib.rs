@@ -5,6 +5,7 @@ pub mod atomic_file;
 pub mod cli;
 pub mod error;
 pub mod exec;
+pub mod files;
 pub mod http;
 pub mod process;
 pub mod serve;

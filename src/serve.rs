@@ -135,6 +135,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
             commands: exec.commands,
             sessions: exec.sessions,
             metrics: exec.metrics,
+            files: exec.files,
             shutdown: shutdown_rx.clone(),
         },
         exec.auth,
@@ -173,6 +174,7 @@ struct ExecParts {
     commands: Arc<exec::Commands>,
     sessions: Arc<exec::Sessions>,
     metrics: Arc<exec::Metrics>,
+    files: Arc<crate::files::Files>,
     auth: Auth,
 }
 
@@ -216,6 +218,22 @@ fn exec_api(
                 .into(),
         ));
     }
+    let spool_dir = data_dir.join("uploads");
+    std::fs::create_dir_all(&spool_dir).map_err(|e| {
+        Error::Setup(format!(
+            "cannot create the upload spool dir {}: {e}",
+            spool_dir.display()
+        ))
+    })?;
+    let files = crate::files::Files::new(
+        target.cloned(),
+        crate::files::FilesConfig {
+            max_upload_bytes: args.exec_max_upload_bytes,
+            max_listed: args.exec_max_listed,
+            max_replace_bytes: args.exec_max_replace_bytes,
+            spool_dir,
+        },
+    );
     let config = Arc::new(ExecConfig {
         data_dir,
         max_running: args.exec_max_running,
@@ -241,6 +259,7 @@ fn exec_api(
         commands,
         sessions,
         metrics: exec::Metrics::new(target.cloned()),
+        files,
         auth,
     })
 }

@@ -209,22 +209,11 @@ pub fn start_in(watch: Option<&TargetWatch>, user: &str) -> Result<StartIn, Plac
 
 /// What `path` (absolute) is inside `root`, with every symlink and `..` resolved inside it.
 pub fn file_type_in(root: &Path, path: &str) -> io::Result<std::fs::FileType> {
-    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
-    use nix::sys::stat::Mode;
     if root == Path::new("/") {
         // sandlet's own root: nothing to stay inside of, and one syscall instead of five.
         return Ok(std::fs::metadata(path)?.file_type());
     }
-    let dir = open(
-        root,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let relative = path.trim_start_matches('/');
-    let fd = openat2(&dir, if relative.is_empty() { "." } else { relative }, how)?;
+    let fd = crate::files::root::Root::open(root)?.open_at(path, nix::fcntl::OFlag::O_PATH)?;
     Ok(std::fs::File::from(fd).metadata()?.file_type())
 }
 

@@ -3,11 +3,11 @@
 //! resolved inside that root, never the sidecar's files and never NSS (a static binary has none).
 
 use std::io::Read;
-use std::os::fd::OwnedFd;
 use std::path::Path;
 
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
-use nix::sys::stat::Mode;
+use nix::fcntl::OFlag;
+
+use crate::files::root::Root;
 
 use crate::process::enter::Credentials;
 
@@ -47,14 +47,9 @@ impl UserDb {
     /// Reads the account files under `root`; a missing file is an empty one (images without
     /// `/etc/passwd` exist), an unreadable one is an error.
     pub fn read(root: &Path) -> Result<UserDb, String> {
-        let dir = open(
-            root,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| format!("cannot open {}: {e}", root.display()))?;
-        let passwd = read_in_root(&dir, "etc/passwd")?;
-        let group = read_in_root(&dir, "etc/group")?;
+        let dir = Root::open(root).map_err(|e| format!("cannot open {}: {e}", root.display()))?;
+        let passwd = read_in_root(&dir, "/etc/passwd")?;
+        let group = read_in_root(&dir, "/etc/group")?;
         Ok(UserDb::parse(&passwd, &group))
     }
 
@@ -93,6 +88,21 @@ impl UserDb {
 
     pub fn by_uid(&self, uid: u32) -> Option<&Account> {
         self.accounts.iter().find(|a| a.uid == uid)
+    }
+
+    pub fn uid_of(&self, name: &str) -> Option<u32> {
+        self.accounts.iter().find(|a| a.name == name).map(|a| a.uid)
+    }
+
+    pub fn gid_of(&self, name: &str) -> Option<u32> {
+        self.groups.iter().find(|g| g.name == name).map(|g| g.gid)
+    }
+
+    pub fn group_name(&self, gid: u32) -> Option<&str> {
+        self.groups
+            .iter()
+            .find(|g| g.gid == gid)
+            .map(|g| g.name.as_str())
     }
 
     /// Resolves `user[:group]`, each a name or a number. A name must exist; a uid need not (it
@@ -148,23 +158,20 @@ impl UserDb {
     }
 }
 
-fn read_in_root(root: &OwnedFd, path: &str) -> Result<String, String> {
-    let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
-        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let fd = match openat2(root, path, how) {
+fn read_in_root(root: &Root, path: &str) -> Result<String, String> {
+    let fd = match root.open_at(path, OFlag::O_RDONLY) {
         Ok(fd) => fd,
-        Err(nix::errno::Errno::ENOENT) => return Ok(String::new()),
-        Err(e) => return Err(format!("cannot open the container's /{path}: {e}")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(format!("cannot open the container's {path}: {e}")),
     };
     let mut text = String::new();
     std::fs::File::from(fd)
         .take(MAX_FILE_BYTES + 1)
         .read_to_string(&mut text)
-        .map_err(|e| format!("cannot read the container's /{path}: {e}"))?;
+        .map_err(|e| format!("cannot read the container's {path}: {e}"))?;
     if text.len() as u64 > MAX_FILE_BYTES {
         return Err(format!(
-            "the container's /{path} is larger than {MAX_FILE_BYTES} bytes"
+            "the container's {path} is larger than {MAX_FILE_BYTES} bytes"
         ));
     }
     Ok(text)

@@ -231,6 +231,74 @@ def check_metrics(ctx):
     assert m.timestamp > 0, f"timestamp {m.timestamp}"
 
 
+def check_files(ctx):
+    """The SDK's filesystem calls: directories, upload/download (ranges), info, list, search,
+    replace (plain and detailed), permissions, move and delete, with unicode and spaces."""
+    from opensandbox.models.filesystem import (
+        ContentReplaceEntry,
+        DirectoryListEntry,
+        MoveEntry,
+        SearchEntry,
+        SetPermissionEntry,
+        WriteEntry,
+    )
+
+    fs = ctx["sandbox"].files
+    base = os.path.join(CWD, "sdk files é")
+    sub = os.path.join(base, "sub dir")
+    fs.create_directories([WriteEntry(path=sub, mode=750)])
+    info = fs.get_file_info([sub])[sub]
+    assert info.entry_type == "directory" and info.mode == 750, info
+
+    text = os.path.join(sub, "hello wörld.txt")
+    fs.write_file(text, "hello execd\n")
+    assert fs.read_file(text) == "hello execd\n"
+    info = fs.get_file_info([text])[text]
+    assert (info.entry_type, info.mode, info.size) == ("file", 755, 12), info
+
+    blob = bytes(range(256)) * 1000
+    binary = os.path.join(sub, "blob.bin")
+    fs.write_file(binary, blob, mode=644)
+    assert fs.read_bytes(binary) == blob
+    assert fs.read_bytes(binary, range_header="bytes=10-19") == blob[10:20]
+    assert b"".join(fs.read_bytes_stream(binary, chunk_size=4096)) == blob
+
+    listed = [e.path for e in fs.list_directory(DirectoryListEntry(path=base, depth=2))]
+    assert listed == [sub, binary, text], listed
+    found = [e.path for e in fs.search(SearchEntry(path=base, pattern="*.txt"))]
+    assert found == [text], found
+
+    fs.replace_contents([ContentReplaceEntry(path=text, old_content="hello", new_content="hi")])
+    assert fs.read_file(text) == "hi execd\n"
+    detailed = fs.replace_contents_detailed(
+        [ContentReplaceEntry(path=text, old_content="e", new_content="E")]
+    )
+    assert [(r.path, r.replaced_count) for r in detailed] == [(text, 2)], detailed
+    assert fs.get_file_info([text])[text].mode == 755, "replace keeps the mode"
+
+    fs.set_permissions([SetPermissionEntry(path=text, mode=600)])
+    assert fs.get_file_info([text])[text].mode == 600
+
+    moved = os.path.join(base, "elsewhere", "moved.txt")
+    fs.move_files([MoveEntry(source=text, destination=moved)])
+    assert fs.read_file(moved) == "hi ExEcd\n"
+    try:
+        fs.move_files([MoveEntry(source=moved, destination=binary)])
+        raise AssertionError("moving onto an existing file succeeded")
+    except SandboxException:
+        pass
+    assert fs.read_bytes(binary) == blob, "a refused move changes nothing"
+
+    fs.delete_files([moved])
+    try:
+        fs.read_file(moved)
+        raise AssertionError("a deleted file could still be read")
+    except SandboxException:
+        pass
+    fs.delete_directories([base])
+    assert not os.path.exists(base)
+
+
 CHECKS = [
     ("connect", check_connect),
     ("ping", check_ping),
@@ -244,6 +312,7 @@ CHECKS = [
     ("interrupt", check_interrupt),
     ("sessions", check_sessions),
     ("metrics", check_metrics),
+    ("files", check_files),
 ]
 
 

@@ -6,6 +6,18 @@ mod command_logs;
 mod command_status;
 mod create_session;
 mod delete_session;
+mod directories_create;
+mod directories_delete;
+mod directories_list;
+mod files;
+mod files_delete;
+mod files_download;
+mod files_info;
+mod files_move;
+mod files_permissions;
+mod files_replace;
+mod files_search;
+mod files_upload;
 mod interrupt;
 mod metrics;
 mod ping;
@@ -26,6 +38,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
 use super::{Commands, Metrics, Sessions};
+use crate::files::Files;
 use crate::http::auth::Auth;
 use crate::http::error::{self, ApiError};
 
@@ -37,6 +50,7 @@ pub struct ExecApi {
     pub commands: Arc<Commands>,
     pub sessions: Arc<Sessions>,
     pub metrics: Arc<Metrics>,
+    pub files: Arc<Files>,
     /// Turns true when sandlet shuts down; `/metrics/watch` ends then.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -55,6 +69,27 @@ pub fn router(api: ExecApi, auth: Auth, max_body_bytes: usize) -> Router {
         .route("/session/{id}", delete(delete_session::delete_session))
         .route("/metrics", get(metrics::metrics))
         .route("/metrics/watch", get(metrics::watch))
+        .route("/files", delete(files_delete::delete_files))
+        .route("/files/info", get(files_info::file_info))
+        .route("/files/mv", post(files_move::move_files))
+        .route(
+            "/files/permissions",
+            post(files_permissions::set_file_permissions),
+        )
+        .route("/files/search", get(files_search::search_files))
+        .route("/files/replace", post(files_replace::replace_contents))
+        // Uploads stream to disk; their own limit (--exec-max-upload-bytes) applies instead.
+        .route(
+            "/files/upload",
+            post(files_upload::upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/files/download", get(files_download::download))
+        .route("/directories/list", get(directories_list::list_directory))
+        .route(
+            "/directories",
+            post(directories_create::create_directories)
+                .delete(directories_delete::delete_directories),
+        )
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         // Every route, /ping included, as with execd; the 404s too.

@@ -1,0 +1,32 @@
+//! `DELETE /directories?path=...`: removes each tree (a file or symlink there too); missing ones
+//! are no error. The sandbox's root and its mount points are refused before anything goes.
+
+use axum::extract::{RawQuery, State};
+use axum::response::Response;
+
+use super::files::query_values;
+use super::{ExecApi, empty_ok};
+use crate::files::{FileError, remove_dir, root};
+use crate::http::error::ApiError;
+
+pub async fn delete_directories(
+    State(api): State<ExecApi>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let raw = query_values(query.as_deref(), "path");
+    api.files
+        .run(move |place| {
+            let paths = raw
+                .iter()
+                .map(|p| place.resolve(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            if paths.iter().any(|p| root::split(p).is_none()) {
+                return Err(FileError::Conflict(
+                    "refusing to remove the sandbox's root directory".into(),
+                ));
+            }
+            paths.iter().try_for_each(|p| remove_dir(place, p))
+        })
+        .await?;
+    Ok(empty_ok())
+}

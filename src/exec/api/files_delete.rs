@@ -1,0 +1,28 @@
+//! `DELETE /files?path=...`: removes files and symlinks (never what a link points to); missing
+//! ones are no error, directories are refused (that is `DELETE /directories`).
+
+use axum::extract::{RawQuery, State};
+use axum::response::Response;
+
+use super::files::query_values;
+use super::{ExecApi, empty_ok};
+use crate::files::remove_file;
+use crate::http::error::ApiError;
+
+pub async fn delete_files(
+    State(api): State<ExecApi>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let raw = query_values(query.as_deref(), "path");
+    api.files
+        .run(move |place| {
+            // Every path is checked before the first is removed.
+            let paths = raw
+                .iter()
+                .map(|p| place.resolve(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            paths.iter().try_for_each(|p| remove_file(place, p))
+        })
+        .await?;
+    Ok(empty_ok())
+}

@@ -1,0 +1,30 @@
+//! `GET /files/info?path=...`: what each path is (not following a final symlink), keyed by the
+//! paths as sent.
+
+use axum::Json;
+use axum::extract::{RawQuery, State};
+use indexmap::IndexMap;
+
+use super::ExecApi;
+use super::files::query_values;
+use crate::files::FileInfo;
+use crate::http::error::ApiError;
+
+pub async fn file_info(
+    State(api): State<ExecApi>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<IndexMap<String, FileInfo>>, ApiError> {
+    let paths = query_values(query.as_deref(), "path");
+    let infos = api
+        .files
+        .run(move |place| {
+            let mut infos = IndexMap::new();
+            for raw in paths {
+                let path = place.resolve(&raw)?;
+                infos.insert(raw, place.info(&path)?);
+            }
+            Ok(infos)
+        })
+        .await?;
+    Ok(Json(infos))
+}

@@ -1,0 +1,30 @@
+//! `GET /files/search?path=<dir>&pattern=<glob>`: files below `path` whose name matches (see
+//! `files::glob`); directories are never returned and symlinks never followed.
+
+use axum::Json;
+use axum::extract::{RawQuery, State};
+
+use super::ExecApi;
+use super::files::{query_values, required_query};
+use crate::files::glob::Pattern;
+use crate::files::{FileError, FileInfo, search};
+use crate::http::error::ApiError;
+
+pub async fn search_files(
+    State(api): State<ExecApi>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<FileInfo>>, ApiError> {
+    let raw = required_query(query.as_deref(), "path")?;
+    let pattern = query_values(query.as_deref(), "pattern")
+        .into_iter()
+        .next()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "**".into());
+    let pattern = Pattern::parse(&pattern).map_err(FileError::Invalid)?;
+    let limit = api.files.config.max_listed;
+    let found = api
+        .files
+        .run(move |place| search(place, &place.resolve(&raw)?, &pattern, limit))
+        .await?;
+    Ok(Json(found))
+}

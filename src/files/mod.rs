@@ -1,0 +1,287 @@
+//! The sandbox's files, for the exec API's `/files` and `/directories` routes: every path is
+//! expanded as execd expands it, then resolved inside the sandbox's root (see `root.rs`); in
+//! sidecar mode operations run with the main container's user's rights (see `acting.rs`).
+
+mod acting;
+pub mod glob;
+mod info;
+pub mod root;
+mod staging;
+mod tree;
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+pub use info::FileInfo;
+pub use staging::{Staged, read_limited};
+pub use tree::{list, remove_dir, remove_file, search};
+
+use crate::process::enter::Credentials;
+use crate::target::{TargetWatch, UserDb};
+use root::Root;
+
+/// Limits of the file API (documented defaults in the README).
+#[derive(Debug, Clone)]
+pub struct FilesConfig {
+    /// Bytes one upload request may carry, all its files together.
+    pub max_upload_bytes: u64,
+    /// Entries one listing or search may return.
+    pub max_listed: usize,
+    /// Largest file `/files/replace` reads into memory.
+    pub max_replace_bytes: u64,
+    /// Where upload content waits when it arrives before its metadata (sandlet's own disk).
+    pub spool_dir: PathBuf,
+}
+
+/// Why a file operation failed, as the API reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    /// The path's state forbids it: exists, is a directory, is a mount point, is the root.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Denied(String),
+    #[error("{0}")]
+    NoSpace(String),
+    #[error("{0}")]
+    TooLarge(String),
+    /// Sidecar mode, and the main container is not there right now.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl FileError {
+    /// An operation's error, classified by its errno, with what was being done.
+    pub fn io(doing: impl std::fmt::Display, e: io::Error) -> FileError {
+        let message = format!("{doing}: {e}");
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => FileError::NotFound(message),
+            Some(libc::EACCES | libc::EPERM | libc::EROFS) => FileError::Denied(message),
+            Some(libc::ENOSPC | libc::EDQUOT) => FileError::NoSpace(message),
+            Some(libc::EEXIST | libc::ENOTEMPTY | libc::EISDIR | libc::ENOTDIR | libc::EBUSY) => {
+                FileError::Conflict(message)
+            }
+            Some(libc::ENAMETOOLONG | libc::ELOOP | libc::EINVAL) => FileError::Invalid(message),
+            _ => FileError::Failed(message),
+        }
+    }
+}
+
+pub struct Files {
+    target: Option<Arc<TargetWatch>>,
+    pub config: FilesConfig,
+}
+
+/// Where one request's paths resolve, and as whom.
+pub struct Place {
+    pub root: Root,
+    /// Variables `$NAME` and `~` expand from.
+    env: Vec<(String, String)>,
+    /// What relative paths are relative to: sandlet's working directory, or the main
+    /// container's first process's (its image's `WORKDIR`).
+    cwd: String,
+    acting: Option<Credentials>,
+    root_path: PathBuf,
+    users: OnceLock<UserDb>,
+}
+
+impl Files {
+    pub fn new(target: Option<Arc<TargetWatch>>, config: FilesConfig) -> Arc<Files> {
+        Arc::new(Files { target, config })
+    }
+
+    /// Runs `op` on a blocking thread, in the sandbox's place and with its user's rights.
+    pub async fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        op: impl FnOnce(&Place) -> Result<T, FileError> + Send + 'static,
+    ) -> Result<T, FileError> {
+        let place = Arc::new(self.place()?);
+        on(place, op).await
+    }
+
+    pub fn place(&self) -> Result<Place, FileError> {
+        let Some(watch) = &self.target else {
+            return Ok(Place {
+                root: Root::open("/".as_ref()).map_err(|e| FileError::io("cannot open /", e))?,
+                env: Vec::new(),
+                cwd: std::env::current_dir()
+                    .map(|d| d.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "/".into()),
+                acting: None,
+                root_path: "/".into(),
+                users: OnceLock::new(),
+            });
+        };
+        let located = watch.current().map_err(FileError::Unavailable)?;
+        let root_path = located.root();
+        let root = Root::open(&root_path).map_err(|e| {
+            FileError::Unavailable(format!(
+                "cannot open the main container's root {}: {e}",
+                root_path.display()
+            ))
+        })?;
+        let pid = located.target.process.pid;
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
+            .map(|d| d.to_string_lossy().into_owned())
+            .ok()
+            .filter(|d| d.starts_with('/'))
+            .unwrap_or_else(|| "/".into());
+        let place = Place {
+            root,
+            env: located.environ.clone(),
+            cwd,
+            acting: Some(Credentials {
+                uid: located.target.uid,
+                gid: located.target.gid,
+                groups: located.groups.clone(),
+            }),
+            root_path,
+            users: OnceLock::new(),
+        };
+        Ok(place)
+    }
+}
+
+/// Runs `op` on a blocking thread with `place`'s user's rights (requests that take several
+/// steps, such as uploads, keep one place throughout).
+pub async fn on<T: Send + 'static>(
+    place: Arc<Place>,
+    op: impl FnOnce(&Place) -> Result<T, FileError> + Send + 'static,
+) -> Result<T, FileError> {
+    tokio::task::spawn_blocking(move || {
+        let _acting = place.act()?;
+        op(&place)
+    })
+    .await
+    .map_err(|e| FileError::Failed(format!("a file operation panicked: {e}")))?
+}
+
+impl Place {
+    fn act(&self) -> Result<Option<acting::ActingAs>, FileError> {
+        self.acting
+            .as_ref()
+            .map(acting::act_as)
+            .transpose()
+            .map_err(|e| FileError::Failed(e.to_string()))
+    }
+
+    /// A request's path as the sandbox means it: `~` and `$NAME` expanded, made absolute and
+    /// cleaned. Where it leads is up to the root (see `root.rs`).
+    pub fn resolve(&self, raw: &str) -> Result<String, FileError> {
+        if raw.is_empty() {
+            return Err(FileError::Invalid("the path is empty".into()));
+        }
+        if raw.contains('\0') {
+            return Err(FileError::Invalid(format!("the path {raw:?} contains NUL")));
+        }
+        let mut env = self.env.clone();
+        if !env.iter().any(|(k, _)| k == "HOME")
+            && let Some(account) = self
+                .acting
+                .as_ref()
+                .and_then(|c| self.users().by_uid(c.uid))
+        {
+            env.push(("HOME".into(), account.home.clone()));
+        }
+        let expanded = crate::exec::expand_path(raw, &env).map_err(FileError::Invalid)?;
+        Ok(root::clean(&self.cwd, &expanded))
+    }
+
+    /// The sandbox's account files (owner and group names).
+    pub fn users(&self) -> &UserDb {
+        self.users.get_or_init(|| {
+            UserDb::read(&self.root_path).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the sandbox's account files; owners show as numbers");
+                UserDb::default()
+            })
+        })
+    }
+
+    /// What `path` (resolved) is, without following a final symlink.
+    pub fn info(&self, path: &str) -> Result<FileInfo, FileError> {
+        let st = self
+            .root
+            .lstat(path)
+            .map_err(|e| FileError::io(format!("file not found: {path}"), e))?;
+        Ok(FileInfo::new(path.to_string(), &st, self.users()))
+    }
+
+    /// An owner and group as given (names in the sandbox's account files, or numbers).
+    pub fn ids(
+        &self,
+        owner: Option<&str>,
+        group: Option<&str>,
+    ) -> Result<(Option<u32>, Option<u32>), FileError> {
+        let users = self.users();
+        let uid = match owner.filter(|o| !o.is_empty()) {
+            None => None,
+            Some(o) => Some(o.parse().ok().or_else(|| users.uid_of(o)).ok_or_else(|| {
+                FileError::Invalid(format!("owner {o:?} is not in the sandbox's /etc/passwd"))
+            })?),
+        };
+        let gid = match group.filter(|g| !g.is_empty()) {
+            None => None,
+            Some(g) => Some(g.parse().ok().or_else(|| users.gid_of(g)).ok_or_else(|| {
+                FileError::Invalid(format!("group {g:?} is not in the sandbox's /etc/group"))
+            })?),
+        };
+        Ok((uid, gid))
+    }
+}
+
+/// execd's `mode`: permission bits written as octal digits in a decimal number (755 is 0o755).
+pub fn octal_mode(mode: u32) -> Result<u32, FileError> {
+    let digits = mode.to_string();
+    if digits.len() > 4 || digits.chars().any(|c| !('0'..='7').contains(&c)) {
+        return Err(FileError::Invalid(format!(
+            "mode {mode} is not octal permission digits (0-7, at most 4 digits, such as 644 or 2775)"
+        )));
+    }
+    Ok(u32::from_str_radix(&digits, 8).expect("octal digits"))
+}
+
+/// Applies a mode (0: unchanged) and owner/group to the file `path` leads to.
+pub fn set_permissions(
+    place: &Place,
+    path: &str,
+    mode: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> Result<(), FileError> {
+    use nix::fcntl::OFlag;
+    let fd = place
+        .root
+        .open_at(path, OFlag::O_PATH)
+        .map_err(|e| FileError::io(format!("cannot change permissions of {path}"), e))?;
+    if mode != 0 {
+        root::chmod_fd(std::os::fd::AsFd::as_fd(&fd), mode)
+            .map_err(|e| FileError::io(format!("cannot chmod {path}"), e))?;
+    }
+    if uid.is_some() || gid.is_some() {
+        root::chown_fd(std::os::fd::AsFd::as_fd(&fd), uid, gid)
+            .map_err(|e| FileError::io(format!("cannot chown {path}"), e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_are_octal_digits_in_decimal() {
+        assert_eq!(octal_mode(755).unwrap(), 0o755);
+        assert_eq!(octal_mode(644).unwrap(), 0o644);
+        assert_eq!(octal_mode(2775).unwrap(), 0o2775);
+        assert_eq!(octal_mode(0).unwrap(), 0);
+        assert!(octal_mode(758).is_err());
+        assert!(octal_mode(17777).is_err());
+    }
+}

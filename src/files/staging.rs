@@ -1,0 +1,231 @@
+//! Writing a file by replacing it: the new content goes to a file without a name in the
+//! destination's directory (`O_TMPFILE`; a named hidden file where the filesystem lacks it), is
+//! synced, given its mode and owner, and only then renamed over the destination. A reader sees
+//! the old file or the new one, never a mix; an upload cut short (or a sandlet killed mid-write)
+//! leaves the old file as it was.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::fcntl::{AtFlags, OFlag, RenameFlags, openat, renameat2};
+use nix::sys::stat::Mode;
+use nix::unistd::{UnlinkatFlags, linkat, unlinkat};
+
+use super::root::{self, Root, is_file};
+use super::{FileError, Place};
+
+/// Mode of a new file when the request gives none.
+const DEFAULT_FILE_MODE: u32 = 0o644;
+
+pub struct Staged {
+    /// The path being replaced (symlinks resolved), for messages.
+    pub path: String,
+    parent: OwnedFd,
+    name: CString,
+    file: File,
+    /// The hidden name, when `O_TMPFILE` was not available; removed unless committed.
+    named: Option<CString>,
+    /// Mode and owner of the file being replaced, kept unless the request sets them.
+    previous: Option<(u32, u32, u32)>,
+    pub written: u64,
+}
+
+impl Staged {
+    /// Prepares to replace the file `path` leads to, creating missing parent directories.
+    pub fn create(place: &Place, path: &str) -> Result<Staged, FileError> {
+        let real = place
+            .root
+            .real_path(path)
+            .map_err(|e| FileError::io(format!("cannot resolve {path}"), e))?;
+        let Some((parent_path, _)) = root::split(&real) else {
+            return Err(FileError::Conflict(format!(
+                "{path} is the sandbox's root directory"
+            )));
+        };
+        place
+            .root
+            .create_dirs(parent_path, 0o755)
+            .map_err(|e| FileError::io(format!("cannot create the directory {parent_path}"), e))?;
+        let entry = place
+            .root
+            .entry(&real)
+            .map_err(|e| FileError::io(format!("cannot write {path}"), e))?;
+        let previous = match place.root.lstat(&real) {
+            Ok(st) if is_file(&st) => Some((st.st_mode & 0o7777, st.st_uid, st.st_gid)),
+            Ok(_) => {
+                return Err(FileError::Conflict(format!(
+                    "{path} exists and is not a regular file"
+                )));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(FileError::io(format!("cannot write {path}"), e)),
+        };
+        let mode = Mode::from_bits_truncate(0o600);
+        let (fd, named) = match openat(
+            &entry.parent,
+            ".",
+            OFlag::O_TMPFILE | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            mode,
+        ) {
+            Ok(fd) => (fd, None),
+            Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::EISDIR) => {
+                let hidden = hidden_name(&entry.name);
+                let fd = openat(
+                    &entry.parent,
+                    hidden.as_c_str(),
+                    OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+                    mode,
+                )
+                .map_err(|e| FileError::io(format!("cannot write {path}"), e.into()))?;
+                (fd, Some(hidden))
+            }
+            Err(e) => return Err(FileError::io(format!("cannot write {path}"), e.into())),
+        };
+        Ok(Staged {
+            path: path.to_string(),
+            parent: entry.parent,
+            name: entry.name,
+            file: File::from(fd),
+            named,
+            previous,
+            written: 0,
+        })
+    }
+
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<(), FileError> {
+        self.file
+            .write_all(bytes)
+            .map_err(|e| FileError::io(format!("cannot write {}", self.path), e))?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Appends everything in `spool` (an upload that arrived before its metadata).
+    pub fn copy_from(&mut self, spool: &mut File) -> Result<(), FileError> {
+        use std::io::{Seek, SeekFrom};
+        spool
+            .seek(SeekFrom::Start(0))
+            .and_then(|_| std::io::copy(spool, &mut self.file))
+            .map(|n| self.written += n)
+            .map_err(|e| FileError::io(format!("cannot write {}", self.path), e))
+    }
+
+    /// Puts the new content in place: mode (0 keeps the old file's, or 0644 for a new one) and
+    /// owner (`None` keeps the old file's, or the writer's for a new one), then the rename.
+    pub fn commit(
+        mut self,
+        mode: u32,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> Result<(), FileError> {
+        let path = self.path.clone();
+        let fail = |doing: &str, e: io::Error| FileError::io(format!("cannot {doing} {path}"), e);
+        self.file.sync_all().map_err(|e| fail("sync", e))?;
+        let fd = self.file.as_fd();
+        let mode = match (mode, self.previous) {
+            (0, Some((old, _, _))) => old,
+            (0, None) => DEFAULT_FILE_MODE,
+            (m, _) => m,
+        };
+        root::chmod_fd(fd, mode).map_err(|e| fail("chmod", e))?;
+        let (old_uid, old_gid) = self
+            .previous
+            .map_or((None, None), |(_, u, g)| (Some(u), Some(g)));
+        let (want_uid, want_gid) = (uid.or(old_uid), gid.or(old_gid));
+        if want_uid.is_some() || want_gid.is_some() {
+            match root::chown_fd(fd, want_uid, want_gid) {
+                Ok(()) => {}
+                // Keeping the old owner is best effort: without CAP_CHOWN the writer owns it.
+                Err(e) if uid.is_none() && gid.is_none() => {
+                    tracing::info!(path = %path, error = %e, "the replaced file's owner could not be kept");
+                }
+                Err(e) => return Err(fail("chown", e)),
+            }
+        }
+        let link = match &self.named {
+            Some(hidden) => hidden.clone(),
+            None => {
+                let hidden = hidden_name(&self.name);
+                let proc_link = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                linkat(
+                    nix::fcntl::AT_FDCWD,
+                    proc_link.as_str(),
+                    &self.parent,
+                    hidden.as_c_str(),
+                    AtFlags::AT_SYMLINK_FOLLOW,
+                )
+                .map_err(|e| fail("write", e.into()))?;
+                self.named = Some(hidden.clone());
+                hidden
+            }
+        };
+        renameat2(
+            &self.parent,
+            link.as_c_str(),
+            &self.parent,
+            self.name.as_c_str(),
+            RenameFlags::empty(),
+        )
+        .map_err(|e| fail("write", e.into()))?;
+        self.named = None;
+        // The rename itself durable, as execd syncs the directory (best effort there too).
+        if let Ok(dir) = openat(
+            &self.parent,
+            ".",
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            let _ = nix::unistd::fsync(&dir);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(hidden) = &self.named {
+            let _ = unlinkat(&self.parent, hidden.as_c_str(), UnlinkatFlags::NoRemoveDir);
+        }
+    }
+}
+
+fn hidden_name(name: &CString) -> CString {
+    let suffix: String = crate::exec::new_id().chars().take(12).collect();
+    let mut hidden = b".".to_vec();
+    // Room for the suffix within NAME_MAX (255).
+    let keep = name.as_bytes().len().min(200);
+    hidden.extend_from_slice(&name.as_bytes()[..keep]);
+    hidden.extend_from_slice(format!(".sandlet-{suffix}").as_bytes());
+    CString::new(hidden).expect("no NUL in a file name")
+}
+
+/// A file's whole content, when it is a regular file no larger than `limit`.
+pub fn read_limited(root: &Root, path: &str, limit: u64) -> Result<Vec<u8>, FileError> {
+    use std::io::Read;
+    let fd = root
+        .open_at(path, OFlag::O_RDONLY)
+        .map_err(|e| FileError::io(format!("file not found: {path}"), e))?;
+    let mut file = File::from(fd);
+    let size = file
+        .metadata()
+        .map_err(|e| FileError::io(format!("cannot read {path}"), e))?
+        .len();
+    if size > limit {
+        return Err(FileError::TooLarge(format!(
+            "{path} is {size} bytes; replace handles files up to {limit} bytes (--exec-max-replace-bytes)"
+        )));
+    }
+    let mut content = Vec::with_capacity(size as usize);
+    Read::by_ref(&mut file)
+        .take(limit + 1)
+        .read_to_end(&mut content)
+        .map_err(|e| FileError::io(format!("cannot read {path}"), e))?;
+    if content.len() as u64 > limit {
+        return Err(FileError::TooLarge(format!(
+            "{path} grew past {limit} bytes while read"
+        )));
+    }
+    Ok(content)
+}
