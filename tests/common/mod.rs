@@ -273,18 +273,31 @@ impl Sandlet {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> Reply {
+        match body {
+            Some(b) => {
+                let mut headers = headers.to_vec();
+                headers.push(("Content-Type", "application/json"));
+                self.exec_bytes(method, path, Some(b.to_string().into_bytes()), &headers)
+            }
+            None => self.exec_bytes(method, path, None, headers),
+        }
+    }
+
+    /// A request to the exec API with any body and headers.
+    pub fn exec_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
         let url = format!("{}{}", self.exec_base, path);
         let mut builder = ureq::http::Request::builder().method(method).uri(&url);
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }
         let result = match body {
-            Some(b) => self.agent.run(
-                builder
-                    .header("Content-Type", "application/json")
-                    .body(b.to_string().into_bytes())
-                    .unwrap(),
-            ),
+            Some(b) => self.agent.run(builder.body(b).unwrap()),
             None => self.agent.run(builder.body(()).unwrap()),
         };
         let mut resp = result.expect("exec API request");
