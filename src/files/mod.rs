@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 pub use info::FileInfo;
-pub use staging::{Staged, read_limited};
+pub use staging::{Staged, read_limited, write_pieces};
 pub use tree::{list, remove_dir, remove_file, search};
 
 use crate::process::enter::Credentials;

@@ -94,6 +94,14 @@ impl Staged {
         })
     }
 
+    /// Appends `pieces` in order (an upload's network chunks).
+    pub fn write_pieces(&mut self, pieces: &[bytes::Bytes]) -> Result<(), FileError> {
+        write_pieces(&mut self.file, pieces)
+            .map_err(|e| FileError::io(format!("cannot write {}", self.path), e))?;
+        self.written += pieces.iter().map(|p| p.len() as u64).sum::<u64>();
+        Ok(())
+    }
+
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<(), FileError> {
         self.file
             .write_all(bytes)
@@ -199,6 +207,22 @@ fn hidden_name(name: &CString) -> CString {
     hidden.extend_from_slice(&name.as_bytes()[..keep]);
     hidden.extend_from_slice(format!(".sandlet-{suffix}").as_bytes());
     CString::new(hidden).expect("no NUL in a file name")
+}
+
+/// Writes every piece, in order, with as few syscalls as the kernel allows.
+pub fn write_pieces(file: &mut File, pieces: &[bytes::Bytes]) -> std::io::Result<()> {
+    let mut slices: Vec<std::io::IoSlice> =
+        pieces.iter().map(|p| std::io::IoSlice::new(p)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A file's whole content, when it is a regular file no larger than `limit`.

@@ -6,7 +6,6 @@
 //! destination atomically (see `files::Staged`). A cut-off upload changes no file.
 
 use std::fs::File;
-use std::io::Write;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -21,8 +20,11 @@ use super::{ExecApi, empty_ok};
 use crate::files::{self, FileError, Place, Staged};
 use crate::http::error::ApiError;
 
-/// Chunks queued for a file's writer thread.
-const WRITE_AHEAD: usize = 16;
+/// Writes queued for a file's writer thread.
+const WRITE_AHEAD: usize = 4;
+/// Bytes gathered from the network into one (vectored) write: the form parser hands out small
+/// pieces, and a channel hand-off plus a syscall per piece would cost more than the data.
+const WRITE_SIZE: usize = 1 << 20;
 /// A metadata part larger than this is refused.
 const MAX_METADATA_BYTES: usize = 64 << 10;
 
@@ -184,20 +186,21 @@ async fn write_field(
     received: &mut u64,
     limit: u64,
 ) -> Result<Content, ApiError> {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_AHEAD);
+    let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(WRITE_AHEAD);
     let writer = tokio::task::spawn_blocking(move || {
         let mut content = content;
-        while let Some(chunk) = rx.blocking_recv() {
+        while let Some(pieces) = rx.blocking_recv() {
             match &mut content {
-                Content::Staged(staged) => staged.write_all(&chunk)?,
-                Content::Spooled(file) => file
-                    .write_all(&chunk)
+                Content::Staged(staged) => staged.write_pieces(&pieces)?,
+                Content::Spooled(file) => files::write_pieces(file, &pieces)
                     .map_err(|e| FileError::io("cannot spool an upload", e))?,
             }
         }
         Ok::<_, FileError>(content)
     });
     let mut outcome: Result<(), ApiError> = Ok(());
+    let mut gathered: Vec<Bytes> = Vec::new();
+    let mut gathered_bytes = 0;
     loop {
         match field.chunk().await {
             Ok(Some(chunk)) => {
@@ -212,12 +215,22 @@ async fn write_field(
                     ));
                     break;
                 }
+                gathered_bytes += chunk.len();
+                gathered.push(chunk);
                 // The writer gone means it failed; its error is the one to report.
-                if tx.send(chunk).await.is_err() {
-                    break;
+                if gathered_bytes >= WRITE_SIZE {
+                    gathered_bytes = 0;
+                    if tx.send(std::mem::take(&mut gathered)).await.is_err() {
+                        break;
+                    }
                 }
             }
-            Ok(None) => break,
+            Ok(None) => {
+                if !gathered.is_empty() {
+                    let _ = tx.send(gathered).await;
+                }
+                break;
+            }
             Err(e) => {
                 outcome = Err(form_error(e));
                 break;
