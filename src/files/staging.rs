@@ -211,8 +211,11 @@ fn hidden_name(name: &CString) -> CString {
 
 /// Writes every piece, in order, with as few syscalls as the kernel allows.
 pub fn write_pieces(file: &mut File, pieces: &[bytes::Bytes]) -> std::io::Result<()> {
-    let mut slices: Vec<std::io::IoSlice> =
-        pieces.iter().map(|p| std::io::IoSlice::new(p)).collect();
+    let mut slices: Vec<std::io::IoSlice> = pieces
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| std::io::IoSlice::new(p))
+        .collect();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
         match file.write_vectored(rest) {
