@@ -9,6 +9,7 @@ mod delete_session;
 mod interrupt;
 mod metrics;
 mod ping;
+pub mod proxy;
 mod run_command;
 mod run_in_session;
 
@@ -39,6 +40,8 @@ pub struct ExecApi {
     pub metrics: Arc<Metrics>,
     /// Turns true when sandlet shuts down; `/metrics/watch` ends then.
     pub shutdown: watch::Receiver<bool>,
+    /// `/proxy/{port}/...` to the pod's loopback.
+    pub proxy: proxy::Proxy,
 }
 
 pub fn router(api: ExecApi, auth: Auth, max_body_bytes: usize) -> Router {
@@ -57,7 +60,12 @@ pub fn router(api: ExecApi, auth: Auth, max_body_bytes: usize) -> Router {
         .route("/metrics/watch", get(metrics::watch))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        // Every route, /ping included, as with execd; the 404s too.
+        // Before routing, so any method on any path under /proxy/ is forwarded.
+        .layer(middleware::from_fn_with_state(
+            api.proxy.clone(),
+            proxy::intercept,
+        ))
+        // Every route, /ping and /proxy/ included, as with execd; the 404s too.
         .layer(middleware::from_fn_with_state(auth, require_execd_token))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(api)
