@@ -118,8 +118,8 @@ pub struct ServeArgs {
         default_value_t = 32
     )]
     pub exec_proxy_max_idle_per_port: usize,
-    /// `/proxy/{port}/`: seconds an upstream has to answer with its response headers (counted
-    /// from the start of the request, the upload included) before the client gets a 504.
+    /// `/proxy/{port}/`: seconds an upstream has to answer with its response headers, counted
+    /// from when the request body has been sent in full, before the client gets a 504.
     #[arg(
         long,
         env = "SANDLET_EXEC_PROXY_HEADER_TIMEOUT_SECONDS",

@@ -279,11 +279,43 @@ fn bad_ports_are_400_and_a_dead_port_is_502() {
 }
 
 #[test]
-fn an_upstream_without_an_answer_is_504_after_the_header_timeout() {
+fn an_upstream_without_an_answer_is_504_after_the_header_timeout_but_uploads_take_their_time() {
     let up = Upstream::start();
     let s = Sandlet::start(&["--exec-proxy-header-timeout-seconds", "1"]);
     let r = s.exec("GET", &format!("/proxy/{}/hang", up.port), None, &[]);
     r.assert_error(504, "GATEWAY_TIMEOUT");
+
+    // 2 s of upload: the clock starts when the body is all sent, not before.
+    let chunks = 20;
+    let mut resp = ureq::post(format!("{}/proxy/{}/count", s.exec_base, up.port))
+        .send(ureq::SendBody::from_owned_reader(Paced { chunks }))
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.body_mut().read_to_string().unwrap(),
+        (chunks * PACED_CHUNK).to_string()
+    );
+}
+
+const PACED_CHUNK: usize = 16 << 10;
+
+/// An upload that trickles: one chunk every 100 ms.
+struct Paced {
+    chunks: usize,
+}
+
+impl Read for Paced {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.chunks == 0 {
+            return Ok(0);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        self.chunks -= 1;
+        let n = PACED_CHUNK.min(buf.len());
+        buf[..n].fill(b'z');
+        // A short buffer would shrink the chunk; the count check below catches that.
+        Ok(n)
+    }
 }
 
 #[test]

@@ -11,6 +11,8 @@
 
 use std::error::Error as StdError;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -20,11 +22,12 @@ use axum::http::{Extensions, StatusCode, Uri, Version};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::oneshot;
 
 use super::TOKEN_HEADER;
 use crate::http::error::ApiError;
@@ -61,7 +64,7 @@ pub struct ProxyConfig {
 /// The one client every proxied request goes through, so upstream connections are reused.
 #[derive(Clone)]
 pub struct Proxy {
-    client: Client<HttpConnector, Body>,
+    client: Client<HttpConnector, Sent>,
     header_timeout: Duration,
 }
 
@@ -126,8 +129,18 @@ impl Proxy {
             headers.insert(header::UPGRADE, protocol.clone());
         }
 
+        let (body, uploaded) = Sent::new(body);
         let sent = self.client.request(Request::from_parts(parts, body));
-        let response = match tokio::time::timeout(self.header_timeout, sent).await {
+        // The clock starts once the request body is all sent: a long upload is not a slow answer.
+        let timed_out = async {
+            let _ = uploaded.await;
+            tokio::time::sleep(self.header_timeout).await;
+        };
+        let response = tokio::select! {
+            result = sent => Ok(result),
+            () = timed_out => Err(()),
+        };
+        let response = match response {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
                 return Err(ApiError::new(
@@ -141,7 +154,7 @@ impl Proxy {
                     StatusCode::GATEWAY_TIMEOUT,
                     "GATEWAY_TIMEOUT",
                     format!(
-                        "proxy to 127.0.0.1:{port}: no response headers within {} s",
+                        "proxy to 127.0.0.1:{port}: no response headers within {} s of the request",
                         self.header_timeout.as_secs_f64()
                     ),
                 ));
@@ -165,6 +178,57 @@ impl Proxy {
             e
         });
         Ok(Response::from_parts(parts, Body::new(body)))
+    }
+}
+
+/// A request body that reports when it has been sent to its end (or dropped unfinished).
+struct Sent {
+    body: Body,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl Sent {
+    fn new(body: Body) -> (Sent, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let mut sent = Sent {
+            body,
+            done: Some(tx),
+        };
+        // hyper does not poll a body that says it is already over.
+        if sent.body.is_end_stream() {
+            sent.finish();
+        }
+        (sent, rx)
+    }
+
+    fn finish(&mut self) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(());
+        }
+    }
+}
+
+impl HttpBody for Sent {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = &frame {
+            self.finish();
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
