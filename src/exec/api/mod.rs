@@ -60,7 +60,8 @@ pub fn router(api: ExecApi, auth: Auth, max_body_bytes: usize) -> Router {
         .route("/metrics/watch", get(metrics::watch))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        // Before routing, so any method on any path under /proxy/ is forwarded.
+        // Around every route and the fallback, so any method on any path under /proxy/ is
+        // forwarded (no route matches there) before a 404 or 405 could be answered.
         .layer(middleware::from_fn_with_state(
             api.proxy.clone(),
             proxy::intercept,

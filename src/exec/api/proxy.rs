@@ -104,7 +104,8 @@ impl Proxy {
         let peer = request
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip());
+            // An IPv4 client of a dual-stack listener as plain IPv4, not `::ffff:a.b.c.d`.
+            .map(|c| c.0.ip().to_canonical());
         let protocol = upgrade_protocol(request.headers());
         let client_upgrade = protocol.is_some().then(|| hyper::upgrade::on(&mut request));
 
@@ -154,7 +155,7 @@ impl Proxy {
                     StatusCode::GATEWAY_TIMEOUT,
                     "GATEWAY_TIMEOUT",
                     format!(
-                        "proxy to 127.0.0.1:{port}: no response headers within {} s of the request",
+                        "proxy to 127.0.0.1:{port}: no response headers within {} s after the request",
                         self.header_timeout.as_secs_f64()
                     ),
                 ));
