@@ -117,6 +117,24 @@ pub struct ServeArgs {
     /// Largest file `/files/replace` rewrites (it is read into memory).
     #[arg(long, env = "SANDLET_EXEC_MAX_REPLACE_BYTES", default_value_t = 64 << 20)]
     pub exec_max_replace_bytes: u64,
+    /// `/proxy/{port}/`: seconds an idle upstream connection is kept in the shared pool.
+    #[arg(long, env = "SANDLET_EXEC_PROXY_IDLE_SECONDS", default_value_t = 90)]
+    pub exec_proxy_idle_seconds: u64,
+    /// `/proxy/{port}/`: idle upstream connections kept per port, at most.
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_PROXY_MAX_IDLE_PER_PORT",
+        default_value_t = 32
+    )]
+    pub exec_proxy_max_idle_per_port: usize,
+    /// `/proxy/{port}/`: seconds an upstream has to answer with its response headers, counted
+    /// from when the request body has been sent in full, before the client gets a 504.
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_PROXY_HEADER_TIMEOUT_SECONDS",
+        default_value_t = 300
+    )]
+    pub exec_proxy_header_timeout_seconds: u64,
     /// File holding the bearer token required on every route but /health.
     #[arg(long, env = "SANDLET_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,

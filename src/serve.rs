@@ -9,7 +9,8 @@ use tokio::sync::watch;
 
 use crate::cli::ServeArgs;
 use crate::error::Error;
-use crate::exec::{self, ExecConfig, api::ExecApi};
+use crate::exec::api::{ExecApi, proxy};
+use crate::exec::{self, ExecConfig};
 use crate::http::{self, auth::Auth};
 use crate::process::{Launcher, Reaper};
 use crate::target::{Locator, TargetWatch};
@@ -137,6 +138,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
             metrics: exec.metrics,
             files: exec.files,
             shutdown: shutdown_rx.clone(),
+            proxy: exec.proxy,
         },
         exec.auth,
         args.max_body_bytes,
@@ -175,6 +177,7 @@ struct ExecParts {
     sessions: Arc<exec::Sessions>,
     metrics: Arc<exec::Metrics>,
     files: Arc<crate::files::Files>,
+    proxy: proxy::Proxy,
     auth: Auth,
 }
 
@@ -234,6 +237,16 @@ fn exec_api(
             spool_dir,
         },
     );
+    if args.exec_proxy_header_timeout_seconds == 0 {
+        return Err(Error::Config(
+            "--exec-proxy-header-timeout-seconds must be at least 1".into(),
+        ));
+    }
+    let proxy = proxy::Proxy::new(&proxy::ProxyConfig {
+        idle: Duration::from_secs(args.exec_proxy_idle_seconds),
+        max_idle_per_port: args.exec_proxy_max_idle_per_port,
+        header_timeout: Duration::from_secs(args.exec_proxy_header_timeout_seconds),
+    });
     let config = Arc::new(ExecConfig {
         data_dir,
         max_running: args.exec_max_running,
@@ -260,6 +273,7 @@ fn exec_api(
         sessions,
         metrics: exec::Metrics::new(target.cloned()),
         files,
+        proxy,
         auth,
     })
 }

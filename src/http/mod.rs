@@ -7,6 +7,7 @@ pub mod extract;
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 
 use axum::Router;
 use axum::serve::ListenerExt;
@@ -24,7 +25,11 @@ pub async fn serve(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
     });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    // The peer's address is what `/proxy/` sends upstream as X-Forwarded-For.
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

@@ -21,6 +21,7 @@ mod files_upload;
 mod interrupt;
 mod metrics;
 mod ping;
+pub mod proxy;
 mod run_command;
 mod run_in_session;
 
@@ -53,6 +54,8 @@ pub struct ExecApi {
     pub files: Arc<Files>,
     /// Turns true when sandlet shuts down; `/metrics/watch` ends then.
     pub shutdown: watch::Receiver<bool>,
+    /// `/proxy/{port}/...` to the pod's loopback.
+    pub proxy: proxy::Proxy,
 }
 
 pub fn router(api: ExecApi, auth: Auth, max_body_bytes: usize) -> Router {
@@ -92,7 +95,13 @@ pub fn router(api: ExecApi, auth: Auth, max_body_bytes: usize) -> Router {
         )
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        // Every route, /ping included, as with execd; the 404s too.
+        // Around every route and the fallback, so any method on any path under /proxy/ is
+        // forwarded (no route matches there) before a 404 or 405 could be answered.
+        .layer(middleware::from_fn_with_state(
+            api.proxy.clone(),
+            proxy::intercept,
+        ))
+        // Every route, /ping and /proxy/ included, as with execd; the 404s too.
         .layer(middleware::from_fn_with_state(auth, require_execd_token))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(api)
