@@ -264,6 +264,42 @@ fn files_and_directories_answer_with_execds_shapes() {
     assert_eq!(std::fs::read(&bravo).unwrap(), b"bAvo\n");
     assert_eq!(mode(&bravo), 0o640);
 
+    // Writes through a symlink replace its target; the link stays a link.
+    let via = format!("{base}/via-link");
+    symlink("charlie.txt", &via).unwrap();
+    let r = upload(
+        &s,
+        &[
+            Part::MetaFile(json!({"path": &via})),
+            Part::File(b"new charlie\n"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        std::fs::symlink_metadata(&via)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        std::fs::read(format!("{base}/charlie.txt")).unwrap(),
+        b"new charlie\n"
+    );
+    let r = s.exec(
+        "POST",
+        "/files/replace",
+        Some(&json!({&via: {"old": "new ", "new": ""}})),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        std::fs::symlink_metadata(&via)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    std::fs::remove_file(&via).unwrap();
+
     // Permissions, then mv (refusing an existing destination), then delete.
     let r = s.exec(
         "POST",
