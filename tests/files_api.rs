@@ -839,6 +839,46 @@ fn sidecar_paths_stay_inside_the_main_containers_root() {
         (Some("sandbox"), Some("sandbox"))
     );
 
+    // The rest of the routes, on the container's files.
+    let r = s.exec(
+        "POST",
+        "/files/permissions",
+        Some(&json!({"~/made": {"mode": 700, "group": "extra"}})),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let made = std::fs::metadata(home.join("made")).unwrap();
+    assert_eq!(
+        (made.mode() & 0o777, made.gid()),
+        (0o700, 2000),
+        "a group of the container's user"
+    );
+    let r = s.exec(
+        "POST",
+        "/files/mv",
+        Some(&json!([{"src": "/tmp/through-link.txt", "dest": "~/made/moved.txt"}])),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.exec(
+        "POST",
+        "/files/replace?verbose=true",
+        Some(&json!({"~/made/moved.txt": {"old": "in", "new": "out"}})),
+        &[],
+    );
+    assert_eq!(r.json(), json!({"~/made/moved.txt": {"replacedCount": 1}}));
+    assert_eq!(
+        std::fs::read(home.join("made/moved.txt")).unwrap(),
+        b"out\n"
+    );
+    let found = s
+        .exec("GET", "/files/search?path=/home&pattern=*.txt", None, &[])
+        .json();
+    assert_eq!(paths(&found), ["/home/sandbox/made/moved.txt"]);
+    let r = s.exec("DELETE", "/files?path=~/made/moved.txt", None, &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!home.join("made/moved.txt").exists());
+
     // The container's user's rights: its root-owned files are not its to change.
     upload(
         &s,
