@@ -1,8 +1,10 @@
-//! The BatchSandbox controller (pooled mode): reports the pods its pool allocated (status
-//! counters, phase, conditions, the endpoints annotation), runs one task per pod through the
-//! pod's executor, counts the tasks from their change feeds, gives pods back under the
-//! `Release` policy, and on deletion stops every task before the pool takes the pods back
-//! (finalizer `task-cleanup`).
+//! The BatchSandbox controller: reports its pods (status counters, phase, conditions, the
+//! endpoints annotation), runs one task per pod through the pod's executor, counts the tasks
+//! from their change feeds, and on deletion stops every task before the pods go (finalizer
+//! `task-cleanup`). Pooled (`poolRef`): the pool allocated the pods; they are given back under
+//! the `Release` policy and at deletion. Non-pooled (`template`): it creates pod `<name>-<i>`
+//! for each missing index (with that index's `shardPatches` merged in) and deletes them itself
+//! once their tasks have stopped.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,8 +22,8 @@ use serde_json::{Value, json};
 
 use crate::context::{Context, Error, Result};
 use crate::crd::{
-    ALLOC_RELEASE, ALLOC_STATUS, BatchSandbox, BatchSandboxStatus, ENDPOINTS, POOL_NAME, PodList,
-    TASK_CLEANUP, TaskResourcePolicy,
+    ALLOC_RELEASE, ALLOC_STATUS, BATCH_NAME, BatchSandbox, BatchSandboxStatus, ENDPOINTS,
+    POD_INDEX, POOL_NAME, PodList, TASK_CLEANUP, TaskResourcePolicy,
 };
 use crate::pods::{failure, ip, is_ready};
 use crate::pool::MANAGER;
@@ -58,41 +60,152 @@ pub fn error_policy(bsb: Arc<BatchSandbox>, error: &Error, _: Arc<Context>) -> A
     Action::requeue(Duration::from_secs(2))
 }
 
-/// The pods a BatchSandbox holds, in allocation order (their index).
-async fn pods_of(bsb: &BatchSandbox, ctx: &Context) -> Result<Vec<Pod>> {
-    let Some(pool) = bsb
-        .spec
-        .pool_ref
-        .as_deref()
-        .filter(|p| !p.is_empty() && *p != "*")
-    else {
-        return Ok(Vec::new());
-    };
-    let annotations = bsb.meta().annotations.as_ref();
-    let release = PodList::from_annotation(annotations, ALLOC_RELEASE).pods;
-    let names: Vec<String> = PodList::from_annotation(annotations, ALLOC_STATUS)
-        .pods
-        .into_iter()
-        .filter(|p| !release.contains(p))
-        .collect();
-    if names.is_empty() {
-        return Ok(Vec::new());
+/// Where a BatchSandbox's pods come from.
+enum Mode<'a> {
+    Pooled(&'a str),
+    OwnTemplate(&'a Value),
+}
+
+fn mode(bsb: &BatchSandbox) -> Result<Mode<'_>> {
+    match (
+        bsb.spec.pool_ref.as_deref().filter(|p| !p.is_empty()),
+        &bsb.spec.template,
+    ) {
+        (Some("*"), _) => Err(Error::Invalid(format!(
+            "batchsandbox {}: poolRef \"*\" (choose a pool) is not supported; name the pool",
+            bsb.name_any()
+        ))),
+        (Some(pool), _) => Ok(Mode::Pooled(pool)),
+        (None, Some(template)) => Ok(Mode::OwnTemplate(template)),
+        (None, None) => Err(Error::Invalid(format!(
+            "batchsandbox {}: needs spec.poolRef or spec.template",
+            bsb.name_any()
+        ))),
     }
+}
+
+/// The pods a BatchSandbox has, with their index: the position in the allocation (pooled) or
+/// the `pod-index` label (non-pooled), in index order.
+async fn pods_of(bsb: &BatchSandbox, ctx: &Context) -> Result<Vec<(usize, Pod)>> {
+    let ns = bsb.namespace().unwrap_or_default();
+    let in_namespace = |p: &Pod| p.metadata.namespace.as_deref() == Some(ns.as_str());
+    match mode(bsb)? {
+        Mode::Pooled(pool) => {
+            let annotations = bsb.meta().annotations.as_ref();
+            let release = PodList::from_annotation(annotations, ALLOC_RELEASE).pods;
+            let names: Vec<String> = PodList::from_annotation(annotations, ALLOC_STATUS)
+                .pods
+                .into_iter()
+                .filter(|p| !release.contains(p))
+                .collect();
+            if names.is_empty() {
+                return Ok(Vec::new());
+            }
+            wait_for_cache(ctx)?;
+            let mut by_name: BTreeMap<String, Pod> = ctx
+                .pods
+                .state()
+                .into_iter()
+                .filter(|p| {
+                    in_namespace(p) && p.labels().get(POOL_NAME).map(String::as_str) == Some(pool)
+                })
+                .map(|p| (p.name_any(), (*p).clone()))
+                .collect();
+            Ok(names
+                .iter()
+                .filter_map(|n| by_name.remove(n))
+                .enumerate()
+                .collect())
+        }
+        Mode::OwnTemplate(_) => {
+            wait_for_cache(ctx)?;
+            let uid = bsb.uid();
+            let mut pods: Vec<(usize, Pod)> = ctx
+                .pods
+                .state()
+                .into_iter()
+                .filter(|p| {
+                    in_namespace(p)
+                        && p.owner_references()
+                            .iter()
+                            .any(|o| Some(&o.uid) == uid.as_ref())
+                })
+                .filter_map(|p| {
+                    let index = p.labels().get(POD_INDEX)?.parse().ok()?;
+                    Some((index, (*p).clone()))
+                })
+                .collect();
+            pods.sort_by_key(|(index, p)| (*index, p.name_any()));
+            pods.dedup_by_key(|(index, _)| *index);
+            Ok(pods)
+        }
+    }
+}
+
+fn wait_for_cache(ctx: &Context) -> Result<()> {
     if futures::FutureExt::now_or_never(ctx.pods.wait_until_ready()).is_none() {
         return Err(Error::NotReady("the pod cache is still loading"));
     }
+    Ok(())
+}
+
+/// Creates the pod of every index below `replicas` that has none (non-pooled). A pod the cache
+/// has not seen yet is already there: creating it again is a no-op.
+async fn create_missing(
+    bsb: &BatchSandbox,
+    template: &Value,
+    have: &[(usize, Pod)],
+    ctx: &Context,
+) -> Result<()> {
     let ns = bsb.namespace().unwrap_or_default();
-    let mut by_name: BTreeMap<String, Pod> = ctx
-        .pods
-        .state()
-        .into_iter()
-        .filter(|p| {
-            p.metadata.namespace.as_deref() == Some(ns.as_str())
-                && p.labels().get(POOL_NAME).map(String::as_str) == Some(pool)
-        })
-        .map(|p| (p.name_any(), (*p).clone()))
-        .collect();
-    Ok(names.iter().filter_map(|n| by_name.remove(n)).collect())
+    let name = bsb.name_any();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let replicas = usize::try_from(bsb.spec.replicas).unwrap_or(0);
+    let patches = bsb.spec.shard_patches.as_deref().unwrap_or_default();
+    for index in (0..replicas).filter(|i| !have.iter().any(|(h, _)| h == i)) {
+        let pod_name = format!("{name}-{index}");
+        let mut pod = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": template.get("metadata").cloned().unwrap_or_else(|| json!({})),
+            "spec": template.get("spec").cloned().unwrap_or_else(|| json!({})),
+        });
+        if let Some(patch) = patches.get(index) {
+            merge(&mut pod, patch);
+        }
+        let owner = bsb
+            .controller_owner_ref(&())
+            .expect("a stored object has a uid");
+        let meta = &mut pod["metadata"];
+        meta["name"] = json!(pod_name);
+        meta["namespace"] = json!(ns);
+        meta["labels"][POD_INDEX] = json!(index.to_string());
+        meta["labels"][BATCH_NAME] = json!(name);
+        meta["ownerReferences"] = json!([owner]);
+        let pod: Pod = serde_json::from_value(pod)
+            .map_err(|e| Error::Invalid(format!("batchsandbox {name}: template: {e}")))?;
+        match api.create(&Default::default(), &pod).await {
+            Ok(_) => {
+                tracing::info!(batchsandbox = %name, pod = %pod_name, "created");
+                ctx.recorder()
+                    .publish(
+                        &kube::runtime::events::Event {
+                            type_: kube::runtime::events::EventType::Normal,
+                            reason: "SuccessfulCreate".into(),
+                            note: Some(format!("Created pod {pod_name}")),
+                            action: "Create".into(),
+                            secondary: None,
+                        },
+                        &bsb.object_ref(&()),
+                    )
+                    .await
+                    .unwrap_or_else(|e| tracing::debug!(error = %e, "event not recorded"));
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
@@ -114,17 +227,11 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
         }
         requeue = left.to_std().ok();
     }
-    if bsb
-        .spec
-        .pool_ref
-        .as_deref()
-        .is_none_or(|p| p.is_empty() || p == "*")
-    {
-        return Err(Error::Invalid(format!(
-            "batchsandbox {name}: only pooled BatchSandboxes (spec.poolRef naming a pool) are supported"
-        )));
+    let indexed = pods_of(bsb, ctx).await?;
+    if let Mode::OwnTemplate(template) = mode(bsb)? {
+        create_missing(bsb, template, &indexed, ctx).await?;
     }
-    let pods = pods_of(bsb, ctx).await?;
+    let pods: Vec<Pod> = indexed.iter().map(|(_, p)| p.clone()).collect();
     let owner = ObjectRef::from_obj(bsb);
 
     let mut status = BatchSandboxStatus {
@@ -145,7 +252,7 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
         let followed: Vec<String> = ctx.tracker.pods_of(&owner);
         for index in 0..replicas {
             let task_name = format!("{name}-{index}");
-            let pod = pods.get(index);
+            let pod = indexed.iter().find(|(i, _)| *i == index).map(|(_, p)| p);
             let Some((pod, ip)) = pod.and_then(|p| Some((p, ip(p)?))) else {
                 status.task_pending += 1;
                 continue;
@@ -270,7 +377,7 @@ async fn cleanup(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
     let owner = ObjectRef::from_obj(bsb);
     let pods = pods_of(bsb, ctx).await?;
     let mut waiting = 0;
-    for pod in &pods {
+    for (_, pod) in &pods {
         let Some(ip) = ip(pod) else { continue };
         let key = format!("{ns}/{}", pod.name_any());
         ctx.tracker.declare(&owner, &key, ip, None);
@@ -285,11 +392,19 @@ async fn cleanup(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
     for key in ctx.tracker.pods_of(&owner) {
         ctx.tracker.forget(&key);
     }
+    // Its own pods go now that their tasks have stopped (the garbage collector would only get
+    // to them after the BatchSandbox is gone, and not at all where none runs).
+    if let Mode::OwnTemplate(_) = mode(bsb)? {
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+        for (_, pod) in pods.iter().filter(|(_, p)| !crate::pods::is_terminating(p)) {
+            crate::pool::delete_pod(&api, &pod.name_any()).await?;
+        }
+    }
     Ok(Action::await_change())
 }
 
 /// The task for one index: the template with that index's patch merged in (strategic-merge
-/// style: objects merge, `env` lists merge by `name`, other lists are replaced), as sandlet's
+/// style: objects merge, lists of named objects merge by `name`, other lists are replaced), as sandlet's
 /// and the Go executor's `{name, process}`. The timeout comes from the unpatched template.
 fn task_spec(name: &str, template: &Value, patch: Option<&Value>) -> Result<Value> {
     let mut merged = template.clone();
@@ -313,7 +428,7 @@ fn merge(base: &mut Value, patch: &Value) {
         (Value::Object(base), Value::Object(patch)) => {
             for (k, v) in patch {
                 match base.get_mut(k) {
-                    Some(existing) if k == "env" && existing.is_array() && v.is_array() => {
+                    Some(existing) if named_items(existing) && named_items(v) => {
                         merge_by_name(existing, v)
                     }
                     Some(existing) if existing.is_object() && v.is_object() => merge(existing, v),
@@ -328,6 +443,16 @@ fn merge(base: &mut Value, patch: &Value) {
         }
         (base, patch) => *base = patch.clone(),
     }
+}
+
+/// A list of objects that all have a `name` (containers, env, volumes, ports): strategic merge
+/// patches merge those item by item.
+fn named_items(list: &Value) -> bool {
+    list.as_array().is_some_and(|items| {
+        items
+            .iter()
+            .all(|i| i.get("name").is_some_and(Value::is_string))
+    })
 }
 
 fn merge_by_name(base: &mut Value, patch: &Value) {

@@ -28,6 +28,10 @@ pub const POOL_REVISION: &str = "sandbox.opensandbox.io/pool-revision";
 /// Pod label (any value): take this idle pod out of the pool.
 pub const EVICT: &str = "pool.opensandbox.io/evict";
 /// BatchSandbox finalizer: its tasks are stopped before it goes.
+/// Pod label of a non-pooled BatchSandbox's pods: their index.
+pub const POD_INDEX: &str = "batch-sandbox.sandbox.opensandbox.io/pod-index";
+/// Pod label of a non-pooled BatchSandbox's pods: the BatchSandbox's name.
+pub const BATCH_NAME: &str = "batch-sandbox.sandbox.opensandbox.io/name";
 pub const TASK_CLEANUP: &str = "batch-sandbox.sandbox.opensandbox.io/task-cleanup";
 /// BatchSandbox finalizer: its pods are back in the pool before it goes.
 pub const POOL_ALLOCATION: &str = "pool.sandbox.opensandbox.io/pool-allocation";

@@ -372,7 +372,7 @@ async fn release(
     }
 }
 
-async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<()> {
+pub(crate) async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<()> {
     match pods.delete(name, &DeleteParams::default()).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),

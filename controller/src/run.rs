@@ -11,7 +11,7 @@ use kube::{Api, Client};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::context::Context;
-use crate::crd::{ALLOC_STATUS, BatchSandbox, PodList, Pool};
+use crate::crd::{ALLOC_STATUS, BATCH_NAME, BatchSandbox, PodList, Pool};
 use crate::tasks::Tracker;
 use crate::{batch, pool};
 use kube::runtime::reflector::ObjectRef;
@@ -65,8 +65,8 @@ pub async fn run(client: Client, settings: Settings) {
         .shutdown_on_signal()
         .run(pool::reconcile, pool::error_policy, Arc::clone(&ctx))
         .for_each(|_| async {});
-    // Pool pods are not owned by their BatchSandbox: a pod event wakes whichever one holds
-    // the pod (by its alloc-status); task changes wake it through the followers.
+    // A pod event wakes the BatchSandbox that created it (non-pooled, by its label) or that
+    // holds it (pooled, by its alloc-status); task changes wake it through the followers.
     let bsb_controller = Controller::new(sandboxes, config.clone());
     let holders = bsb_controller.store();
     let bsb_controller = bsb_controller
@@ -75,6 +75,10 @@ pub async fn run(client: Client, settings: Settings) {
                 .default_backoff()
                 .touched_objects(),
             move |pod: Pod| {
+                if let Some(owner) = pod.metadata.labels.as_ref().and_then(|l| l.get(BATCH_NAME)) {
+                    let ns = pod.metadata.namespace.clone().unwrap_or_default();
+                    return vec![ObjectRef::new(owner).within(&ns)];
+                }
                 let name = pod.metadata.name.unwrap_or_default();
                 holders
                     .state()

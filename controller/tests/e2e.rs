@@ -236,6 +236,155 @@ async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
     drop(kubelet);
 }
 
+/// A BatchSandbox with its own template: it creates pod `<name>-<i>` per index (shard patches
+/// merged in), runs a task in each, recreates a pod deleted under it, and at deletion stops the
+/// tasks and then deletes its pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batchsandbox_with_its_own_template_creates_runs_and_deletes_its_pods() {
+    let Some(env) = KubeEnv::start().await else {
+        return;
+    };
+    env.apply_crds(include_str!(
+        "../../deploy/crds/sandbox.opensandbox.io.yaml"
+    ))
+    .await;
+    let client = env.client();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let kubelet = FakeKubelet::start(client.clone(), NS, TOKEN).await;
+    let controller = start_controller(client.clone());
+    let sandboxes: Api<BatchSandbox> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let gate = tempfile::tempdir().unwrap();
+    let gate_file = gate.path().join("open");
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done",
+        gate_file.display()
+    );
+    sandboxes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "BatchSandbox",
+                "metadata": {"name": "own"},
+                "spec": {
+                    "replicas": 3,
+                    "template": {"metadata": {"labels": {"app": "own"}}, "spec": {"containers": [
+                        {"name": "main", "image": "busybox", "command": ["sleep", "infinity"]},
+                        {"name": "side", "image": "busybox"}]}},
+                    "shardPatches": [{}, {"metadata": {"labels": {"shard": "one"}},
+                        "spec": {"containers": [{"name": "main", "image": "python"}]}}],
+                    "taskTemplate": {"spec": {"process": {"command": ["sh", "-c", script.clone()]}}},
+                    "shardTaskPatches": [{}, {}, {"spec": {"process": {"command": ["sh", "-c", format!("{script}; exit 4")]}}}]
+                }
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    eventually(
+        "3 pods and 3 tasks running",
+        Duration::from_secs(60),
+        async || {
+            let b = sandboxes.get("own").await.ok()?;
+            (counters(&b) == (3, 3, 0, 0, 0)).then_some(())
+        },
+    )
+    .await;
+    let owned = pods
+        .list(&ListParams::default().labels("batch-sandbox.sandbox.opensandbox.io/name=own"))
+        .await
+        .unwrap()
+        .items;
+    let mut names: Vec<String> = owned
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["own-0", "own-1", "own-2"]);
+    let one = owned
+        .iter()
+        .find(|p| p.metadata.name.as_deref() == Some("own-1"))
+        .unwrap();
+    let labels = one.metadata.labels.clone().unwrap();
+    assert_eq!(
+        (labels["app"].as_str(), labels["shard"].as_str()),
+        ("own", "one")
+    );
+    assert_eq!(
+        labels["batch-sandbox.sandbox.opensandbox.io/pod-index"],
+        "1"
+    );
+    let containers = &one.spec.as_ref().unwrap().containers;
+    assert_eq!(
+        containers
+            .iter()
+            .map(|c| (c.name.as_str(), c.image.as_deref().unwrap()))
+            .collect::<Vec<_>>(),
+        [("main", "python"), ("side", "busybox")],
+        "the shard patch merges containers by name"
+    );
+    let owner = &one.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+        ("BatchSandbox", "own", Some(true))
+    );
+
+    // A pod deleted under it comes back under the same name, with its task.
+    pods.delete("own-0", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "own-0 is recreated and its task runs again",
+        Duration::from_secs(60),
+        async || {
+            let p = pods.get_opt("own-0").await.ok()??;
+            let b = sandboxes.get("own").await.ok()?;
+            (p.metadata.deletion_timestamp.is_none() && counters(&b) == (3, 3, 0, 0, 0))
+                .then_some(())
+        },
+    )
+    .await;
+
+    std::fs::write(&gate_file, "").unwrap();
+    eventually(
+        "2 SUCCEED and 1 FAILED",
+        Duration::from_secs(30),
+        async || {
+            let b = sandboxes.get("own").await.ok()?;
+            (counters(&b) == (3, 0, 2, 1, 0)).then_some(())
+        },
+    )
+    .await;
+
+    sandboxes
+        .delete("own", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the BatchSandbox and its pods are gone",
+        Duration::from_secs(60),
+        async || {
+            let left = pods
+                .list(
+                    &ListParams::default().labels("batch-sandbox.sandbox.opensandbox.io/name=own"),
+                )
+                .await
+                .ok()?;
+            (sandboxes.get_opt("own").await.ok()?.is_none() && left.items.is_empty()).then_some(())
+        },
+    )
+    .await;
+    controller.abort();
+    drop(kubelet);
+}
+
 async fn b_pods(sandboxes: &Api<BatchSandbox>) -> Vec<String> {
     let b = sandboxes.get("b").await.unwrap();
     sandlet_controller::crd::PodList::from_annotation(

@@ -281,6 +281,9 @@ fn start_executor(binary: &Path, ip: &str, dir: &Path, token_file: &Path) -> Chi
     child
 }
 
+/// Executor addresses, unique in the process (tests run kubelets side by side).
+static NEXT_IP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(2);
+
 impl FakeKubelet {
     pub async fn start(client: Client, namespace: &str, token: &str) -> FakeKubelet {
         let dir = tempfile::Builder::new()
@@ -298,7 +301,6 @@ impl FakeKubelet {
             token_file.clone(),
         );
         let watch = tokio::spawn(async move {
-            let mut next_ip = 2u32;
             let mut events = std::pin::pin!(watcher(pods.clone(), watcher::Config::default()));
             while let Some(event) = events.next().await {
                 let (applied, deleted): (Vec<Pod>, Vec<Pod>) = match event {
@@ -323,8 +325,8 @@ impl FakeKubelet {
                     {
                         continue;
                     }
-                    let ip = format!("127.0.{}.{}", next_ip / 250, next_ip % 250 + 2);
-                    next_ip += 1;
+                    let n = NEXT_IP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let ip = format!("127.0.{}.{}", n / 250, n % 250 + 2);
                     let data = base.join(&name);
                     let (bin, ipc, datac, tokenc) =
                         (binary.clone(), ip.clone(), data.clone(), token_path.clone());
