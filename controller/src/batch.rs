@@ -386,8 +386,10 @@ async fn cleanup(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
         }
     }
     if waiting > 0 {
-        // The followers wake this reconcile when the tasks are gone; this is the backstop.
-        return Ok(Action::requeue(Duration::from_secs(5)));
+        // Not Ok: the finalizer helper removes the finalizer after any successful cleanup.
+        // The followers wake this reconcile when the tasks are gone; the error policy's
+        // requeue is the backstop.
+        return Err(Error::NotReady("tasks are still stopping"));
     }
     for key in ctx.tracker.pods_of(&owner) {
         ctx.tracker.forget(&key);

@@ -381,6 +381,43 @@ async fn a_batchsandbox_with_its_own_template_creates_runs_and_deletes_its_pods(
         },
     )
     .await;
+
+    // Deleting one whose task is still running: the task is stopped (it takes a second to
+    // finish on SIGTERM), and only then does its pod go.
+    let mark = gate.path().join("stopped");
+    sandboxes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "BatchSandbox",
+                "metadata": {"name": "slow"},
+                "spec": {
+                    "replicas": 1,
+                    "template": {"spec": {"containers": [{"name": "main", "image": "busybox"}]}},
+                    "taskTemplate": {"spec": {"process": {"command": ["sh", "-c", format!(
+                        "trap 'sleep 1; touch {}; exit 0' TERM; while :; do sleep 0.05; done",
+                        mark.display()
+                    )]}}}
+                }
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    eventually("its task runs", Duration::from_secs(60), async || {
+        let b = sandboxes.get("slow").await.ok()?;
+        (counters(&b) == (1, 1, 0, 0, 0)).then_some(())
+    })
+    .await;
+    sandboxes
+        .delete("slow", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("its pod is gone", Duration::from_secs(60), async || {
+        pods.get_opt("slow-0").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(mark.exists(), "the pod went before its task had stopped");
     controller.abort();
     drop(kubelet);
 }
