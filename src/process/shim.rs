@@ -661,10 +661,7 @@ fn open_terminal(placement: Option<&Placement>) -> io::Result<(OwnedFd, OwnedFd)
                 .flags(flags)
                 .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
             openat2(&root, "dev/ptmx", how).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::Other,
-                    format!("cannot open /dev/ptmx in the main container: {e}"),
-                )
+                io::Error::other(format!("cannot open /dev/ptmx in the main container: {e}"))
             })?
         }
     };
