@@ -258,7 +258,8 @@ impl Ptys {
     fn finish(&self, session: &PtySession) {
         let mut inner = session.lock();
         inner.removed = true;
-        if let Some(tree) = inner.tree {
+        // With the shim gone the whole tree is gone, and its group id may be someone else's.
+        if let Some(tree) = inner.tree.filter(|t| t.shim.is_alive()) {
             tree.signal(Signal::SIGKILL);
         }
         if let Shell::Running { mode, .. } = inner.shell {
