@@ -523,3 +523,46 @@ fn in_sidecar_mode_the_shell_runs_inside_the_main_container() {
     assert_eq!(r.status, 200);
     ws.expect_exit(-1);
 }
+
+#[test]
+fn a_client_that_does_not_read_holds_the_shell_back_and_loses_nothing() {
+    const BYTES: u64 = 16 << 20;
+    let s = Sandlet::start(&[]);
+    let id = create(&s, None);
+    let mut ws = attach(&s, &id, "?pty=0");
+    ws.connected();
+    ws.send(&format!(
+        "head -c {BYTES} /dev/zero; echo; echo END-$((1+1))\n"
+    ));
+    // Not reading: the output counter stops short of the whole (held back by the client's
+    // buffers, then by the shell's pipe), instead of running through the 1 MiB ring.
+    let offset = || {
+        s.exec("GET", &format!("/pty/{id}"), None, &[]).json()["output_offset"]
+            .as_u64()
+            .unwrap()
+    };
+    let mut last = u64::MAX;
+    let mut stable = 0;
+    wait_until("the output counter stops", || {
+        let now = offset();
+        stable = if now == last { stable + 1 } else { 0 };
+        last = now;
+        std::thread::sleep(Duration::from_millis(50));
+        stable >= 10
+    });
+    assert!(last < BYTES, "the shell ran ahead of the client: {last}");
+    // Every byte arrives, in order, although 16 times the ring went through.
+    let mut zeros = 0u64;
+    loop {
+        if let Frame::Binary(b) = ws.next() {
+            assert_eq!(b[0], 1);
+            zeros += b[1..].iter().filter(|&&c| c == 0).count() as u64;
+            ws.out.truncate(0);
+            let text = String::from_utf8_lossy(&b[1..]).into_owned();
+            if text.contains("END-2") {
+                break;
+            }
+        }
+    }
+    assert_eq!(zeros, BYTES);
+}
