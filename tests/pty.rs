@@ -238,11 +238,16 @@ fn a_terminal_shell_echoes_resizes_takes_signals_and_reports_its_exit() {
     ws.send("stty size\n");
     ws.until_out("40 120");
 
+    ws.send("echo sh=$$\n");
+    let shell = value_after(
+        &ws.until("pid", |o, _| !value_after(o, "sh=").is_empty()),
+        "sh=",
+    );
     ws.send("sleep 100; echo slept-$?\n");
-    // The sleep is the terminal's foreground job once bash has forked it.
+    // The sleep is the terminal's foreground job once this shell has forked it.
     wait_until("sleep runs", || {
         std::process::Command::new("pgrep")
-            .args(["-f", "^sleep 100$"])
+            .args(["-x", "-P", &shell, "sleep"])
             .output()
             .is_ok_and(|o| o.status.success())
     });
@@ -565,4 +570,28 @@ fn a_client_that_does_not_read_holds_the_shell_back_and_loses_nothing() {
         }
     }
     assert_eq!(zeros, BYTES);
+}
+
+#[test]
+fn an_idle_session_is_reaped_with_its_whole_tree() {
+    let s = Sandlet::start(&["--exec-pty-idle-seconds", "1"]);
+    let id = create(&s, None);
+    let mut ws = attach(&s, &id, "");
+    ws.connected();
+    ws.send("sleep 1000 & echo bg=$!\n");
+    let out = ws.until("pid", |o, _| !value_after(o, "bg=").is_empty());
+    let background: i32 = value_after(&out, "bg=").parse().unwrap();
+    // Never connected: it goes too.
+    let other = create(&s, None);
+    ws.ws.close(None).unwrap();
+    drop(ws);
+    // Sessions are reaped by a sweep every 30 s and whenever one is created.
+    wait_until("the idle session is reaped", || {
+        std::thread::sleep(Duration::from_millis(200));
+        s.exec("POST", "/pty", None, &[]).status == 201
+            && s.exec("GET", &format!("/pty/{id}"), None, &[]).status == 404
+    });
+    s.exec("GET", &format!("/pty/{other}"), None, &[])
+        .assert_error(404, "CONTEXT_NOT_FOUND");
+    wait_until("its background job is gone", || !pid_alive(background));
 }

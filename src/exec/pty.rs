@@ -179,6 +179,8 @@ impl Ptys {
                 }
             }
         }
+        // Applied here too, not only by the periodic sweep: the limit counts live sessions.
+        self.evict_idle();
         let mut table = self.lock();
         if table.len() >= self.config.max_ptys {
             return Err(PtyError::Limit(format!(
