@@ -135,6 +135,16 @@ pub struct ServeArgs {
         default_value_t = 300
     )]
     pub exec_proxy_header_timeout_seconds: u64,
+    /// PTY sessions at once, at most (execd has no limit).
+    #[arg(long, env = "SANDLET_EXEC_MAX_PTY_SESSIONS", default_value_t = 32)]
+    pub exec_max_pty_sessions: usize,
+    /// Seconds a PTY session with no client attached may sit before it is removed, its shell
+    /// killed (one whose shell exited goes after at most 300 s).
+    #[arg(long, env = "SANDLET_EXEC_PTY_IDLE_SECONDS", default_value_t = 1800)]
+    pub exec_pty_idle_seconds: u64,
+    /// Largest WebSocket message a PTY client may send, in bytes (execd has no limit).
+    #[arg(long, env = "SANDLET_EXEC_PTY_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
+    pub exec_pty_max_message_bytes: usize,
     /// File holding the bearer token required on every route but /health.
     #[arg(long, env = "SANDLET_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,

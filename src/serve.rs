@@ -137,6 +137,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
             sessions: exec.sessions,
             metrics: exec.metrics,
             files: exec.files,
+            ptys: exec.ptys,
+            pty_max_message: args.exec_pty_max_message_bytes,
             shutdown: shutdown_rx.clone(),
             proxy: exec.proxy,
         },
@@ -178,6 +180,7 @@ struct ExecParts {
     metrics: Arc<exec::Metrics>,
     files: Arc<crate::files::Files>,
     proxy: proxy::Proxy,
+    ptys: Arc<exec::Ptys>,
     auth: Auth,
 }
 
@@ -215,9 +218,14 @@ fn exec_api(
             Auth::none()
         }
     };
-    if args.exec_max_running == 0 || args.exec_max_sessions == 0 || args.exec_log_limit_bytes < 2 {
+    if args.exec_max_running == 0
+        || args.exec_max_sessions == 0
+        || args.exec_max_pty_sessions == 0
+        || args.exec_pty_max_message_bytes < 64
+        || args.exec_log_limit_bytes < 2
+    {
         return Err(Error::Config(
-            "--exec-max-running and --exec-max-sessions must be at least 1, --exec-log-limit-bytes at least 2"
+            "--exec-max-running, --exec-max-sessions and --exec-max-pty-sessions must be at least 1, --exec-pty-max-message-bytes at least 64, --exec-log-limit-bytes at least 2"
                 .into(),
         ));
     }
@@ -255,22 +263,31 @@ fn exec_api(
         log_limit: args.exec_log_limit_bytes,
         max_sessions: args.exec_max_sessions,
         session_idle: Duration::from_secs(args.exec_session_idle_seconds),
+        max_ptys: args.exec_max_pty_sessions,
+        pty_idle: Duration::from_secs(args.exec_pty_idle_seconds),
         running: Default::default(),
     });
     let commands = exec::Commands::new(Arc::clone(&config), Arc::clone(launcher), target.cloned());
-    let sessions = exec::Sessions::new(config, Arc::clone(launcher), target.cloned());
-    let (c, s) = (Arc::clone(&commands), Arc::clone(&sessions));
+    let sessions = exec::Sessions::new(Arc::clone(&config), Arc::clone(launcher), target.cloned());
+    let ptys = exec::Ptys::new(config, Arc::clone(launcher), target.cloned());
+    let (c, s, p) = (
+        Arc::clone(&commands),
+        Arc::clone(&sessions),
+        Arc::clone(&ptys),
+    );
     tokio::spawn(async move {
         let mut sweep = tokio::time::interval(RETENTION_SWEEP);
         loop {
             sweep.tick().await;
             c.evict_expired();
             s.evict_idle();
+            p.evict_idle();
         }
     });
     Ok(ExecParts {
         commands,
         sessions,
+        ptys,
         metrics: exec::Metrics::new(target.cloned()),
         files,
         proxy,

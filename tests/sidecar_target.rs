@@ -136,6 +136,11 @@ fn a_previous_sandlets_orphaned_task_is_never_taken_for_the_main_container() {
     let mut serving = pod
         .sidecar(SANDLET)
         .args(["serve", "--listen-addr", &format!("127.0.0.1:{port}")])
+        // Not the default 0.0.0.0:44772, which another test's sandlet may hold.
+        .args([
+            "--exec-listen-addr",
+            &format!("127.0.0.1:{}", common::free_port()),
+        ])
         .arg("--data-dir")
         .arg(data.path().join("tasks"))
         .stderr(std::process::Stdio::null())

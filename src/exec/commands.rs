@@ -110,6 +110,7 @@ impl Commands {
         }
         let spec = Spawn {
             script: request.command.clone(),
+            interactive: false,
             cwd: request.cwd,
             envs: request.envs,
             env_override: None,

@@ -6,6 +6,7 @@ pub mod api;
 mod commands;
 mod events;
 mod metrics;
+pub mod pty;
 mod run;
 mod sessions;
 
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 pub use commands::Commands;
 pub use metrics::Metrics;
+pub use pty::Ptys;
 pub use sessions::Sessions;
 
 /// Limits and places of the exec API (documented defaults in the README).
@@ -35,6 +37,10 @@ pub struct ExecConfig {
     pub max_sessions: usize,
     /// How long a bash session may sit unused before it is removed.
     pub session_idle: Duration,
+    /// PTY sessions at once, at most.
+    pub max_ptys: usize,
+    /// How long a PTY session nobody is attached to may sit before it is removed.
+    pub pty_idle: Duration,
     pub running: AtomicUsize,
 }
 
@@ -101,7 +107,7 @@ pub fn uuid_v4() -> String {
 /// Removes what commands of an earlier sandlet left in `data_dir`: their process trees (a
 /// command does not outlive the sandlet that ran it) and their directories.
 pub fn clean_leftovers(data_dir: &std::path::Path) {
-    for kind in ["commands", "sessions"] {
+    for kind in ["commands", "sessions", "pty"] {
         let Ok(entries) = std::fs::read_dir(data_dir.join(kind)) else {
             continue;
         };

@@ -32,11 +32,18 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(3);
 const REPORT_BUFFER: usize = 8;
 /// After SIGKILL, the tree is swept again at this interval until it is gone.
 const KILL_SWEEP: Duration = Duration::from_millis(100);
+/// The terminal type of an interactive shell whose environment names none (execd sets none,
+/// and full-screen programs then misbehave).
+pub const DEFAULT_TERM: &str = "xterm-256color";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What to run: a shell script, where and as whom.
 pub struct Spawn {
     pub script: String,
+    /// An interactive shell (PTY sessions): `bash --norc --noprofile`, with `-c script` when
+    /// the script is not empty, or `sh` where there is no bash; `TERM` defaults to
+    /// [`DEFAULT_TERM`]; the shim is not reused.
+    pub interactive: bool,
     /// Working directory, already expanded; `None`: the default (see `target::start_in`).
     pub cwd: Option<String>,
     /// Variables on top of the base environment.
@@ -66,7 +73,9 @@ pub struct Started {
     /// The shim's spec pipe, to give the shim back once the run is over.
     next_spec: Option<pipe::Sender>,
     /// Writing `run.json`, off the start's path.
-    recording: JoinHandle<()>,
+    pub recording: JoinHandle<()>,
+    /// The task's input end (interactive shells): see [`crate::process::Launched::input`].
+    pub input: Option<std::os::fd::OwnedFd>,
 }
 
 /// Resolves placement, user, environment and shell, checks the working directory, and starts.
@@ -96,7 +105,7 @@ pub async fn spawn(
         credentials,
         root,
     } = place;
-    let (clear_env, env) = match spec.env_override {
+    let (clear_env, mut env) = match spec.env_override {
         Some(env) => (true, env),
         None => {
             let mut env = base;
@@ -104,6 +113,12 @@ pub async fn spawn(
             (clear_env, env)
         }
     };
+    if spec.interactive
+        && !env.iter().any(|(k, _)| k == "TERM")
+        && (clear_env || std::env::var_os("TERM").is_none())
+    {
+        env.push(("TERM".into(), DEFAULT_TERM.into()));
+    }
     if let Some(cwd) = &spec.cwd
         && cwd.starts_with('/')
     {
@@ -130,20 +145,30 @@ pub async fn spawn(
         .unwrap_or_else(|| DEFAULT_PATH.into());
     // A plain command line (words only, no shell syntax) runs without a shell in between: the
     // same result, without the shell's start-up. Anything else goes to bash (or sh) as in execd.
-    let (program, args) = match simple_command(&spec.script)
-        .filter(|words| has_program(&root, &path_var, &words[0]))
-    {
-        Some(mut words) => {
-            let program = words.remove(0);
-            (program, words)
+    let has_bash = || has_program(&root, &path_var, "bash");
+    let (program, args) = if spec.interactive {
+        let mut args = Vec::new();
+        let shell = if has_bash() {
+            args.extend(["--norc".to_string(), "--noprofile".to_string()]);
+            "bash"
+        } else {
+            "sh"
+        };
+        if !spec.script.is_empty() {
+            args.extend(["-c".to_string(), spec.script]);
         }
-        None => {
-            let shell = if has_program(&root, &path_var, "bash") {
-                "bash"
-            } else {
-                "sh"
-            };
-            (shell.to_string(), vec!["-c".to_string(), spec.script])
+        (shell.to_string(), args)
+    } else {
+        match simple_command(&spec.script).filter(|words| has_program(&root, &path_var, &words[0]))
+        {
+            Some(mut words) => {
+                let program = words.remove(0);
+                (program, words)
+            }
+            None => {
+                let shell = if has_bash() { "bash" } else { "sh" };
+                (shell.to_string(), vec!["-c".to_string(), spec.script])
+            }
         }
     };
     let shim_spec = ShimSpec {
@@ -158,7 +183,7 @@ pub async fn spawn(
         credentials,
         output: spec.output,
         records: false,
-        reuse: true,
+        reuse: !spec.interactive,
     };
     let dir = shim_spec.task_dir.clone();
     let target = shim_spec.placement.as_ref().map(|p| p.target);
@@ -191,6 +216,7 @@ pub async fn spawn(
         exit: launched.exit,
         next_spec: launched.next_spec,
         recording,
+        input: launched.input,
     })
 }
 

@@ -151,6 +151,7 @@ impl Sessions {
             .join(format!("{}-{nonce}", session.id));
         let spec = Spawn {
             script,
+            interactive: false,
             cwd: None,
             envs: Vec::new(),
             env_override: Some(state.env.clone()),

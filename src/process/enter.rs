@@ -78,6 +78,8 @@ pub enum Step {
     Uid = 7,
     NoNewPrivs = 8,
     WorkingDir = 9,
+    /// Not one of [`ChildSetup`]'s: a terminal's task becoming a session leader with it.
+    ControllingTerminal = 10,
 }
 
 impl Step {
@@ -93,6 +95,7 @@ impl Step {
             Uid,
             NoNewPrivs,
             WorkingDir,
+            ControllingTerminal,
         ]
         .into_iter()
         .find(|s| *s as u8 == code)
@@ -109,6 +112,7 @@ impl Step {
             Step::Uid => "set the user id",
             Step::NoNewPrivs => "set no_new_privs",
             Step::WorkingDir => "change to the working directory",
+            Step::ControllingTerminal => "make the terminal the controlling terminal",
         }
     }
 }

@@ -25,7 +25,7 @@ use tokio::net::UnixStream;
 use tokio::net::unix::pipe;
 use tokio::time::Instant;
 
-use super::shim::{DRAIN_GRACE, ROLE, ShimSpec};
+use super::shim::{DRAIN_GRACE, OutputMode, ROLE, ShimSpec};
 use super::{EXIT_FILE, ExitRecord, Outcome, PidFd, ProcessIdentity, Reaper};
 use crate::atomic_file;
 
@@ -45,6 +45,10 @@ pub struct Launched {
     pub exit: ExitWatch,
     /// A reusable shim's spec pipe: with its reports (in `exit`), what [`Launcher::idle`] needs.
     pub next_spec: Option<pipe::Sender>,
+    /// Where the task's input goes: the write end of its stdin pipe
+    /// ([`OutputMode::Interactive`]) or the terminal's master ([`OutputMode::Terminal`], also
+    /// where its output comes from).
+    pub input: Option<OwnedFd>,
 }
 
 /// A started shim, idle until it is sent a spec.
@@ -110,7 +114,7 @@ impl Reports {
             self.socket.readable().await?;
             let mut chunk = [0u8; 4096];
             let received = self.socket.try_io(Interest::READABLE, || {
-                let mut cmsg = nix::cmsg_space!([RawFd; 2]);
+                let mut cmsg = nix::cmsg_space!([RawFd; 3]);
                 let mut iov = [io::IoSliceMut::new(&mut chunk)];
                 let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)?;
                 let mut fds = Vec::new();
@@ -137,13 +141,20 @@ impl Reports {
         }
     }
 
-    /// The pipes passed with the start report, as streams 1 (stdout) and 2 (stderr).
-    fn take_outputs(&mut self) -> io::Result<Vec<Output>> {
-        std::mem::take(&mut self.fds)
+    /// The ends passed with the start report: the pipes as streams 1 (stdout) and 2 (stderr),
+    /// and the input end of an interactive task (see [`Launched::input`]).
+    fn take_passed(&mut self, mode: OutputMode) -> io::Result<(Vec<Output>, Option<OwnedFd>)> {
+        let mut fds = std::mem::take(&mut self.fds);
+        let input = match mode {
+            OutputMode::Interactive | OutputMode::Terminal => fds.pop(),
+            _ => None,
+        };
+        let outputs = fds
             .into_iter()
             .zip(1u8..)
             .map(|(fd, stream)| Ok((stream, pipe::Receiver::from_owned_fd(fd)?)))
-            .collect()
+            .collect::<io::Result<_>>()?;
+        Ok((outputs, input))
     }
 }
 
@@ -212,8 +223,8 @@ impl Launcher {
         }
         let (shim_pid, shim_pidfd, mut reports, spec_pipe, (task, shim_ticks, started_at)) =
             started?;
-        let outputs = match reports.take_outputs() {
-            Ok(outputs) => outputs,
+        let (outputs, input) = match reports.take_passed(spec.output) {
+            Ok(passed) => passed,
             Err(e) => {
                 // The task runs, but its output could not be read: it must not run unseen.
                 let _ = nix::sys::signal::killpg(
@@ -221,7 +232,7 @@ impl Launcher {
                     nix::sys::signal::Signal::SIGKILL,
                 );
                 tracing::warn!(pid = task.pid, error = %e, "cannot read the task's output; killed it");
-                Vec::new()
+                (Vec::new(), None)
             }
         };
         Ok(Launched {
@@ -241,6 +252,7 @@ impl Launcher {
                 ending: None,
             },
             next_spec: spec.reuse.then_some(spec_pipe),
+            input,
         })
     }
 

@@ -40,7 +40,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::enter::{ChildSetup, Credentials, Kernel, Placement, start_failure};
+use super::enter::{ChildSetup, Credentials, Kernel, Placement, Step, start_failure};
 use super::output::SegmentWriter;
 use super::{EXIT_FILE, ExitRecord, Outcome, ProcessIdentity, RUN_FILE, RunRecord};
 use crate::atomic_file::{self, Durability};
@@ -106,7 +106,33 @@ pub enum OutputMode {
     /// Read by sandlet itself from the pipes, whose read ends it gets with the start report
     /// (foreground commands): a slow client slows the process down instead of losing output.
     Stream,
+    /// Like `Stream`, and stdin is a pipe too, whose write end goes to sandlet after the two
+    /// read ends (PTY sessions in pipe mode).
+    Interactive,
+    /// A terminal: the task is a session leader with a pseudo-terminal of the target's own
+    /// `devpts` as its controlling terminal and stdio, 80x24; the master goes to sandlet with
+    /// the start report (PTY sessions).
+    Terminal,
 }
+
+impl OutputMode {
+    /// Whether sandlet gets the task's stdio ends with the start report (the shim logs nothing).
+    pub fn passed_to_sandlet(self) -> bool {
+        matches!(
+            self,
+            OutputMode::Stream | OutputMode::Interactive | OutputMode::Terminal
+        )
+    }
+
+    /// Whether the task reads input from sandlet (then it needs the fork path: see `supervise`).
+    fn interactive(self) -> bool {
+        matches!(self, OutputMode::Interactive | OutputMode::Terminal)
+    }
+}
+
+/// A terminal's initial size, execd's.
+const TERMINAL_ROWS: u16 = 24;
+const TERMINAL_COLS: u16 = 80;
 
 /// Runs the shim; returns the process exit code.
 pub fn run() -> i32 {
@@ -165,24 +191,44 @@ pub fn run() -> i32 {
 }
 
 fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) -> io::Result<()> {
-    let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-    super::grow_pipe(&out_w);
-    let (err_r, err_w) = match spec.output {
-        OutputMode::Combined => (None, out_w.try_clone()?),
-        _ => {
+    // A terminal's master stands in for the pipes: the task's stdio is its slave.
+    let terminal = match spec.output {
+        OutputMode::Terminal => Some(open_terminal(spec.placement.as_ref())?),
+        _ => None,
+    };
+    let (out_r, out_w) = match &terminal {
+        Some((_, slave)) => (None, slave.try_clone()?),
+        None => {
             let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
             super::grow_pipe(&w);
-            (Some(r), w)
+            (Some(r), blocking(w)?)
         }
     };
-    let (out_w, err_w) = (blocking(out_w)?, blocking(err_w)?);
+    let (err_r, err_w) = match (&terminal, spec.output) {
+        (Some((_, slave)), _) => (None, slave.try_clone()?),
+        (None, OutputMode::Combined) => (None, out_w.try_clone()?),
+        (None, _) => {
+            let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+            super::grow_pipe(&w);
+            (Some(r), blocking(w)?)
+        }
+    };
+    // The task's stdin: the slave, a pipe from sandlet, or /dev/null.
+    let (stdin_r, stdin_w) = match (&terminal, spec.output) {
+        (Some((_, slave)), _) => (Some(slave.try_clone()?), None),
+        (None, OutputMode::Interactive) => {
+            let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+            (Some(r), Some(w))
+        }
+        _ => (None, None),
+    };
     let spawned = match ChildSetup::prepare(
         spec.placement.as_ref(),
         spec.credentials.as_ref(),
         spec.working_dir.as_deref(),
     ) {
         Err(message) => Err(message),
-        Ok(setup) if setup.is_empty() => {
+        Ok(setup) if setup.is_empty() && !spec.output.interactive() => {
             let mut env: Vec<(OsString, OsString)> = if spec.clear_env {
                 Vec::new()
             } else {
@@ -210,16 +256,28 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
             command
                 .args(&spec.args)
                 .envs(spec.env.iter().map(|(k, v)| (k, v)))
-                .process_group(0)
-                .stdin(Stdio::null())
                 .stdout(out_w.try_clone()?)
                 .stderr(err_w.try_clone()?);
-            spawn_with(&mut command, setup, spec.working_dir.as_deref())
-                .map(|child| child.id() as i32)
+            match &stdin_r {
+                Some(r) => command.stdin(r.try_clone()?),
+                None => command.stdin(Stdio::null()),
+            };
+            // A terminal's task makes its own session (and so its own group) instead.
+            if terminal.is_none() {
+                command.process_group(0);
+            }
+            spawn_with(
+                &mut command,
+                setup,
+                spec.working_dir.as_deref(),
+                terminal.is_some(),
+            )
+            .map(|child| child.id() as i32)
         }
     };
-    // Our copies of the write ends must go, or the pipes never reach EOF.
-    drop((out_w, err_w));
+    // Our copies of the task's ends must go, or the pipes never reach EOF (and a terminal's
+    // master never reads EIO once the task's tree is gone).
+    drop((out_w, err_w, stdin_r));
     let mut handled = SigSet::empty();
     for sig in [
         Signal::SIGCHLD,
@@ -281,13 +339,19 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
         run.shim.start_ticks,
         started_at.timestamp_nanos_opt().unwrap_or(0)
     );
-    let outputs_read_by_sandlet = spec.output == OutputMode::Stream;
+    let outputs_read_by_sandlet = spec.output.passed_to_sandlet();
     if outputs_read_by_sandlet {
-        // The read ends travel with the start report: sandlet reads the task's output straight
-        // from its pipes, and the shim, holding no read end, cannot hold the pipes open.
+        // The read ends (and the stdin or terminal) travel with the start report: sandlet
+        // reads the task's output straight from its pipes, and the shim, holding no end,
+        // cannot hold the pipes open.
+        let raw = |fd: &Option<OwnedFd>| fd.as_ref().map_or(-1, |f| f.as_raw_fd());
         let ends = [
-            out_r.as_raw_fd(),
-            err_r.as_ref().map_or(-1, |r| r.as_raw_fd()),
+            raw(&out_r),
+            raw(&err_r),
+            raw(&stdin_w),
+            terminal
+                .as_ref()
+                .map_or(-1, |(master, _)| master.as_raw_fd()),
         ];
         send_with_fds(started.as_bytes(), &ends)?;
     } else {
@@ -313,13 +377,15 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
         } else {
             "stdout"
         };
-        outputs.push(Output::new(out_r, sink(stdout)));
+        if let Some(out_r) = out_r {
+            outputs.push(Output::new(out_r, sink(stdout)));
+        }
         if let Some(err_r) = err_r {
             outputs.push(Output::new(err_r, sink("stderr")));
         }
     } else {
         // sandlet has its own copies now.
-        drop((out_r, err_r));
+        drop((out_r, err_r, stdin_w, terminal));
     }
     let mut ended: Option<(ExitRecord, Instant)> = None;
     let mut reported = false;
@@ -474,6 +540,7 @@ fn spawn_with(
     command: &mut Command,
     setup: ChildSetup,
     working_dir: Option<&std::path::Path>,
+    controlling_terminal: bool,
 ) -> Result<std::process::Child, String> {
     use std::os::fd::AsRawFd;
     let (step_r, step_w) =
@@ -482,7 +549,15 @@ fn spawn_with(
     // SAFETY: the hook only makes syscalls on memory prepared before the fork.
     unsafe {
         command.pre_exec(move || {
-            setup.apply(&Kernel).map_err(|(step, errno)| {
+            let mut applied = setup.apply(&Kernel);
+            if applied.is_ok() && controlling_terminal {
+                // A new session, whose controlling terminal is the slave on stdin.
+                applied = nix::unistd::setsid()
+                    .and_then(|_| Errno::result(libc::ioctl(0, libc::TIOCSCTTY, 0)))
+                    .map(drop)
+                    .map_err(|e| (Step::ControllingTerminal, e));
+            }
+            applied.map_err(|(step, errno)| {
                 let code = step as u8;
                 libc::write(step_fd, (&code as *const u8).cast(), 1);
                 io::Error::from(errno)
@@ -564,6 +639,51 @@ fn send_with_fds(line: &[u8], fds: &[RawFd]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A new pseudo-terminal of the target's `devpts` (sidecar mode: `/dev/ptmx` resolved inside
+/// the main container's root, so the terminal is one its processes can name, and a symlink in
+/// the container cannot lead outside it): the master, and its slave opened through the master
+/// (`TIOCGPTPEER`, no path lookup at all), not a controlling terminal of the shim.
+fn open_terminal(placement: Option<&Placement>) -> io::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::{OpenHow, ResolveFlag, open, openat2};
+    use nix::sys::stat::Mode;
+    let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let master = match placement {
+        None => open("/dev/ptmx", flags, Mode::empty())?,
+        Some(p) => {
+            let root = open(
+                format!("/proc/{}/root", p.target.pid).as_str(),
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
+            let how = OpenHow::new()
+                .flags(flags)
+                .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+            openat2(&root, "dev/ptmx", how).map_err(|e| {
+                io::Error::other(format!("cannot open /dev/ptmx in the main container: {e}"))
+            })?
+        }
+    };
+    let unlock: libc::c_int = 0;
+    let size = libc::winsize {
+        ws_row: TERMINAL_ROWS,
+        ws_col: TERMINAL_COLS,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: each ioctl reads or writes one value of the type the kernel expects.
+    let slave = unsafe {
+        Errno::result(libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock))?;
+        Errno::result(libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size))?;
+        let fd = Errno::result(libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        ))?;
+        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    };
+    Ok((master, slave))
 }
 
 /// The task gets ordinary blocking pipe ends; only the shim's read ends are non-blocking.

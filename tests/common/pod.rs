@@ -56,6 +56,8 @@ const APPLETS: &[&str] = &[
     "kill",
     "ps",
     "readlink",
+    "tty",
+    "stty",
 ];
 
 pub struct Pod {
@@ -320,6 +322,8 @@ mount --make-rprivate /
 mount --bind "$ROOTFS" "$ROOTFS"
 mount -t proc proc "$ROOTFS/proc"
 mount --bind /dev/null "$ROOTFS/dev/null"
+# As a container runtime does: a devpts instance of its own, for terminals (PTY sessions).
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts "$ROOTFS/dev/pts"
 cd "$ROOTFS"
 mkdir -p .oldroot
 pivot_root . .oldroot
@@ -337,7 +341,7 @@ fn build_rootfs(root: &Path) {
         "etc",
         "tmp",
         "proc",
-        "dev",
+        "dev/pts",
         "home/sandbox",
         "home/worker",
         "work",
@@ -347,6 +351,7 @@ fn build_rootfs(root: &Path) {
     }
     std::fs::copy(BUSYBOX, root.join("bin/busybox")).unwrap();
     std::fs::write(root.join("dev/null"), "").unwrap();
+    std::os::unix::fs::symlink("pts/ptmx", root.join("dev/ptmx")).unwrap();
     for applet in APPLETS {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }

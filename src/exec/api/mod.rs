@@ -4,7 +4,9 @@
 
 mod command_logs;
 mod command_status;
+mod create_pty;
 mod create_session;
+mod delete_pty;
 mod delete_session;
 mod directories_create;
 mod directories_delete;
@@ -22,6 +24,8 @@ mod interrupt;
 mod metrics;
 mod ping;
 pub mod proxy;
+mod pty_status;
+mod pty_ws;
 mod run_command;
 mod run_in_session;
 
@@ -38,6 +42,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
+use super::pty::{PtyError, Ptys};
 use super::{Commands, Metrics, Sessions};
 use crate::files::Files;
 use crate::http::auth::Auth;
@@ -52,6 +57,9 @@ pub struct ExecApi {
     pub sessions: Arc<Sessions>,
     pub metrics: Arc<Metrics>,
     pub files: Arc<Files>,
+    pub ptys: Arc<Ptys>,
+    /// A PTY WebSocket message's size limit (execd has none).
+    pub pty_max_message: usize,
     /// Turns true when sandlet shuts down; `/metrics/watch` ends then.
     pub shutdown: watch::Receiver<bool>,
     /// `/proxy/{port}/...` to the pod's loopback.
@@ -70,6 +78,12 @@ pub fn router(api: ExecApi, auth: Auth, max_body_bytes: usize) -> Router {
         .route("/session", post(create_session::create_session))
         .route("/session/{id}/run", post(run_in_session::run_in_session))
         .route("/session/{id}", delete(delete_session::delete_session))
+        .route("/pty", post(create_pty::create_pty))
+        .route(
+            "/pty/{id}",
+            get(pty_status::pty_status).delete(delete_pty::delete_pty),
+        )
+        .route("/pty/{id}/ws", get(pty_ws::pty_ws))
         .route("/metrics", get(metrics::metrics))
         .route("/metrics/watch", get(metrics::watch))
         .route("/files", delete(files_delete::delete_files))
@@ -146,6 +160,11 @@ fn invalid(message: impl Into<String>) -> ApiError {
 
 fn runtime_error(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "RUNTIME_ERROR", message)
+}
+
+/// `404 CONTEXT_NOT_FOUND`, execd's answer for an unknown PTY session.
+fn pty_not_found(e: PtyError) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "CONTEXT_NOT_FOUND", e.to_string())
 }
 
 fn limit_error(message: impl Into<String>) -> ApiError {
