@@ -92,7 +92,7 @@ fn cat_through_loopback(source: &std::path::Path, to: Option<&std::path::Path>) 
     });
     let t = Instant::now();
     let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    std::io::copy(&mut std::fs::File::open(source).unwrap(), &mut conn).unwrap();
+    send_file(source, &mut conn);
     drop(conn);
     assert_eq!(reader.join().unwrap(), SIZE);
     t.elapsed()
@@ -113,7 +113,7 @@ fn upload(addr: &str, source: &std::path::Path, target: &std::path::Path) -> Dur
         head.len() as u64 + SIZE + tail.len() as u64
     )
     .unwrap();
-    std::io::copy(&mut std::fs::File::open(source).unwrap(), &mut conn).unwrap();
+    send_file(source, &mut conn);
     conn.write_all(tail.as_bytes()).unwrap();
     let mut reply = String::new();
     conn.read_to_string(&mut reply).unwrap();
@@ -133,6 +133,18 @@ fn download(addr: &str, target: &std::path::Path) -> Duration {
     let total = drain(&mut conn);
     assert!(total > SIZE && total < SIZE + 1024, "{total} bytes");
     t.elapsed()
+}
+
+/// The file into the connection 1 MiB at a time, as `cat` with a large buffer would.
+fn send_file(source: &std::path::Path, conn: &mut TcpStream) {
+    let mut file = std::fs::File::open(source).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf).unwrap() {
+            0 => return,
+            n => conn.write_all(&buf[..n]).unwrap(),
+        }
+    }
 }
 
 fn drain(conn: &mut TcpStream) -> u64 {
