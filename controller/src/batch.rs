@@ -408,7 +408,7 @@ async fn cleanup(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
 /// The task for one index: the template with that index's patch merged in (strategic-merge
 /// style: objects merge, lists of named objects merge by `name`, other lists are replaced), as sandlet's
 /// and the Go executor's `{name, process}`. The timeout comes from the unpatched template.
-fn task_spec(name: &str, template: &Value, patch: Option<&Value>) -> Result<Value> {
+pub fn task_spec(name: &str, template: &Value, patch: Option<&Value>) -> Result<Value> {
     let mut merged = template.clone();
     if let Some(patch) = patch {
         merge(&mut merged, patch);

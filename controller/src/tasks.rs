@@ -173,7 +173,7 @@ impl Tracker {
 }
 
 /// RUNNING, SUCCEED (exit 0), FAILED (any other ending) from a task's `processStatus`.
-fn state_of(task: &Value) -> TaskState {
+pub fn state_of(task: &Value) -> TaskState {
     let status = &task["processStatus"];
     if status.get("running").is_some_and(|r| !r.is_null()) {
         TaskState::Running
