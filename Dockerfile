@@ -1,5 +1,6 @@
-# sandlet: one static binary on an empty base image.
+# sandlet: one static binary on an empty base image (the default target), and the controller:
 #   docker build -t sandlet .
+#   docker build --target controller -t sandlet-controller .
 # The build is static glibc (crt-static, non-PIE; see .cargo/config.toml), so the runtime image
 # needs nothing but the binary.
 FROM rust:1.95-bookworm AS build
@@ -7,7 +8,15 @@ WORKDIR /src
 COPY . .
 RUN cargo build --locked --release \
  && cp target/x86_64-unknown-linux-gnu/release/sandlet /sandlet \
- && if readelf -l /sandlet | grep -q INTERP; then echo "not static" >&2; exit 1; fi
+ && cp target/x86_64-unknown-linux-gnu/release/sandlet-controller /sandlet-controller \
+ && for b in /sandlet /sandlet-controller; do \
+      if readelf -l "$b" | grep -q INTERP; then echo "$b is not static" >&2; exit 1; fi; done
+
+# sandlet-controller: talks to the apiserver with the service account's CA (in-cluster config),
+# so it needs no CA bundle either.
+FROM scratch AS controller
+COPY --from=build /sandlet-controller /sandlet-controller
+ENTRYPOINT ["/sandlet-controller"]
 
 FROM scratch
 COPY --from=build /sandlet /sandlet
