@@ -7,7 +7,7 @@
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -244,12 +244,6 @@ fn relative(path: &str) -> &str {
 /// The bytes of a name, for the `*at` calls.
 pub fn name_of(name: &CString) -> &OsStr {
     OsStr::from_bytes(name.as_bytes())
-}
-
-impl AsFd for Root {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.dir.as_fd()
-    }
 }
 
 #[cfg(test)]

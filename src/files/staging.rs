@@ -29,7 +29,6 @@ pub struct Staged {
     named: Option<CString>,
     /// Mode and owner of the file being replaced, kept unless the request sets them.
     previous: Option<(u32, u32, u32)>,
-    pub written: u64,
 }
 
 impl Staged {
@@ -90,7 +89,6 @@ impl Staged {
             file: File::from(fd),
             named,
             previous,
-            written: 0,
         })
     }
 
@@ -98,7 +96,6 @@ impl Staged {
     pub fn write_pieces(&mut self, pieces: &[bytes::Bytes]) -> Result<(), FileError> {
         write_pieces(&mut self.file, pieces)
             .map_err(|e| FileError::io(format!("cannot write {}", self.path), e))?;
-        self.written += pieces.iter().map(|p| p.len() as u64).sum::<u64>();
         Ok(())
     }
 
@@ -106,7 +103,6 @@ impl Staged {
         self.file
             .write_all(bytes)
             .map_err(|e| FileError::io(format!("cannot write {}", self.path), e))?;
-        self.written += bytes.len() as u64;
         Ok(())
     }
 
@@ -116,7 +112,7 @@ impl Staged {
         spool
             .seek(SeekFrom::Start(0))
             .and_then(|_| std::io::copy(spool, &mut self.file))
-            .map(|n| self.written += n)
+            .map(drop)
             .map_err(|e| FileError::io(format!("cannot write {}", self.path), e))
     }
 
