@@ -14,7 +14,6 @@ mod kube_env;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
 use sandlet_controller::crd::{BatchSandbox, Pool};
@@ -52,21 +51,10 @@ fn now_ns() -> u128 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let Some(env) = kube_env::KubeEnv::start().await else {
+    let Some(env) = kube_env::KubeEnv::start_with(NS).await else {
         return;
     };
-    env.apply_crds(include_str!(
-        "../../deploy/crds/sandbox.opensandbox.io.yaml"
-    ))
-    .await;
     let client = env.client();
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
-        )
-        .await
-        .unwrap();
     let kubelet = kube_env::FakeKubelet::start(client.clone(), NS, TOKEN).await;
     let controller = tokio::spawn(sandlet_controller::run::run(
         client.clone(),

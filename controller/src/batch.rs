@@ -20,13 +20,12 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use crate::context::{Context, Error, Result};
+use crate::context::{Context, Error, Result, apply_status};
 use crate::crd::{
     ALLOC_RELEASE, ALLOC_STATUS, BATCH_NAME, BatchSandbox, BatchSandboxStatus, ENDPOINTS,
     POD_INDEX, POOL_NAME, PodList, TASK_CLEANUP, TaskResourcePolicy,
 };
 use crate::pods::{failure, ip, is_ready};
-use crate::pool::MANAGER;
 use crate::tasks::TaskState;
 
 pub async fn reconcile(bsb: Arc<BatchSandbox>, ctx: Arc<Context>) -> Result<Action> {
@@ -231,7 +230,7 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
     if let Mode::OwnTemplate(template) = mode(bsb)? {
         create_missing(bsb, template, &indexed, ctx).await?;
     }
-    let pods: Vec<Pod> = indexed.iter().map(|(_, p)| p.clone()).collect();
+    let pods: Vec<&Pod> = indexed.iter().map(|(_, p)| p).collect();
     let owner = ObjectRef::from_obj(bsb);
 
     let mut status = BatchSandboxStatus {
@@ -353,16 +352,7 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
     }
     let initial = pods.is_empty() && bsb.status.is_none() && bsb.spec.replicas > 0;
     if bsb.status.as_ref() != Some(&status) && !initial {
-        api.patch_status(
-            &name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(json!({
-                "apiVersion": "sandbox.opensandbox.io/v1alpha1",
-                "kind": "BatchSandbox",
-                "status": status,
-            })),
-        )
-        .await?;
+        apply_status(&api, &name, &status).await?;
     }
     Ok(match requeue {
         Some(at) => Action::requeue(at),

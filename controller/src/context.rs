@@ -4,9 +4,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
+use kube::{Client, Resource};
 
 use crate::tasks::Tracker;
 
@@ -53,4 +54,22 @@ impl Context {
     pub fn recorder(&self) -> Recorder {
         Recorder::new(self.client.clone(), self.reporter.clone())
     }
+}
+
+/// Writes an object's `status` by server-side apply, as this controller's field manager.
+pub async fn apply_status<K>(api: &Api<K>, name: &str, status: &impl serde::Serialize) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch_status(
+        name,
+        &PatchParams::apply(crate::pool::MANAGER).force(),
+        &Patch::Apply(serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": status,
+        })),
+    )
+    .await?;
+    Ok(())
 }

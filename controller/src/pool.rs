@@ -18,7 +18,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::context::{Context, Error, Result};
+use crate::context::{Context, Error, Result, apply_status};
 use crate::crd::{
     ALLOC_RELEASE, ALLOC_RELEASED, ALLOC_STATUS, BatchSandbox, EVICT, POOL_ALLOCATION, POOL_NAME,
     POOL_REVISION, PodList, Pool, PoolStatus, TASK_CLEANUP,
@@ -245,17 +245,7 @@ pub async fn reconcile(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
     };
     if pool.status.as_ref() != Some(&status) {
         let pools: Api<Pool> = Api::namespaced(ctx.client.clone(), &ns);
-        pools
-            .patch_status(
-                &name,
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(json!({
-                    "apiVersion": "sandbox.opensandbox.io/v1alpha1",
-                    "kind": "Pool",
-                    "status": status,
-                })),
-            )
-            .await?;
+        apply_status(&pools, &name, &status).await?;
     }
     Ok(if shortfall > 0 {
         // New pods become ready through pod events; this is the backstop.

@@ -8,7 +8,7 @@ mod kube_env;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube_env::{FakeKubelet, KubeEnv};
 use sandlet_controller::crd::{BatchSandbox, ENDPOINTS, POOL_NAME, Pool};
@@ -57,22 +57,10 @@ fn counters(b: &BatchSandbox) -> (i32, i32, i32, i32, i32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
-    let Some(env) = KubeEnv::start().await else {
+    let Some(env) = KubeEnv::start_with(NS).await else {
         return;
     };
-    env.apply_crds(include_str!(
-        "../../deploy/crds/sandbox.opensandbox.io.yaml"
-    ))
-    .await;
     let client = env.client();
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
-        )
-        .await
-        .unwrap();
     let kubelet = FakeKubelet::start(client.clone(), NS, TOKEN).await;
     let mut controller = start_controller(client.clone());
     let pools: Api<Pool> = Api::namespaced(client.clone(), NS);
@@ -241,22 +229,10 @@ async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
 /// tasks and then deletes its pods.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batchsandbox_with_its_own_template_creates_runs_and_deletes_its_pods() {
-    let Some(env) = KubeEnv::start().await else {
+    let Some(env) = KubeEnv::start_with(NS).await else {
         return;
     };
-    env.apply_crds(include_str!(
-        "../../deploy/crds/sandbox.opensandbox.io.yaml"
-    ))
-    .await;
     let client = env.client();
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
-        )
-        .await
-        .unwrap();
     let kubelet = FakeKubelet::start(client.clone(), NS, TOKEN).await;
     let controller = start_controller(client.clone());
     let sandboxes: Api<BatchSandbox> = Api::namespaced(client.clone(), NS);

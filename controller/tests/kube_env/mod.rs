@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -185,8 +185,26 @@ openssl pkey -in sa.key -pubout -out sa.pub
         self.client.clone()
     }
 
+    /// An apiserver with the committed CRDs Established and `namespace` created: where every
+    /// test and the benchmark begin.
+    pub async fn start_with(namespace: &str) -> Option<KubeEnv> {
+        let env = KubeEnv::start().await?;
+        env.apply_crds(include_str!(
+            "../../../deploy/crds/sandbox.opensandbox.io.yaml"
+        ))
+        .await;
+        Api::<Namespace>::all(env.client())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        Some(env)
+    }
+
     /// Creates the CRDs of a multi-document YAML and waits until each is Established.
-    pub async fn apply_crds(&self, yaml: &str) {
+    async fn apply_crds(&self, yaml: &str) {
         let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
         let mut names = Vec::new();
         for doc in serde_yaml::Deserializer::from_str(yaml) {
