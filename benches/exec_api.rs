@@ -16,6 +16,11 @@ use serde_json::{Value, json};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[allow(dead_code)]
+#[path = "support/stats.rs"]
+mod stats;
+
+use stats::{mb_per_s, ms, p, row, sorted, time};
 
 const SAMPLES: usize = 300;
 /// One line of the streaming run: 99 characters and a newline.
@@ -233,35 +238,4 @@ impl Http {
             }
         }
     }
-}
-
-fn time(f: impl FnOnce()) -> Duration {
-    let t = Instant::now();
-    f();
-    t.elapsed()
-}
-
-fn mb_per_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / 1e6 / d.as_secs_f64()
-}
-
-fn sorted(mut v: Vec<Duration>) -> Vec<Duration> {
-    v.sort();
-    v
-}
-
-fn p(sorted: &[Duration], pct: usize) -> Duration {
-    sorted[(sorted.len() * pct / 100).min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn row(what: &str, sorted: &[Duration]) {
-    println!(
-        "{what:<60} {:>8.3}ms {:>8.3}ms",
-        ms(p(sorted, 50)),
-        ms(p(sorted, 99))
-    );
 }

@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -21,6 +21,11 @@ use axum::serve::ListenerExt;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[allow(dead_code)]
+#[path = "support/stats.rs"]
+mod stats;
+
+use stats::{mb_per_s, ms, p, row, sorted};
 
 const SAMPLES: usize = 2000;
 const DOWNLOAD: u64 = 1 << 30;
@@ -197,29 +202,4 @@ impl Write for Counter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
-}
-
-fn mb_per_s(bytes: u64, d: Duration) -> f64 {
-    bytes as f64 / 1e6 / d.as_secs_f64()
-}
-
-fn sorted(mut v: Vec<Duration>) -> Vec<Duration> {
-    v.sort();
-    v
-}
-
-fn p(sorted: &[Duration], pct: usize) -> Duration {
-    sorted[(sorted.len() * pct / 100).min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn row(what: &str, sorted: &[Duration]) {
-    println!(
-        "{what:<52} {:>8.3}ms {:>8.3}ms",
-        ms(p(sorted, 50)),
-        ms(p(sorted, 99))
-    );
 }
