@@ -19,7 +19,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use tokio::io::AsyncWriteExt;
 use tokio::io::unix::AsyncFd;
@@ -623,7 +622,7 @@ impl PtySession {
                 group = foreground;
             }
         }
-        let _ = Errno::result(unsafe { libc::kill(-group, signal as i32) });
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(group), signal);
     }
 }
 

@@ -102,11 +102,22 @@ impl Files {
         self: &Arc<Self>,
         op: impl FnOnce(&Place) -> Result<T, FileError> + Send + 'static,
     ) -> Result<T, FileError> {
-        let place = Arc::new(self.place()?);
-        on(place, op).await
+        let files = Arc::clone(self);
+        blocking(move || {
+            let place = files.place()?;
+            let _acting = place.act()?;
+            op(&place)
+        })
+        .await
     }
 
-    pub fn place(&self) -> Result<Place, FileError> {
+    /// The place for a request of several steps (see [`on`]), found off the async threads.
+    pub async fn open_place(self: &Arc<Self>) -> Result<Arc<Place>, FileError> {
+        let files = Arc::clone(self);
+        blocking(move || files.place().map(Arc::new)).await
+    }
+
+    fn place(&self) -> Result<Place, FileError> {
         let Some(watch) = &self.target else {
             return Ok(Place {
                 root: Root::open("/".as_ref()).map_err(|e| FileError::io("cannot open /", e))?,
@@ -133,7 +144,7 @@ impl Files {
             .ok()
             .filter(|d| d.starts_with('/'))
             .unwrap_or_else(|| "/".into());
-        let place = Place {
+        let mut place = Place {
             root,
             env: located.environ.clone(),
             cwd,
@@ -145,6 +156,13 @@ impl Files {
             root_path,
             users: OnceLock::new(),
         };
+        // `~` needs a HOME: the user's from the container's passwd if its environment has none.
+        let uid = located.target.uid;
+        if !place.env.iter().any(|(k, _)| k == "HOME")
+            && let Some(home) = place.users().by_uid(uid).map(|a| a.home.clone())
+        {
+            place.env.push(("HOME".into(), home));
+        }
         Ok(place)
     }
 }
@@ -155,12 +173,19 @@ pub async fn on<T: Send + 'static>(
     place: Arc<Place>,
     op: impl FnOnce(&Place) -> Result<T, FileError> + Send + 'static,
 ) -> Result<T, FileError> {
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         let _acting = place.act()?;
         op(&place)
     })
     .await
-    .map_err(|e| FileError::Failed(format!("a file operation panicked: {e}")))?
+}
+
+async fn blocking<T: Send + 'static>(
+    op: impl FnOnce() -> Result<T, FileError> + Send + 'static,
+) -> Result<T, FileError> {
+    tokio::task::spawn_blocking(op)
+        .await
+        .map_err(|e| FileError::Failed(format!("a file operation panicked: {e}")))?
 }
 
 impl Place {
@@ -181,17 +206,13 @@ impl Place {
         if raw.contains('\0') {
             return Err(FileError::Invalid(format!("the path {raw:?} contains NUL")));
         }
-        let mut env = self.env.clone();
-        if !env.iter().any(|(k, _)| k == "HOME")
-            && let Some(account) = self
-                .acting
-                .as_ref()
-                .and_then(|c| self.users().by_uid(c.uid))
-        {
-            env.push(("HOME".into(), account.home.clone()));
-        }
-        let expanded = crate::exec::expand_path(raw, &env).map_err(FileError::Invalid)?;
+        let expanded = crate::exec::expand_path(raw, &self.env).map_err(FileError::Invalid)?;
         Ok(root::clean(&self.cwd, &expanded))
+    }
+
+    /// Every path of a request resolved, before any is acted on.
+    pub fn resolve_all(&self, raw: &[String]) -> Result<Vec<String>, FileError> {
+        raw.iter().map(|p| self.resolve(p)).collect()
     }
 
     /// The sandbox's account files (owner and group names).

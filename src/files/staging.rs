@@ -10,7 +10,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::fcntl::{AtFlags, OFlag, RenameFlags, openat, renameat2};
-use nix::sys::stat::Mode;
+use nix::sys::stat::{Mode, fstatat};
 use nix::unistd::{UnlinkatFlags, linkat, unlinkat};
 
 use super::root::{self, Root, is_file};
@@ -51,7 +51,13 @@ impl Staged {
             .root
             .entry(&real)
             .map_err(|e| FileError::io(format!("cannot write {path}"), e))?;
-        let previous = match place.root.lstat(&real) {
+        let previous = match fstatat(
+            &entry.parent,
+            entry.name.as_c_str(),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(std::io::Error::from)
+        {
             Ok(st) if is_file(&st) => Some((st.st_mode & 0o7777, st.st_uid, st.st_gid)),
             Ok(_) => {
                 return Err(FileError::Conflict(format!(

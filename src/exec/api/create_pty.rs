@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ExecApi, invalid, limit_error, runtime_error};
+use super::{ExecApi, invalid, limit_error, optional_json, runtime_error};
 use crate::exec::pty::PtyError;
 use crate::http::error::ApiError;
 
@@ -23,11 +23,7 @@ pub async fn create_pty(
     State(api): State<ExecApi>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let request: CreatePty = if body.iter().all(u8::is_ascii_whitespace) {
-        CreatePty::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| invalid(format!("error parsing request: {e}")))?
-    };
+    let request: CreatePty = optional_json(&body, "error parsing request: ")?;
     let cwd = match request.cwd.filter(|c| !c.is_empty()) {
         Some(cwd) => Some(crate::exec::expand_path(&cwd, &[]).map_err(invalid)?),
         None => None,

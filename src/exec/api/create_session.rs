@@ -4,7 +4,7 @@ use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ExecApi, invalid, limit_error, runtime_error};
+use super::{ExecApi, invalid, limit_error, optional_json, runtime_error};
 use crate::exec::sessions::SessionError;
 use crate::http::error::ApiError;
 
@@ -19,11 +19,7 @@ pub async fn create_session(
     State(api): State<ExecApi>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let request: CreateSession = if body.iter().all(u8::is_ascii_whitespace) {
-        CreateSession::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| invalid(format!("error parsing request. {e}")))?
-    };
+    let request: CreateSession = optional_json(&body, "error parsing request. ")?;
     let cwd = match request.cwd.filter(|c| !c.is_empty()) {
         Some(cwd) => Some(crate::exec::expand_path(&cwd, &[]).map_err(invalid)?),
         None => None,

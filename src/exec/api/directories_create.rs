@@ -26,9 +26,7 @@ pub async fn create_directories(
                     .root
                     .create_dirs(&path, 0o755)
                     .map_err(|e| FileError::io(format!("cannot create the directory {path}"), e))?;
-                if p.mode != 0 || p.uid.is_some() || p.gid.is_some() {
-                    set_permissions(place, &path, p.mode, p.uid, p.gid)?;
-                }
+                set_permissions(place, &path, p.mode, p.uid, p.gid)?;
             }
             Ok(())
         })

@@ -16,10 +16,7 @@ pub async fn delete_directories(
     let raw = query_values(query.as_deref(), "path");
     api.files
         .run(move |place| {
-            let paths = raw
-                .iter()
-                .map(|p| place.resolve(p))
-                .collect::<Result<Vec<_>, _>>()?;
+            let paths = place.resolve_all(&raw)?;
             if paths.iter().any(|p| root::split(p).is_none()) {
                 return Err(FileError::Conflict(
                     "refusing to remove the sandbox's root directory".into(),

@@ -16,11 +16,7 @@ pub async fn delete_files(
     let raw = query_values(query.as_deref(), "path");
     api.files
         .run(move |place| {
-            // Every path is checked before the first is removed.
-            let paths = raw
-                .iter()
-                .map(|p| place.resolve(p))
-                .collect::<Result<Vec<_>, _>>()?;
+            let paths = place.resolve_all(&raw)?;
             paths.iter().try_for_each(|p| remove_file(place, p))
         })
         .await?;

@@ -61,7 +61,7 @@ pub async fn upload(State(api): State<ExecApi>, request: Request) -> Result<Resp
             format!("multipart form is empty (the body must be multipart/form-data): {e}"),
         )
     })?;
-    let place = Arc::new(api.files.place()?);
+    let place = api.files.open_place().await?;
     let limit = api.files.config.max_upload_bytes;
     let mut targets: Vec<Target> = Vec::new();
     let mut contents: Vec<Content> = Vec::new();

@@ -154,6 +154,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ExecJson<T> {
     }
 }
 
+/// A JSON body that may be empty, meaning `T::default()` (execd allows that for `/session` and
+/// `/pty` only); `prefix` opens the 400's message, worded per route as execd words it.
+fn optional_json<T: DeserializeOwned + Default>(body: &[u8], prefix: &str) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| invalid(format!("{prefix}{e}")))
+}
+
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::bad_request("INVALID_REQUEST_BODY", message)
 }
