@@ -646,25 +646,13 @@ fn send_with_fds(line: &[u8], fds: &[RawFd]) -> io::Result<()> {
 /// the container cannot lead outside it): the master, and its slave opened through the master
 /// (`TIOCGPTPEER`, no path lookup at all), not a controlling terminal of the shim.
 fn open_terminal(placement: Option<&Placement>) -> io::Result<(OwnedFd, OwnedFd)> {
-    use nix::fcntl::{OpenHow, ResolveFlag, open, openat2};
-    use nix::sys::stat::Mode;
-    let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
-    let master = match placement {
-        None => open("/dev/ptmx", flags, Mode::empty())?,
-        Some(p) => {
-            let root = open(
-                format!("/proc/{}/root", p.target.pid).as_str(),
-                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )?;
-            let how = OpenHow::new()
-                .flags(flags)
-                .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-            openat2(&root, "dev/ptmx", how).map_err(|e| {
-                io::Error::other(format!("cannot open /dev/ptmx in the main container: {e}"))
-            })?
-        }
+    let root = match placement {
+        None => "/".to_string(),
+        Some(p) => format!("/proc/{}/root", p.target.pid),
     };
+    let master = crate::files::root::Root::open(root.as_ref())
+        .and_then(|root| root.open_at("/dev/ptmx", OFlag::O_RDWR | OFlag::O_NOCTTY))
+        .map_err(|e| io::Error::other(format!("cannot open /dev/ptmx in {root}: {e}")))?;
     let unlock: libc::c_int = 0;
     let size = libc::winsize {
         ws_row: TERMINAL_ROWS,
