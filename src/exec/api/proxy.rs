@@ -29,7 +29,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::oneshot;
 
-use super::TOKEN_HEADER;
+use super::{TOKEN_HEADER, invalid};
 use crate::http::error::ApiError;
 
 const PREFIX: &str = "/proxy/";
@@ -239,13 +239,13 @@ fn target(uri: &Uri) -> Result<(u16, Uri), ApiError> {
     let rest = &uri.path()[PREFIX.len()..];
     let (port, path) = rest.find('/').map_or((rest, "/"), |i| rest.split_at(i));
     if port.is_empty() {
-        return Err(bad_request("port is required".into()));
+        return Err(invalid("port is required"));
     }
     let port = port
         .parse::<u16>()
         .ok()
         .filter(|p| *p != 0 && port.bytes().all(|b| b.is_ascii_digit()))
-        .ok_or_else(|| bad_request(format!("invalid port {port:?}: want 1 to 65535")))?;
+        .ok_or_else(|| invalid(format!("invalid port {port:?}: want 1 to 65535")))?;
     let path_and_query = match uri.query() {
         Some(query) => format!("{path}?{query}"),
         None => path.to_owned(),
@@ -255,12 +255,8 @@ fn target(uri: &Uri) -> Result<(u16, Uri), ApiError> {
         .authority(format!("127.0.0.1:{port}"))
         .path_and_query(path_and_query)
         .build()
-        .map_err(|e| bad_request(format!("cannot proxy this path: {e}")))?;
+        .map_err(|e| invalid(format!("cannot proxy this path: {e}")))?;
     Ok((port, uri))
-}
-
-fn bad_request(message: String) -> ApiError {
-    ApiError::bad_request("INVALID_REQUEST_BODY", message)
 }
 
 /// The protocol asked for when the request is an upgrade (`Connection: upgrade` + `Upgrade`).
