@@ -655,15 +655,6 @@ fn an_upload_cut_off_halfway_leaves_the_previous_content() {
     assert_eq!(names_in(dir.path()), ["config.txt"]);
 }
 
-fn rss_kib(pid: i32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 /// A 1 GiB upload and download through sandlet grows its peak RSS by less than 32 MiB.
 #[test]
 fn a_gibibyte_goes_up_and_down_in_constant_memory() {
@@ -671,7 +662,7 @@ fn a_gibibyte_goes_up_and_down_in_constant_memory() {
     let s = Sandlet::start(&[]);
     let dir = scratch();
     let target = dir.path().join("big.bin");
-    let before = rss_kib(s.pid(), "VmRSS:");
+    let before = common::status_kib(s.pid(), "VmRSS:");
 
     let head = format!(
         "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"metadata\"; filename=\"metadata\"\r\n\r\n{}\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big\"\r\n\r\n",
@@ -733,7 +724,7 @@ fn a_gibibyte_goes_up_and_down_in_constant_memory() {
         got += n as u64;
     }
     assert_eq!(got, SIZE);
-    let peak = rss_kib(s.pid(), "VmHWM:");
+    let peak = common::status_kib(s.pid(), "VmHWM:");
     let growth_mib = peak.saturating_sub(before) / 1024;
     eprintln!(
         "RSS before {before} KiB, peak {peak} KiB: growth {growth_mib} MiB for 1 GiB up and down"

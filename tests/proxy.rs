@@ -354,12 +354,7 @@ fn big_bodies_stream_both_ways_without_being_held() {
         .unwrap();
     assert_eq!(resp.body_mut().read_to_string().unwrap(), SIZE.to_string());
 
-    let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).unwrap();
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap();
+    let peak_kib = common::status_kib(s.pid(), "VmHWM:");
     assert!(
         peak_kib < 64 << 10,
         "sandlet's peak RSS {peak_kib} KiB after moving 2 x {} MiB",

@@ -502,6 +502,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A memory figure of `/proc/<pid>/status` in KiB: `field` is `"VmRSS:"`, `"VmHWM:"`, ...
+pub fn status_kib(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
 pub fn pid_alive(pid: i32) -> bool {
     // A zombie has exited: only count processes that still run.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
