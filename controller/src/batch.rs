@@ -366,16 +366,17 @@ async fn cleanup(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
     let ns = bsb.namespace().unwrap_or_default();
     let owner = ObjectRef::from_obj(bsb);
     let pods = pods_of(bsb, ctx).await?;
-    let mut waiting = 0;
+    let mut waiting = Vec::new();
     for (_, pod) in &pods {
         let Some(ip) = ip(pod) else { continue };
         let key = format!("{ns}/{}", pod.name_any());
         ctx.tracker.declare(&owner, &key, ip, None);
         if !ctx.tracker.is_idle(&key) {
-            waiting += 1;
+            waiting.push(key);
         }
     }
-    if waiting > 0 {
+    if !waiting.is_empty() {
+        tracing::debug!(batchsandbox = %bsb.name_any(), ?waiting, "deleting: tasks still stopping");
         // Not Ok: the finalizer helper removes the finalizer after any successful cleanup.
         // The followers wake this reconcile when the tasks are gone; the error policy's
         // requeue is the backstop.

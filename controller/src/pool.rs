@@ -108,7 +108,8 @@ pub async fn reconcile(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
         let deleting = bsb.meta().deletion_timestamp.is_some();
         let to_release: Vec<String> = if deleting {
             if bsb.finalizers().iter().any(|f| f == TASK_CLEANUP) {
-                continue; // its tasks are being stopped first
+                tracing::debug!(pool = %name, batchsandbox = %bsb.name_any(), "deleting: pods held until its tasks have stopped");
+                continue;
             }
             status
                 .iter()

@@ -33,6 +33,11 @@ async fn eventually<T>(
 }
 
 fn start_controller(client: kube::Client) -> tokio::task::JoinHandle<()> {
+    // The controller's log goes to the test's captured output, shown when a test fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("sandlet_controller=debug,kube_runtime=info")
+        .with_test_writer()
+        .try_init();
     tokio::spawn(sandlet_controller::run::run(
         client,
         sandlet_controller::run::Settings {
