@@ -172,6 +172,17 @@ impl Tracker {
     }
 }
 
+/// The followers go with the tracker: a controller stopped inside a process (a test's restart,
+/// an embedding program) must not leave them declaring its last wishes to the executors, where
+/// they would fight the next controller's.
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        for follower in self.lock().values() {
+            follower.handle.abort();
+        }
+    }
+}
+
 /// RUNNING, SUCCEED (exit 0), FAILED (any other ending) from a task's `processStatus`.
 pub fn state_of(task: &Value) -> TaskState {
     let status = &task["processStatus"];
@@ -212,6 +223,7 @@ async fn follow(
         let before = (v.reachable, v.tasks.clone());
         f(&mut v);
         if (v.reachable, &v.tasks) != (before.0, &before.1) {
+            tracing::debug!(executor = %executor.address, reachable = v.reachable, tasks = ?v.tasks.iter().map(|(n, t)| (n, state_of(t))).collect::<Vec<_>>(), "task view changed");
             let _ = wake.send(owner.clone());
         }
     };
@@ -406,6 +418,22 @@ impl Executor {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn followers_stop_with_their_tracker() {
+        let (wake, mut woken) = mpsc::unbounded_channel();
+        // Port 9 on loopback refuses: the follower keeps retrying, holding its `wake` sender.
+        let tracker = Tracker::new(None, 9, 4, wake);
+        let owner = ObjectRef::<BatchSandbox>::new("b").within("ns");
+        tracker.declare(&owner, "ns/p", "127.0.0.1", None);
+        drop(tracker);
+        // Every sender gone (the tracker's and each follower's) closes the channel.
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            while woken.recv().await.is_some() {}
+        })
+        .await;
+        assert!(closed.is_ok(), "a follower outlived its tracker");
+    }
 
     #[test]
     fn states_follow_the_process_status() {
