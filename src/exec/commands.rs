@@ -181,6 +181,7 @@ impl Commands {
                     }
                 };
                 command.finish(finished_of(&record, &driver));
+                driver.recorded().await;
                 driver.finish(launcher);
                 drop(slot);
                 table.evict_expired();
@@ -331,7 +332,6 @@ async fn stream(
     };
     let finished = finished_of(&record, &driver);
     command.finish(finished.clone());
-    driver.finish(launcher);
     if connected {
         let mut out = Vec::new();
         for f in &mut frames {
@@ -351,6 +351,9 @@ async fn stream(
         };
         let _ = tx.send(end.frame()).await;
     }
+    // Before the caller's eviction may remove the directory.
+    driver.recorded().await;
+    driver.finish(launcher);
     record
 }
 

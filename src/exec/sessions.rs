@@ -197,7 +197,6 @@ impl Sessions {
                 }
             };
             let timed_out = driver.timed_out;
-            driver.finish(launcher);
             *session.lock_current() = None;
             let mut last = Vec::new();
             out.finish(&mut last);
@@ -237,13 +236,15 @@ impl Sessions {
             }
             drop(state);
             *session.lock_last_used() = Instant::now();
-            let _ = std::fs::remove_dir_all(&dir);
             drop(slot);
             for frame in frames.into_iter().filter(|f| !f.is_empty()) {
                 if !connected || tx.send(frame).await.is_err() {
                     break;
                 }
             }
+            driver.recorded().await;
+            driver.finish(launcher);
+            let _ = std::fs::remove_dir_all(&dir);
         });
         Ok(rx)
     }
