@@ -582,3 +582,30 @@ fn children_of(parent: i32) -> Vec<i32> {
         })
         .collect()
 }
+
+/// A command does not outlive the sandlet that ran it: after a crash, the next sandlet finds the
+/// command's record, kills what is left of it and removes its directory.
+#[test]
+fn a_restarted_sandlet_kills_what_the_crashed_one_ran() {
+    let mut s = Sandlet::start(&[]);
+    let commands = {
+        let mut d = s.data_dir().into_os_string();
+        d.push("-exec");
+        std::path::PathBuf::from(d).join("commands")
+    };
+    let dir = scratch();
+    let pid_file = dir.path().join("pid");
+    let id = background(
+        &s,
+        &format!("echo $$ > {}; exec sleep 1000", pid_file.display()),
+    );
+    let pid = read_pid(&pid_file);
+    let record = commands.join(&id).join("run.json");
+    wait_until("the running command is recorded", || record.exists());
+
+    s.kill9();
+    assert!(pid_alive(pid), "the command lives through the crash itself");
+    s.boot();
+    wait_until("the leftover command is killed", || !pid_alive(pid));
+    assert!(!commands.join(&id).exists(), "its directory is removed too");
+}
