@@ -7,8 +7,7 @@
 //! - streaming: MB/s of line output through SSE, every line checked;
 //! - 200 concurrent streaming commands, every line of every one checked.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, Read};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,9 +16,13 @@ use serde_json::{Value, json};
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[allow(dead_code)]
+#[path = "support/http.rs"]
+mod http;
+#[allow(dead_code)]
 #[path = "support/stats.rs"]
 mod stats;
 
+use http::Http;
 use stats::{mb_per_s, ms, p, row, sorted, time};
 
 const SAMPLES: usize = 300;
@@ -28,10 +31,7 @@ const LINE: &str = "sandlet-exec-api-throughput-line-0123456789-abcdefghijklmnop
 const STREAM_BYTES: u64 = 256 << 20;
 
 fn main() {
-    let samples: usize = std::env::var("SANDLET_BENCH_SAMPLES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(SAMPLES);
+    let samples = stats::samples(SAMPLES);
     println!(
         "sandlet exec API benchmark: {samples} samples, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -170,20 +170,7 @@ fn main() {
     assert_eq!(failed, 0);
 }
 
-/// A keep-alive HTTP/1.1 client that reads chunked SSE responses.
-struct Http {
-    stream: BufReader<TcpStream>,
-}
-
 impl Http {
-    fn connect(port: u16) -> Http {
-        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_nodelay(true).unwrap();
-        Http {
-            stream: BufReader::with_capacity(256 << 10, stream),
-        }
-    }
-
     fn events(&mut self, path: &str, body: &Value) -> Vec<Value> {
         let mut events = Vec::new();
         self.stream(path, body, |e| events.push(e.clone()));
@@ -204,17 +191,8 @@ impl Http {
             "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
-        self.stream.get_mut().write_all(request.as_bytes()).unwrap();
+        assert_eq!(self.send(&request).status, 200);
         let mut line = String::new();
-        self.stream.read_line(&mut line).unwrap();
-        assert!(line.starts_with("HTTP/1.1 200"), "{line}");
-        loop {
-            line.clear();
-            self.stream.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-        }
         let mut pending = Vec::new();
         loop {
             line.clear();

@@ -6,8 +6,7 @@
 //!   own `/ping` as a second floor (its HTTP stack without the upstream hop);
 //! - throughput: a 1 GiB download, direct and proxied, alternating, best of the runs.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -21,10 +20,13 @@ use axum::serve::ListenerExt;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/http.rs"]
+mod http;
 #[allow(dead_code)]
 #[path = "support/stats.rs"]
 mod stats;
 
+use http::Http;
 use stats::{mb_per_s, ms, p, row, sorted};
 
 const SAMPLES: usize = 2000;
@@ -32,10 +34,7 @@ const DOWNLOAD: u64 = 1 << 30;
 const DOWNLOAD_RUNS: usize = 3;
 
 fn main() {
-    let samples: usize = std::env::var("SANDLET_BENCH_SAMPLES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(SAMPLES);
+    let samples = stats::samples(SAMPLES);
     println!(
         "sandlet proxy benchmark: {samples} samples, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -153,40 +152,12 @@ fn bytes(n: u64) -> Response {
         .into_response()
 }
 
-/// A keep-alive HTTP/1.1 client for responses framed by Content-Length.
-struct Http {
-    stream: BufReader<TcpStream>,
-}
-
 impl Http {
-    fn connect(port: u16) -> Http {
-        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_nodelay(true).unwrap();
-        Http {
-            stream: BufReader::with_capacity(256 << 10, stream),
-        }
-    }
-
+    /// `GET path`, its Content-Length body copied into `body`.
     fn get(&mut self, path: &str, body: &mut impl Write) {
-        let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
-        self.stream.get_mut().write_all(request.as_bytes()).unwrap();
-        let mut line = String::new();
-        self.stream.read_line(&mut line).unwrap();
-        assert!(line.starts_with("HTTP/1.1 200"), "{line}");
-        let mut length = None;
-        loop {
-            line.clear();
-            self.stream.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                length = value.trim().parse::<u64>().ok();
-            }
-        }
-        let length = length.expect("a Content-Length");
+        let head = self.send(&format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n"));
+        assert_eq!(head.status, 200);
+        let length = head.content_length.expect("a Content-Length");
         let copied = std::io::copy(&mut (&mut self.stream).take(length), body).unwrap();
         assert_eq!(copied, length);
     }

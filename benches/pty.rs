@@ -12,14 +12,14 @@ use tungstenite::{Message, WebSocket};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[allow(dead_code)]
+#[path = "support/stats.rs"]
+mod stats;
 
 const SAMPLES: usize = 500;
 
 fn main() {
-    let samples: usize = std::env::var("SANDLET_BENCH_SAMPLES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(SAMPLES);
+    let samples = stats::samples(SAMPLES);
     println!(
         "sandlet PTY benchmark: {samples} samples, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())

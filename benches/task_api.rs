@@ -21,14 +21,18 @@ use serde_json::{Value, json};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/http.rs"]
+mod http;
+#[allow(dead_code)]
+#[path = "support/stats.rs"]
+mod stats;
+
+use http::Http;
 
 const SAMPLES: usize = 300;
 
 fn main() {
-    let samples: usize = std::env::var("SANDLET_BENCH_SAMPLES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(SAMPLES);
+    let samples = stats::samples(SAMPLES);
     let work = tempfile::Builder::new()
         .prefix("sandlet-bench-")
         .tempdir()
@@ -201,45 +205,16 @@ fn main() {
     sidecar_comparison(samples);
 }
 
-/// A minimal keep-alive HTTP/1.1 client: one write per request, TCP_NODELAY, so the numbers
-/// are sandlet's and not a client library's.
-struct Http {
-    stream: BufReader<TcpStream>,
-}
-
 impl Http {
-    fn connect(port: u16) -> Http {
-        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_nodelay(true).unwrap();
-        Http {
-            stream: BufReader::new(stream),
-        }
-    }
-
     fn request(&mut self, method: &str, path: &str, body: &str) -> (u16, Value) {
-        let request = format!(
+        let head = self.send(&format!(
             "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
-        );
-        self.stream.get_mut().write_all(request.as_bytes()).unwrap();
-        let mut line = String::new();
-        self.stream.read_line(&mut line).unwrap();
-        let status: u16 = line.split(' ').nth(1).unwrap().parse().unwrap();
-        let mut length = 0;
-        loop {
-            line.clear();
-            self.stream.read_line(&mut line).unwrap();
-            if line == "\r\n" {
-                break;
-            }
-            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                length = v.trim().parse().unwrap();
-            }
-        }
-        let mut body = vec![0; length];
+        ));
+        let mut body = vec![0; head.content_length.unwrap_or(0) as usize];
         self.stream.read_exact(&mut body).unwrap();
         (
-            status,
+            head.status,
             if body.is_empty() {
                 Value::Null
             } else {

@@ -1,6 +1,14 @@
-//! Latency and throughput arithmetic the benchmarks share.
+//! Latency and throughput arithmetic the benchmarks share, and their sample count.
 
 use std::time::{Duration, Instant};
+
+/// `SANDLET_BENCH_SAMPLES`, or `default`.
+pub fn samples(default: usize) -> usize {
+    std::env::var("SANDLET_BENCH_SAMPLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
 
 pub fn time(f: impl FnOnce()) -> Duration {
     let t = Instant::now();
