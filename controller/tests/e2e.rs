@@ -32,6 +32,35 @@ async fn eventually<T>(
     }
 }
 
+/// A file the test's tasks wait for: they run until the test opens the gate.
+struct Gate {
+    dir: tempfile::TempDir,
+}
+
+impl Gate {
+    fn new() -> Gate {
+        Gate {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn file(&self) -> std::path::PathBuf {
+        self.dir.path().join("open")
+    }
+
+    /// A shell script that waits until the gate is open.
+    fn wait_script(&self) -> String {
+        format!(
+            "while [ ! -e {} ]; do sleep 0.05; done",
+            self.file().display()
+        )
+    }
+
+    fn open(&self) {
+        std::fs::write(self.file(), "").unwrap();
+    }
+}
+
 fn start_controller(client: kube::Client) -> tokio::task::JoinHandle<()> {
     // The controller's log goes to the test's captured output, shown when a test fails.
     let _ = tracing_subscriber::fmt()
@@ -101,12 +130,8 @@ async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
     .await;
 
     // Ten sandboxes, each a task that waits for a gate; shard 3 then fails.
-    let gate = tempfile::tempdir().unwrap();
-    let gate_file = gate.path().join("open");
-    let script = format!(
-        "while [ ! -e {} ]; do sleep 0.05; done",
-        gate_file.display()
-    );
+    let gate = Gate::new();
+    let script = gate.wait_script();
     sandboxes
         .create(
             &PostParams::default(),
@@ -175,7 +200,7 @@ async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
     .await;
 
     // Open the gate: nine succeed, shard 3 fails.
-    std::fs::write(&gate_file, "").unwrap();
+    gate.open();
     let opened = Instant::now();
     eventually(
         "9 tasks SUCCEED and 1 FAILED",
@@ -242,12 +267,8 @@ async fn a_batchsandbox_with_its_own_template_creates_runs_and_deletes_its_pods(
     let controller = start_controller(client.clone());
     let sandboxes: Api<BatchSandbox> = Api::namespaced(client.clone(), NS);
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let gate = tempfile::tempdir().unwrap();
-    let gate_file = gate.path().join("open");
-    let script = format!(
-        "while [ ! -e {} ]; do sleep 0.05; done",
-        gate_file.display()
-    );
+    let gate = Gate::new();
+    let script = gate.wait_script();
     sandboxes
         .create(
             &PostParams::default(),
@@ -333,7 +354,7 @@ async fn a_batchsandbox_with_its_own_template_creates_runs_and_deletes_its_pods(
     )
     .await;
 
-    std::fs::write(&gate_file, "").unwrap();
+    gate.open();
     eventually(
         "2 SUCCEED and 1 FAILED",
         Duration::from_secs(30),
@@ -365,7 +386,7 @@ async fn a_batchsandbox_with_its_own_template_creates_runs_and_deletes_its_pods(
 
     // Deleting one whose task is still running: the task is stopped (it takes a second to
     // finish on SIGTERM), and only then does its pod go.
-    let mark = gate.path().join("stopped");
+    let mark = gate.dir.path().join("stopped");
     sandboxes
         .create(
             &PostParams::default(),
