@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::{Body, Bytes};
 use axum::extract::Path;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -129,25 +128,11 @@ fn main() {
     println!("through /proxy/{{port}}/                  {through_mbs:>8.0} MB/s");
 }
 
-/// `n` bytes in 64 KiB chunks, with a Content-Length so both paths read the same framing.
+/// `n` bytes, with a Content-Length so both paths read the same framing.
 fn bytes(n: u64) -> Response {
-    const CHUNK: u64 = 64 << 10;
-    let chunk = Bytes::from(vec![b'x'; CHUNK as usize]);
-    let stream = futures_util::stream::unfold(n, move |left| {
-        let chunk = chunk.clone();
-        async move {
-            (left > 0).then(|| {
-                let take = left.min(CHUNK);
-                (
-                    Ok::<_, std::io::Error>(chunk.slice(..take as usize)),
-                    left - take,
-                )
-            })
-        }
-    });
     (
         [("content-length", n.to_string())],
-        Body::from_stream(stream),
+        common::upstream::x_bytes(n),
     )
         .into_response()
 }

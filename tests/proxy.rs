@@ -127,21 +127,7 @@ async fn sse(release: Arc<Notify>) -> Response {
 }
 
 fn bytes(n: u64) -> Response {
-    const CHUNK: u64 = 64 << 10;
-    let chunk = Bytes::from(vec![b'x'; CHUNK as usize]);
-    let stream = futures_util::stream::unfold(n, move |left| {
-        let chunk = chunk.clone();
-        async move {
-            (left > 0).then(|| {
-                let take = left.min(CHUNK);
-                (
-                    Ok::<_, std::io::Error>(chunk.slice(..take as usize)),
-                    left - take,
-                )
-            })
-        }
-    });
-    Body::from_stream(stream).into_response()
+    common::upstream::x_bytes(n).into_response()
 }
 
 async fn count(request: Request) -> String {

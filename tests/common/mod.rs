@@ -6,6 +6,7 @@
 
 pub mod pod;
 pub mod schemas;
+pub mod upstream;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
