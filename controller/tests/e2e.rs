@@ -78,6 +78,7 @@ fn start_controller(client: kube::Client) -> tokio::task::JoinHandle<()> {
     ))
 }
 
+/// (allocated, tasks running, succeeded, failed, unknown)
 fn counters(b: &BatchSandbox) -> (i32, i32, i32, i32, i32) {
     let s = b.status.clone().unwrap_or_default();
     (
@@ -87,6 +88,21 @@ fn counters(b: &BatchSandbox) -> (i32, i32, i32, i32, i32) {
         s.task_failed,
         s.task_unknown,
     )
+}
+
+/// Waits until BatchSandbox `name`'s counters are `want` (see [`counters`]).
+async fn counters_reach(
+    sandboxes: &Api<BatchSandbox>,
+    name: &str,
+    want: (i32, i32, i32, i32, i32),
+    what: &str,
+    timeout: Duration,
+) {
+    eventually(what, timeout, async || {
+        let b = sandboxes.get(name).await.ok()?;
+        (counters(&b) == want).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,13 +165,12 @@ async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
         .await
         .unwrap();
     let started = Instant::now();
-    eventually(
+    counters_reach(
+        &sandboxes,
+        "b",
+        (10, 10, 0, 0, 0),
         "10 pods allocated and 10 tasks running",
         Duration::from_secs(90),
-        async || {
-            let b = sandboxes.get("b").await.ok()?;
-            (counters(&b) == (10, 10, 0, 0, 0)).then_some(())
-        },
     )
     .await;
     eprintln!(
@@ -179,36 +194,33 @@ async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
     // An executor that cannot be reached makes its task UNKNOWN, never gone; it comes back.
     let first = &b_pods(&sandboxes).await[0];
     kubelet.kill_executor(first);
-    eventually(
+    counters_reach(
+        &sandboxes,
+        "b",
+        (10, 9, 0, 0, 1),
         "the killed executor's task is UNKNOWN",
         Duration::from_secs(30),
-        async || {
-            let b = sandboxes.get("b").await.ok()?;
-            (counters(&b) == (10, 9, 0, 0, 1)).then_some(())
-        },
     )
     .await;
     kubelet.restart_executor(first).await;
-    eventually(
+    counters_reach(
+        &sandboxes,
+        "b",
+        (10, 10, 0, 0, 0),
         "it recovers when the executor returns",
         Duration::from_secs(30),
-        async || {
-            let b = sandboxes.get("b").await.ok()?;
-            (counters(&b) == (10, 10, 0, 0, 0)).then_some(())
-        },
     )
     .await;
 
     // Open the gate: nine succeed, shard 3 fails.
     gate.open();
     let opened = Instant::now();
-    eventually(
+    counters_reach(
+        &sandboxes,
+        "b",
+        (10, 0, 9, 1, 0),
         "9 tasks SUCCEED and 1 FAILED",
         Duration::from_secs(30),
-        async || {
-            let b = sandboxes.get("b").await.ok()?;
-            (counters(&b) == (10, 0, 9, 1, 0)).then_some(())
-        },
     )
     .await;
     eprintln!("task exits reached the status in {:?}", opened.elapsed());
@@ -290,13 +302,12 @@ async fn a_batchsandbox_with_its_own_template_creates_runs_and_deletes_its_pods(
         )
         .await
         .unwrap();
-    eventually(
+    counters_reach(
+        &sandboxes,
+        "own",
+        (3, 3, 0, 0, 0),
         "3 pods and 3 tasks running",
         Duration::from_secs(60),
-        async || {
-            let b = sandboxes.get("own").await.ok()?;
-            (counters(&b) == (3, 3, 0, 0, 0)).then_some(())
-        },
     )
     .await;
     let owned = pods
@@ -355,13 +366,12 @@ async fn a_batchsandbox_with_its_own_template_creates_runs_and_deletes_its_pods(
     .await;
 
     gate.open();
-    eventually(
+    counters_reach(
+        &sandboxes,
+        "own",
+        (3, 0, 2, 1, 0),
         "2 SUCCEED and 1 FAILED",
         Duration::from_secs(30),
-        async || {
-            let b = sandboxes.get("own").await.ok()?;
-            (counters(&b) == (3, 0, 2, 1, 0)).then_some(())
-        },
     )
     .await;
 
@@ -406,10 +416,13 @@ async fn a_batchsandbox_with_its_own_template_creates_runs_and_deletes_its_pods(
         )
         .await
         .unwrap();
-    eventually("its task runs", Duration::from_secs(60), async || {
-        let b = sandboxes.get("slow").await.ok()?;
-        (counters(&b) == (1, 1, 0, 0, 0)).then_some(())
-    })
+    counters_reach(
+        &sandboxes,
+        "slow",
+        (1, 1, 0, 0, 0),
+        "its task runs",
+        Duration::from_secs(60),
+    )
     .await;
     sandboxes
         .delete("slow", &DeleteParams::default())
