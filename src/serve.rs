@@ -196,7 +196,7 @@ fn exec_api(
         dir.push("-exec");
         dir.into()
     });
-    exec::clean_leftovers(&data_dir);
+    exec::remove_leftovers(&data_dir);
     std::fs::create_dir_all(&data_dir).map_err(|e| {
         Error::Setup(format!(
             "cannot create the exec data dir {}: {e}",

@@ -583,10 +583,12 @@ fn children_of(parent: i32) -> Vec<i32> {
         .collect()
 }
 
-/// A command does not outlive the sandlet that ran it: after a crash, the next sandlet finds the
-/// command's record, kills what is left of it and removes its directory.
+/// A command does not outlive the sandlet that ran it, even one killed with SIGKILL: each
+/// command's shim sees sandlet's end of its report socket close and kills the whole tree, a
+/// grandchild that left the process group included. A restarted sandlet removes the logs.
 #[test]
-fn a_restarted_sandlet_kills_what_the_crashed_one_ran() {
+fn commands_do_not_outlive_a_crashed_sandlet() {
+    use std::io::Write;
     let mut s = Sandlet::start(&[]);
     let commands = {
         let mut d = s.data_dir().into_os_string();
@@ -594,18 +596,42 @@ fn a_restarted_sandlet_kills_what_the_crashed_one_ran() {
         std::path::PathBuf::from(d).join("commands")
     };
     let dir = scratch();
-    let pid_file = dir.path().join("pid");
+    let file = |name: &str| dir.path().join(name).display().to_string();
     let id = background(
         &s,
-        &format!("echo $$ > {}; exec sleep 1000", pid_file.display()),
+        &format!(
+            "setsid sh -c 'echo $$ > {}; exec sleep 1000' & echo $$ > {}; exec sleep 1000",
+            file("escaped"),
+            file("background")
+        ),
     );
-    let pid = read_pid(&pid_file);
-    let record = commands.join(&id).join("run.json");
-    wait_until("the running command is recorded", || record.exists());
+    // A foreground command whose client is still reading its stream.
+    let addr = s.exec_base.trim_start_matches("http://").to_string();
+    let body = json!({"command": format!("echo $$ > {}; exec sleep 1000", file("foreground"))})
+        .to_string();
+    let mut client = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        client,
+        "POST /command HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let pids: Vec<i32> = ["background", "escaped", "foreground"]
+        .iter()
+        .map(|name| read_pid(&dir.path().join(name)))
+        .collect();
+    assert!(
+        commands.join(&id).exists(),
+        "a background command has its log"
+    );
 
     s.kill9();
-    assert!(pid_alive(pid), "the command lives through the crash itself");
+    wait_until("the crashed sandlet's commands are killed", || {
+        pids.iter().all(|pid| !pid_alive(*pid))
+    });
     s.boot();
-    wait_until("the leftover command is killed", || !pid_alive(pid));
-    assert!(!commands.join(&id).exists(), "its directory is removed too");
+    assert!(
+        !commands.join(&id).exists(),
+        "the restarted sandlet removes the earlier commands' logs"
+    );
 }

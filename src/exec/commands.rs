@@ -2,7 +2,7 @@
 //! status and logs answer from that moment), keeps a bounded record once finished (by count and
 //! by age), and has its directory (the background output log) removed with the record.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -34,7 +34,8 @@ pub struct Command {
     pub content: String,
     pub background: bool,
     pub started_at: DateTime<Utc>,
-    dir: PathBuf,
+    /// A background command's directory, with its output log; a foreground command has none.
+    log_dir: Option<PathBuf>,
     state: Mutex<State>,
 }
 
@@ -100,14 +101,17 @@ impl Commands {
         let slot = RunSlot::take(&self.config).map_err(CommandError::Limit)?;
         let received = std::time::Instant::now();
         let id = new_id();
-        let dir = self.config.data_dir.join("commands").join(&id);
-        // A background command's log is there from its start; a foreground command's directory
-        // only records it, and is created off the start's path.
-        if request.background {
+        // A background command's log is there from its start; a foreground command keeps
+        // nothing on disk (its shim, not a record, stops it should sandlet die).
+        let log_dir = if request.background {
+            let dir = self.config.data_dir.join("commands").join(&id);
             std::fs::create_dir_all(&dir).map_err(|e| {
                 CommandError::Limit(format!("cannot create {}: {e}", dir.display()))
             })?;
-        }
+            Some(dir)
+        } else {
+            None
+        };
         let spec = Spawn {
             script: request.command.clone(),
             interactive: false,
@@ -121,7 +125,7 @@ impl Commands {
             } else {
                 OutputMode::Stream
             },
-            dir: dir.clone(),
+            dir: log_dir.clone(),
             log_limit: self.config.log_limit,
         };
         let (interrupt, interrupts) = mpsc::unbounded_channel();
@@ -130,13 +134,13 @@ impl Commands {
             content: request.command,
             background: request.background,
             started_at: Utc::now(),
-            dir,
+            log_dir,
             state: Mutex::new(State::Running { interrupt }),
         });
         let started = match spawn(&self.launcher, self.target.as_deref(), spec).await {
             Ok(started) => Some(started),
             Err(SpawnError::Invalid(message)) => {
-                let _ = std::fs::remove_dir_all(&command.dir);
+                command.remove_log();
                 return Err(CommandError::Invalid(message));
             }
             Err(SpawnError::Failed(message)) => {
@@ -181,7 +185,6 @@ impl Commands {
                     }
                 };
                 command.finish(finished_of(&record, &driver));
-                driver.recorded().await;
                 driver.finish(launcher);
                 drop(slot);
                 table.evict_expired();
@@ -219,12 +222,12 @@ impl Commands {
                 .get(id)
                 .ok_or_else(|| CommandError::NotFound(format!("command not found: {id}")))?,
         );
-        if !command.background {
+        let Some(dir) = &command.log_dir else {
             return Err(CommandError::Invalid(format!(
                 "command {id} is not running in background; its output was streamed"
             )));
-        }
-        let chunk = crate::process::read_log(&command.dir, COMBINED_LOG, cursor, max)
+        };
+        let chunk = crate::process::read_log(dir, COMBINED_LOG, cursor, max)
             .map_err(|e| CommandError::Invalid(format!("cannot read the output of {id}: {e}")))?;
         let next = (chunk.offset + chunk.data.len() as u64).max(cursor);
         Ok((chunk.data, next))
@@ -278,7 +281,7 @@ impl Commands {
             if (i < excess || now - *at > max_age)
                 && let Some(c) = table.shift_remove(id)
             {
-                remove_dir(&c.dir);
+                c.remove_log();
             }
         }
     }
@@ -289,6 +292,15 @@ impl Commands {
 }
 
 impl Command {
+    fn remove_log(&self) {
+        if let Some(dir) = &self.log_dir
+            && let Err(e) = std::fs::remove_dir_all(dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove a command's directory");
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -351,8 +363,6 @@ async fn stream(
         };
         let _ = tx.send(end.frame()).await;
     }
-    // Before the caller's eviction may remove the directory.
-    driver.recorded().await;
     driver.finish(launcher);
     record
 }
@@ -389,13 +399,5 @@ fn signal_text(signal: i32) -> String {
         13 => "broken pipe".into(),
         15 => "terminated".into(),
         n => format!("signal {n}"),
-    }
-}
-
-fn remove_dir(dir: &Path) {
-    if let Err(e) = std::fs::remove_dir_all(dir)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(dir = %dir.display(), error = %e, "could not remove a command's directory");
     }
 }

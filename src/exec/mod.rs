@@ -104,27 +104,14 @@ pub fn uuid_v4() -> String {
     )
 }
 
-/// Removes what commands of an earlier sandlet left in `data_dir`: their process trees (a
-/// command does not outlive the sandlet that ran it) and their directories.
-pub fn clean_leftovers(data_dir: &std::path::Path) {
-    for kind in ["commands", "sessions", "pty"] {
-        let Ok(entries) = std::fs::read_dir(data_dir.join(kind)) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let dir = entry.path();
-            if let Ok(Some(run)) = crate::atomic_file::read_json::<crate::process::RunRecord>(
-                &dir.join(crate::process::RUN_FILE),
-            ) && run.shim.is_alive()
-            {
-                let tree = crate::process::Tree {
-                    shim: run.shim,
-                    pgid: run.task.pid,
-                };
-                tree.signal(nix::sys::signal::Signal::SIGKILL);
-            }
-            let _ = std::fs::remove_dir_all(&dir);
-        }
+/// Removes the background output logs an earlier sandlet left in `data_dir`. Its processes are
+/// not there to stop: each one's shim killed its whole tree when that sandlet ended.
+pub fn remove_leftovers(data_dir: &std::path::Path) {
+    let commands = data_dir.join("commands");
+    if let Err(e) = std::fs::remove_dir_all(&commands)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %commands.display(), error = %e, "cannot remove earlier commands' logs");
     }
 }
 

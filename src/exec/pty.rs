@@ -268,11 +268,6 @@ impl Ptys {
         }
         drop(inner);
         session.changed.send_replace(());
-        let _ = std::fs::remove_dir_all(self.dir(&session.id));
-    }
-
-    fn dir(&self, id: &str) -> std::path::PathBuf {
-        self.config.data_dir.join("pty").join(id)
     }
 
     /// Claims `session` for a new client: replay from `since` (clamped to what the ring
@@ -336,7 +331,7 @@ impl Ptys {
                 Mode::Pty => OutputMode::Terminal,
                 Mode::Pipe => OutputMode::Interactive,
             },
-            dir: self.dir(&session.id),
+            dir: None,
             log_limit: self.config.log_limit,
         };
         let started = spawn(&self.launcher, self.target.as_deref(), spec)
@@ -383,26 +378,23 @@ impl Ptys {
         tracing::info!(session = %session.id, pid = tree.pgid, mode = mode.as_str(), "pty shell started");
         let session = Arc::clone(session);
         let launcher = Arc::clone(&self.launcher);
-        let dir = self.dir(&session.id);
         tokio::spawn(async move {
-            let code = pump(&session, started.exit, terminal).await;
+            let mut exit = started.exit;
+            let code = pump(&session, &mut exit, terminal).await;
             drop(slot);
-            let _ = started.recording.await;
-            let removed = {
+            {
                 let mut inner = session.lock();
                 if let Shell::Running { mode, .. } = inner.shell {
                     inner.shell = Shell::Exited { mode, code };
                 }
-                inner.removed
-            };
-            session.changed.send_replace(());
-            if removed {
-                let _ = std::fs::remove_dir_all(&dir);
             }
-            // The shim ends once what is left of the tree is gone (a delete kills it).
+            session.changed.send_replace(());
+            // The shim ends once what is left of the tree is gone (a delete kills it). Its
+            // report socket stays open until then: the shim takes its closing for sandlet's end.
             let shim = started.shim_pidfd;
             let _ = shim.exited().await;
             launcher.reaper().reap_owned(&shim);
+            drop(exit);
         });
         Ok(())
     }
@@ -417,7 +409,7 @@ impl Ptys {
 /// returns the exit code, -1 for a signal.
 async fn pump(
     session: &PtySession,
-    mut exit: ExitWatch,
+    exit: &mut ExitWatch,
     terminal: Option<Arc<AsyncFd<OwnedFd>>>,
 ) -> i32 {
     let mut terminal_open = terminal.is_some();

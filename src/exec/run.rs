@@ -17,11 +17,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval, sleep_until};
 
-use crate::atomic_file::{self, Durability};
 use crate::process::shim::{OutputMode, ShimSpec};
-use crate::process::{
-    ExitRecord, ExitWatch, Launcher, PidFd, RUN_FILE, RunRecord, ShimEvent, Tree,
-};
+use crate::process::{ExitRecord, ExitWatch, Launcher, PidFd, ShimEvent, Tree};
 use crate::target::{PlaceError, StartIn, TargetWatch, file_type_in, start_in};
 
 /// Between SIGTERM and SIGKILL on interrupt (execd's figure).
@@ -53,9 +50,9 @@ pub struct Spawn {
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub output: OutputMode,
-    /// The process's directory: `run.json` (created off the start's path if missing) and, for
-    /// [`OutputMode::Combined`], the log (the caller creates it first).
-    pub dir: PathBuf,
+    /// Where the log of an [`OutputMode::Combined`] process goes (the caller creates it); none
+    /// when the output goes to sandlet.
+    pub dir: Option<PathBuf>,
     pub log_limit: u64,
 }
 
@@ -72,8 +69,6 @@ pub struct Started {
     pub exit: ExitWatch,
     /// The shim's spec pipe, to give the shim back once the run is over.
     next_spec: Option<pipe::Sender>,
-    /// Writing `run.json`, off the start's path.
-    pub recording: JoinHandle<()>,
     /// The task's input end (interactive shells): see [`crate::process::Launched::input`].
     pub input: Option<std::os::fd::OwnedFd>,
 }
@@ -184,29 +179,13 @@ pub async fn spawn(
         output: spec.output,
         records: false,
         reuse: !spec.interactive,
+        // Nothing on disk is needed to stop it after a crash: its shim does.
+        ends_with_sandlet: true,
     };
-    let dir = shim_spec.task_dir.clone();
-    let target = shim_spec.placement.as_ref().map(|p| p.target);
     let launched = launcher
         .launch(shim_spec)
         .await
         .map_err(SpawnError::Failed)?;
-    // What a restarted sandlet needs to stop what is left of this command (see
-    // `clean_leftovers`), written off the start's path; whoever removes the directory waits for
-    // it first (see [`Driver::recorded`]), or the late write would bring the directory back.
-    let run = RunRecord {
-        shim: launched.shim,
-        task: launched.task,
-        started_at: launched.started_at,
-        target,
-    };
-    let recording = tokio::task::spawn_blocking(move || {
-        let written = std::fs::create_dir_all(&dir)
-            .and_then(|()| atomic_file::write_json(&dir.join(RUN_FILE), &run, Durability::Atomic));
-        if let Err(e) = written {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot record a command; a restarted sandlet will not find it");
-        }
-    });
     Ok(Started {
         tree: Tree {
             shim: launched.shim,
@@ -215,7 +194,6 @@ pub async fn spawn(
         shim_pidfd: launched.shim_pidfd,
         exit: launched.exit,
         next_spec: launched.next_spec,
-        recording,
         input: launched.input,
     })
 }
@@ -335,7 +313,6 @@ pub struct Driver {
     events: mpsc::Receiver<ShimEvent>,
     /// The reader gives the report socket back once it has read the ending.
     reader: JoinHandle<ExitWatch>,
-    recording: Option<JoinHandle<()>>,
     shim_pidfd: PidFd,
     next_spec: Option<pipe::Sender>,
     tree: Tree,
@@ -369,7 +346,6 @@ impl Driver {
         Driver {
             events,
             reader,
-            recording: Some(started.recording),
             shim_pidfd: started.shim_pidfd,
             next_spec: started.next_spec,
             tree: started.tree,
@@ -420,15 +396,6 @@ impl Driver {
         }
     }
 
-    /// Waits until the process's `run.json` is written. Not part of the ending: the client's
-    /// final event does not wait on the disk (measured: a late writer thread held the end of a
-    /// foreground `true` back by 0.05-0.5 ms), only the removal of the directory does.
-    pub async fn recorded(&mut self) {
-        if let Some(recording) = self.recording.take() {
-            let _ = recording.await;
-        }
-    }
-
     /// After the ending: once the tree is gone, gives the shim back to the launcher (or reaps
     /// it, if it ended), and meanwhile keeps killing the tree if a deadline or interrupt had
     /// started to, so nothing of it is left behind.
@@ -442,17 +409,19 @@ impl Driver {
             ..
         } = self;
         tokio::spawn(async move {
-            let reports = reader.await.ok().and_then(ExitWatch::into_reports);
+            // Held until the shim is idle or gone: the shim takes its closing for sandlet's
+            // end and kills what is left of the tree.
+            let mut reports = reader.await.ok().and_then(ExitWatch::into_reports);
             // The shim says it is idle when the tree is gone; a one-shot shim exits instead.
             let idle = {
                 let tree_gone = async {
-                    if let (Some(mut reports), Some(spec)) = (reports, next_spec)
+                    if let (Some(reports), Some(_)) = (reports.as_mut(), &next_spec)
                         && reports.idle().await
                     {
-                        return Some((reports, spec));
+                        return true;
                     }
                     let _ = shim_pidfd.exited().await;
-                    None
+                    false
                 };
                 tokio::pin!(tree_gone);
                 let mut sweep = tokio::time::interval(KILL_SWEEP);
@@ -465,9 +434,11 @@ impl Driver {
                     }
                 }
             };
-            match idle {
-                Some((reports, spec)) => launcher.idle(shim_pidfd.pid(), shim_pidfd, spec, reports),
-                None => launcher.reaper().reap_owned(&shim_pidfd),
+            match (idle, reports, next_spec) {
+                (true, Some(reports), Some(spec)) => {
+                    launcher.idle(shim_pidfd.pid(), shim_pidfd, spec, reports)
+                }
+                _ => launcher.reaper().reap_owned(&shim_pidfd),
             }
         });
     }

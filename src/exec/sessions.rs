@@ -144,11 +144,6 @@ impl Sessions {
         script.push_str(&format!(
             "\n__sandlet_status=$?\nprintf '\\n%s\\n' '{marker}'\ncat /proc/self/environ\nprintf '\\n%s\\n' \"$(pwd)\"\nexit $__sandlet_status\n"
         ));
-        let dir = self
-            .config
-            .data_dir
-            .join("sessions")
-            .join(format!("{}-{nonce}", session.id));
         let spec = Spawn {
             script,
             interactive: false,
@@ -158,13 +153,12 @@ impl Sessions {
             uid: None,
             gid: None,
             output: OutputMode::Stream,
-            dir: dir.clone(),
+            dir: None,
             log_limit: self.config.log_limit,
         };
         let started = match spawn(&self.launcher, self.target.as_deref(), spec).await {
             Ok(started) => started,
             Err(SpawnError::Invalid(m)) | Err(SpawnError::Failed(m)) => {
-                let _ = std::fs::remove_dir_all(&dir);
                 return Err(SessionError::Failed(m));
             }
         };
@@ -242,9 +236,7 @@ impl Sessions {
                     break;
                 }
             }
-            driver.recorded().await;
             driver.finish(launcher);
-            let _ = std::fs::remove_dir_all(&dir);
         });
         Ok(rx)
     }

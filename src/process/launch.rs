@@ -424,7 +424,8 @@ pub enum ExitWatch {
     /// read here, from its pipes.
     Report {
         reports: Reports,
-        dir: PathBuf,
+        /// Where the shim records the exit, if it does.
+        dir: Option<PathBuf>,
         outputs: Vec<Output>,
         buffer: Vec<u8>,
         /// Which output is read first next time, so neither starves the other.
@@ -491,7 +492,7 @@ impl ExitWatch {
                             .ok()
                             .flatten()
                             .and_then(|l| serde_json::from_str(l.strip_prefix("X ")?).ok())
-                            .or_else(|| read_exit_record(dir))
+                            .or_else(|| dir.as_deref().and_then(read_exit_record))
                             .unwrap_or_else(|| {
                                 lost(
                                     "ShimLost",

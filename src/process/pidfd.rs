@@ -17,12 +17,7 @@ impl PidFd {
     /// Opens a pidfd for `pid`. The caller checks identity afterwards when the pid is not its
     /// own unreaped child (see [`PidFd::open_identity`]).
     pub fn open(pid: i32) -> io::Result<Self> {
-        // SAFETY: plain syscall; the returned fd (CLOEXEC by the kernel) is owned here.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        let fd = open_raw(pid)?;
         // SAFETY: the OwnedFd stays inside the AsyncFd, open and unchanged, for its whole life.
         let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
             .map_err(io::Error::from)?;
@@ -33,9 +28,7 @@ impl PidFd {
     /// order matters: once the fd is open the pid cannot be recycled behind it.
     pub fn open_identity(identity: ProcessIdentity) -> io::Result<Self> {
         let fd = Self::open(identity.pid)?;
-        if ProcessIdentity::of(identity.pid)? != identity {
-            return Err(io::Error::from(io::ErrorKind::NotFound));
-        }
+        confirm(identity)?;
         Ok(fd)
     }
 
@@ -51,22 +44,7 @@ impl PidFd {
     }
 
     pub fn send_signal(&self, signal: i32) -> io::Result<()> {
-        let fd = self.fd.get_ref().as_raw_fd();
-        // SAFETY: plain syscall on an fd we own.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd,
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            )
-        };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        send(self.fd.get_ref(), signal)
     }
 
     /// Reaps the process if it is our exited child. Only the owner of a child calls this.
@@ -87,5 +65,49 @@ impl PidFd {
         } else {
             Ok(())
         }
+    }
+}
+
+/// Sends `signal` to the process `identity` names, if it still is that process. Needs no async
+/// runtime (the shim, which has none, signals its tree with it).
+pub fn signal_identity(identity: ProcessIdentity, signal: i32) -> io::Result<()> {
+    let fd = open_raw(identity.pid)?;
+    confirm(identity)?;
+    send(&fd, signal)
+}
+
+fn open_raw(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the returned fd (CLOEXEC by the kernel) is owned here.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+}
+
+/// Whether the pid is still the process `identity` names; checked after its pidfd is open,
+/// because from then on the pid cannot be recycled.
+fn confirm(identity: ProcessIdentity) -> io::Result<()> {
+    if ProcessIdentity::of(identity.pid)? != identity {
+        return Err(io::Error::from(io::ErrorKind::NotFound));
+    }
+    Ok(())
+}
+
+fn send(fd: &OwnedFd, signal: i32) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd the caller owns.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }

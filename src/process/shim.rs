@@ -17,7 +17,9 @@
 //!    next spec (the exec API's commands: no fork+exec of a shim per command).
 //!
 //! A start failure writes `exit.json` (with [`ShimSpec::records`]) and reports `E <message>`.
-//! End of input before a spec (sandlet went away) ends an idle shim quietly. The shim ignores
+//! End of input before a spec (sandlet went away) ends an idle shim quietly; a run that must not
+//! outlive sandlet ([`ShimSpec::ends_with_sandlet`]) is killed, whole tree, when sandlet's end of
+//! the report socket closes. The shim ignores
 //! the usual termination signals while it supervises: sandlet stops the tree below it, and the
 //! shim must outlive that to record the result.
 
@@ -42,7 +44,7 @@ use serde::{Deserialize, Serialize};
 
 use super::enter::{ChildSetup, Credentials, Kernel, Placement, Step, start_failure};
 use super::output::SegmentWriter;
-use super::{EXIT_FILE, ExitRecord, Outcome, ProcessIdentity, RUN_FILE, RunRecord};
+use super::{EXIT_FILE, ExitRecord, Outcome, ProcessIdentity, RUN_FILE, RunRecord, Tree};
 use crate::atomic_file::{self, Durability};
 
 /// Bytes read from a task's pipe at a time (a pipe holds up to 1 MiB, see `grow_pipe`).
@@ -52,6 +54,9 @@ const READ_BUFFER: usize = 256 << 10;
 /// recorded anyway.
 pub const DRAIN_GRACE: Duration = Duration::from_millis(100);
 
+/// How often the tree of a run whose sandlet is gone is killed again, until nothing is left.
+const ABANDONED_SWEEP: u16 = 10;
+
 /// Where the shim role is selected: `sandlet shim` (argv[1]).
 pub const ROLE: &str = "shim";
 
@@ -59,7 +64,10 @@ pub const ROLE: &str = "shim";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ShimSpec {
-    pub task_dir: PathBuf,
+    /// Where the logs and records go; none for a run that keeps neither (its output goes to
+    /// sandlet and `records` is off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_dir: Option<PathBuf>,
     pub log_limit: u64,
     pub program: String,
     pub args: Vec<String>,
@@ -87,10 +95,25 @@ pub struct ShimSpec {
     /// Serve another spec once this run and its whole tree are gone (see the module docs).
     #[serde(default)]
     pub reuse: bool,
+    /// The run does not outlive sandlet (the exec API's): when sandlet's end of the report
+    /// socket closes, sandlet is gone (even SIGKILLed), and the shim kills the whole tree.
+    /// Tasks leave it off: they outlive a restart and are re-adopted.
+    #[serde(default)]
+    pub ends_with_sandlet: bool,
 }
 
 fn durable() -> bool {
     true
+}
+
+impl ShimSpec {
+    /// Writes one of the task's records, when it keeps them.
+    fn record(&self, file: &str, value: &impl Serialize, durability: Durability) -> io::Result<()> {
+        match (&self.task_dir, self.records) {
+            (Some(dir), true) => atomic_file::write_json(&dir.join(file), value, durability),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Where the task's output goes.
@@ -305,13 +328,7 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
                     message: message.clone(),
                 },
             };
-            if spec.records {
-                atomic_file::write_json(
-                    &spec.task_dir.join(EXIT_FILE),
-                    &record,
-                    Durability::Durable,
-                )?;
-            }
+            spec.record(EXIT_FILE, &record, Durability::Durable)?;
             report.write_all(format!("E {message}\n").as_bytes())?;
             report.flush()?;
             return Ok(());
@@ -340,7 +357,7 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
         started_at.timestamp_nanos_opt().unwrap_or(0)
     );
     let outputs_read_by_sandlet = spec.output.passed_to_sandlet();
-    if outputs_read_by_sandlet {
+    let announced = if outputs_read_by_sandlet {
         // The read ends (and the stdin or terminal) travel with the start report: sandlet
         // reads the task's output straight from its pipes, and the shim, holding no end,
         // cannot hold the pipes open.
@@ -353,21 +370,29 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
                 .as_ref()
                 .map_or(-1, |(master, _)| master.as_raw_fd()),
         ];
-        send_with_fds(started.as_bytes(), &ends)?;
+        send_with_fds(started.as_bytes(), &ends)
     } else {
-        report.write_all(started.as_bytes())?;
-        report.flush()?;
-    }
+        report
+            .write_all(started.as_bytes())
+            .and_then(|()| report.flush())
+    };
     // From here on the task runs, and nothing may stop the shim from supervising it: a write
-    // that fails (a full disk) costs that file, never the task or its exit status.
+    // that fails (a full disk) costs that file, never the task or its exit status. If sandlet
+    // died since it sent the spec, a task runs on for a restarted sandlet to find (`run.json`
+    // below); a run that must not outlive sandlet is killed.
+    let tree = Tree {
+        shim: myself,
+        pgid: task_pid,
+    };
+    let mut abandoned = announced.is_err() && spec.ends_with_sandlet;
     // After the report, off sandlet's start path; only the shim writes it, so a restarted
     // sandlet finds it whether or not sandlet itself lived through this moment.
-    if spec.records {
-        let _ = atomic_file::write_json(&spec.task_dir.join(RUN_FILE), &run, Durability::Atomic);
-    }
+    let _ = spec.record(RUN_FILE, &run, Durability::Atomic);
 
     let sink = |stream: &'static str| {
-        SegmentWriter::create(&spec.task_dir, stream, spec.log_limit)
+        spec.task_dir
+            .as_deref()
+            .and_then(|dir| SegmentWriter::create(dir, stream, spec.log_limit).ok())
             .map_or(Sink::Nowhere, Sink::Log)
     };
     let mut outputs = Vec::new();
@@ -391,18 +416,16 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
     let mut reported = false;
     let mut buf = vec![0u8; READ_BUFFER];
     loop {
+        if abandoned {
+            // On every turn: the group reaches late forks, the walk those that left the group.
+            tree.signal(Signal::SIGKILL);
+        }
         let no_children = reap(task_pid, &mut ended)?;
         if !reported
             && let Some((record, reaped_at)) = &ended
             && (outputs.iter().all(|o| o.pipe.is_none()) || reaped_at.elapsed() >= DRAIN_GRACE)
         {
-            if spec.records {
-                let _ = atomic_file::write_json(
-                    &spec.task_dir.join(EXIT_FILE),
-                    record,
-                    Durability::Durable,
-                );
-            }
+            let _ = spec.record(EXIT_FILE, record, Durability::Durable);
             // The record also travels on the report, so a failed write costs durability, not
             // the result. sandlet may be gone (being restarted): the exit file is then the record.
             let line = format!("X {}\n", serde_json::to_string(record).unwrap_or_default());
@@ -415,6 +438,7 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
             break;
         }
         let timeout = match (&ended, reported) {
+            _ if abandoned => PollTimeout::from(ABANDONED_SWEEP),
             (Some((_, reaped_at)), false) => {
                 let left = DRAIN_GRACE.saturating_sub(reaped_at.elapsed());
                 PollTimeout::try_from(left.as_millis().max(1) as u64).unwrap_or(PollTimeout::MAX)
@@ -422,6 +446,12 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
             _ => PollTimeout::NONE,
         };
         let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        // No events asked: a closed peer is reported as POLLHUP all the same.
+        let report_socket = std::io::stdout();
+        let watch_sandlet = spec.ends_with_sandlet && !abandoned;
+        if watch_sandlet {
+            fds.push(PollFd::new(report_socket.as_fd(), PollFlags::empty()));
+        }
         let open: Vec<usize> = (0..outputs.len())
             .filter(|&i| outputs[i].pipe.is_some())
             .collect();
@@ -434,6 +464,13 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
+        }
+        if watch_sandlet
+            && fds[1]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
+        {
+            abandoned = true;
         }
         drop(fds);
         while let Ok(Some(_)) = signals.read_signal() {}
@@ -691,7 +728,7 @@ mod tests {
     #[test]
     fn spec_is_one_json_line() {
         let spec = ShimSpec {
-            task_dir: "/d/t".into(),
+            task_dir: Some("/d/t".into()),
             log_limit: 64,
             program: "sh".into(),
             args: vec!["-c".into(), "echo 'a\nb'".into()],
@@ -703,6 +740,7 @@ mod tests {
             output: OutputMode::Logs,
             records: true,
             reuse: false,
+            ends_with_sandlet: false,
         };
         let line = serde_json::to_string(&spec).unwrap();
         assert!(!line.contains('\n'));

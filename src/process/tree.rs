@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use nix::sys::signal::Signal;
 
-use super::{PidFd, ProcessIdentity};
+use super::ProcessIdentity;
 
 /// The tree under one shim. The shim itself is never signalled: it has to outlive the tree to
 /// reap it and record the exit status.
@@ -27,10 +27,7 @@ impl Tree {
         }
         let mut sent = 0;
         for identity in descendants(self.shim.pid) {
-            // Open the pidfd, then confirm identity: the pid cannot be recycled once the fd is open.
-            if let Ok(fd) = PidFd::open_identity(identity)
-                && fd.send_signal(signal as i32).is_ok()
-            {
+            if super::pidfd::signal_identity(identity, signal as i32).is_ok() {
                 sent += 1;
             }
         }

@@ -327,7 +327,7 @@ impl TaskManager {
                         .map(|v| (v.name.clone(), v.value.clone())),
                 );
                 let spec = ShimSpec {
-                    task_dir: dir,
+                    task_dir: Some(dir),
                     log_limit: self.0.config.log_limit,
                     program: program.clone(),
                     args: rest.iter().chain(&task.process.args).cloned().collect(),
@@ -340,6 +340,7 @@ impl TaskManager {
                     output: OutputMode::Logs,
                     records: true,
                     reuse: false,
+                    ends_with_sandlet: false,
                 };
                 let incarnation = spec.placement.as_ref().map(|p| p.target);
                 self.0
