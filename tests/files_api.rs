@@ -663,6 +663,21 @@ fn a_gibibyte_goes_up_and_down_in_constant_memory() {
     let dir = scratch();
     let target = dir.path().join("big.bin");
     let before = common::status_kib(s.pid(), "VmRSS:");
+    // The upload's dirty page cache is written out as it arrives, not left for the final
+    // fsync: the system's dirty memory grows by a few steps of 8 MiB, not by the file.
+    let dirty_before = dirty_kib();
+    let uploading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let dirty_peak = {
+        let uploading = std::sync::Arc::clone(&uploading);
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while uploading.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(dirty_kib());
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            peak
+        })
+    };
 
     let head = format!(
         "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"metadata\"; filename=\"metadata\"\r\n\r\n{}\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big\"\r\n\r\n",
@@ -687,6 +702,13 @@ fn a_gibibyte_goes_up_and_down_in_constant_memory() {
     conn.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert_eq!(std::fs::metadata(&target).unwrap().len(), SIZE);
+    uploading.store(false, std::sync::atomic::Ordering::Relaxed);
+    let dirty_growth_mib = dirty_peak.join().unwrap().saturating_sub(dirty_before) / 1024;
+    eprintln!("dirty page cache grew by at most {dirty_growth_mib} MiB during the upload");
+    assert!(
+        dirty_growth_mib < 256,
+        "the upload left {dirty_growth_mib} MiB dirty for the final fsync"
+    );
 
     let mut conn = TcpStream::connect(addr).unwrap();
     write!(
@@ -730,6 +752,16 @@ fn a_gibibyte_goes_up_and_down_in_constant_memory() {
         "RSS before {before} KiB, peak {peak} KiB: growth {growth_mib} MiB for 1 GiB up and down"
     );
     assert!(growth_mib < 32, "peak RSS grew by {growth_mib} MiB");
+}
+
+/// The system's dirty page cache (`Dirty:` in /proc/meminfo), in KiB.
+fn dirty_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Dirty:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
 }
 
 /// In a simulated pod, sidecar mode: every path resolves inside the main container's root, as
