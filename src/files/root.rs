@@ -84,14 +84,20 @@ impl Root {
 
     /// `path` with its final symlinks resolved inside the root: where a write that replaces
     /// the file (a new inode renamed into place) must go so that a link keeps pointing at it.
-    /// Missing files resolve to themselves (a dangling link to where it points).
+    /// Missing files resolve to themselves (a dangling link to where it points), and so do paths
+    /// whose directory is missing.
     pub fn real_path(&self, path: &str) -> io::Result<String> {
         let mut path = path.to_string();
         for _ in 0..MAX_SYMLINK_HOPS {
             let Some((parent, _)) = split(&path) else {
                 return Ok(path);
             };
-            let entry = self.entry(&path)?;
+            let entry = match self.entry(&path) {
+                Ok(entry) => entry,
+                // Its directory is not there (yet: an upload makes it), so no link to follow.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(path),
+                Err(e) => return Err(e),
+            };
             match readlinkat(&entry.parent, entry.name.as_c_str()) {
                 Ok(target) => {
                     let target = target.to_string_lossy().into_owned();
@@ -288,6 +294,10 @@ mod tests {
         // A link to a link to the root resolves to the root, inside.
         assert_eq!(root.real_path("/to-root").unwrap(), "/");
         assert_eq!(root.real_path("/up").unwrap(), "/");
+        assert_eq!(
+            root.real_path("/missing/dir/file").unwrap(),
+            "/missing/dir/file"
+        );
         let created = root.create_dirs("/to-root/new/deeper", 0o755).unwrap();
         assert_eq!(created, ["/to-root/new", "/to-root/new/deeper"]);
         assert!(r.join("new/deeper").is_dir());

@@ -263,6 +263,11 @@ def check_files(ctx):
     assert fs.read_bytes(binary, range_header="bytes=10-19") == blob[10:20]
     assert b"".join(fs.read_bytes_stream(binary, chunk_size=4096)) == blob
 
+    # A file whose directories do not exist yet: made for it, as execd's `mkdir -p`.
+    fresh = os.path.join(CWD, "sdk upload é", "new dir", "note.txt")
+    fs.write_file(fresh, "parents made\n")
+    assert fs.read_file(fresh) == "parents made\n"
+
     listed = [e.path for e in fs.list_directory(DirectoryListEntry(path=base, depth=2))]
     assert listed == [sub, binary, text], listed
     found = [e.path for e in fs.search(SearchEntry(path=base, pattern="*.txt"))]
