@@ -602,15 +602,7 @@ fn an_upload_cut_off_halfway_leaves_the_previous_content() {
         Part::MetaFile(json!({"path": target.to_str().unwrap()})),
         Part::File(&vec![b'n'; 4 << 20]),
     ]);
-    let addr = s.exec_base.trim_start_matches("http://");
-    let mut conn = TcpStream::connect(addr).unwrap();
-    write!(
-        conn,
-        "POST /files/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    conn.write_all(&body[..body.len() / 2]).unwrap();
+    let conn = send_half(&s, &body);
     // Half of it is on disk by now (in a file with no name), the old content still in place.
     wait_until("the first half is written", || {
         std::fs::read_dir(format!("/proc/{}/fd", s.pid()))
@@ -653,6 +645,34 @@ fn an_upload_cut_off_halfway_leaves_the_previous_content() {
     assert_eq!(old, "previous\n");
     assert_eq!(std::fs::metadata(&target).unwrap().len(), 4 << 20);
     assert_eq!(names_in(dir.path()), ["config.txt"]);
+
+    // The directories made for a cut-off upload go with it.
+    let nested = dir.path().join("new/deeper/file.txt");
+    let nested_body = multipart(&[
+        Part::MetaFile(json!({"path": nested.to_str().unwrap()})),
+        Part::File(&vec![b'n'; 4 << 20]),
+    ]);
+    let conn = send_half(&s, &nested_body);
+    wait_until("the upload's directories are made", || {
+        dir.path().join("new/deeper").is_dir()
+    });
+    drop(conn);
+    wait_until("the directories made for it are removed", || {
+        names_in(dir.path()) == ["config.txt"]
+    });
+
+    // Whole, it makes them (as execd's `mkdir -p`) and stays.
+    let r = s.exec_bytes(
+        "POST",
+        "/files/upload",
+        Some(nested_body),
+        &[(
+            "Content-Type",
+            &format!("multipart/form-data; boundary={BOUNDARY}"),
+        )],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(std::fs::metadata(&nested).unwrap().len(), 4 << 20);
 }
 
 /// A 1 GiB upload and download through sandlet grows its peak RSS by less than 32 MiB.
@@ -752,6 +772,19 @@ fn a_gibibyte_goes_up_and_down_in_constant_memory() {
         "RSS before {before} KiB, peak {peak} KiB: growth {growth_mib} MiB for 1 GiB up and down"
     );
     assert!(growth_mib < 32, "peak RSS grew by {growth_mib} MiB");
+}
+
+/// Sends a multipart upload's head and the first half of `body`; the rest never comes.
+fn send_half(s: &Sandlet, body: &[u8]) -> TcpStream {
+    let mut conn = TcpStream::connect(s.exec_base.trim_start_matches("http://")).unwrap();
+    write!(
+        conn,
+        "POST /files/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    conn.write_all(&body[..body.len() / 2]).unwrap();
+    conn
 }
 
 /// The system's dirty page cache (`Dirty:` in /proc/meminfo), in KiB.

@@ -39,6 +39,9 @@ pub struct Staged {
     /// Mode and owner of the file being replaced, kept unless the request sets them.
     previous: Option<(u32, u32, u32)>,
     writeback: Writeback,
+    /// The parent directories this write created, outermost first: removed (when still empty)
+    /// unless it is committed, so a failed upload leaves nothing behind.
+    made_dirs: Vec<root::Entry>,
 }
 
 /// Where the streamed content's writeback stands (see [`WRITEBACK_STEP`]).
@@ -95,10 +98,13 @@ impl Staged {
                 "{path} is the sandbox's root directory"
             )));
         };
-        place
+        let made_dirs = place
             .root
             .create_dirs(parent_path, 0o755)
-            .map_err(|e| FileError::io(format!("cannot create the directory {parent_path}"), e))?;
+            .map_err(|e| FileError::io(format!("cannot create the directory {parent_path}"), e))?
+            .iter()
+            .filter_map(|dir| place.root.entry(dir).ok())
+            .collect();
         let entry = place
             .root
             .entry(&real)
@@ -148,6 +154,7 @@ impl Staged {
             named,
             previous,
             writeback: Writeback::default(),
+            made_dirs,
         })
     }
 
@@ -235,6 +242,7 @@ impl Staged {
         )
         .map_err(|e| fail("write", e.into()))?;
         self.named = None;
+        self.made_dirs.clear();
         // The rename itself durable, as execd syncs the directory (best effort there too).
         if let Ok(dir) = openat(
             &self.parent,
@@ -252,6 +260,10 @@ impl Drop for Staged {
     fn drop(&mut self) {
         if let Some(hidden) = &self.named {
             let _ = unlinkat(&self.parent, hidden.as_c_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        // Innermost first; one that another request has put something in stays.
+        for dir in self.made_dirs.iter().rev() {
+            let _ = unlinkat(&dir.parent, dir.name.as_c_str(), UnlinkatFlags::RemoveDir);
         }
     }
 }
