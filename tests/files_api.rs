@@ -406,6 +406,31 @@ fn bad_input_gets_exact_codes_and_changes_nothing() {
     )
     .assert_error(404, "FILE_NOT_FOUND");
     post("/files/mv", json!({"src": "a"})).assert_error(400, "INVALID_REQUEST_BODY");
+    // A move that fails after making the destination's directories leaves none: across
+    // filesystems (from /dev/shm) the rename itself fails.
+    let shm = tempfile::Builder::new()
+        .prefix("sandlet-shm-")
+        .tempdir_in("/dev/shm");
+    match shm {
+        Ok(shm)
+            if std::fs::metadata(shm.path()).unwrap().dev()
+                != std::fs::metadata(d).unwrap().dev() =>
+        {
+            let src = shm.path().join("f");
+            std::fs::write(&src, "x").unwrap();
+            post(
+                "/files/mv",
+                json!([{"src": src, "dest": format!("{d}/made/for/it")}]),
+            )
+            .assert_error(409, "CONFLICT");
+            assert!(
+                !Path::new(d).join("made").exists(),
+                "its directories stayed"
+            );
+            assert!(src.exists());
+        }
+        _ => eprintln!("skipped the cross-filesystem move: /dev/shm is not another filesystem"),
+    }
     // Every file is checked before any changes: the first entry stays as it was.
     post("/files/replace", json!({&file: {"old": "keep", "new": "gone"}, format!("{d}/nope"): {"old": "a", "new": "b"}}))
         .assert_error(404, "FILE_NOT_FOUND");

@@ -111,9 +111,10 @@ impl Root {
         Err(Errno::ELOOP.into())
     }
 
-    /// `mkdir -p` inside the root; returns the directories it created, outermost first.
-    pub fn create_dirs(&self, path: &str, mode: u32) -> io::Result<Vec<String>> {
-        let mut created = Vec::new();
+    /// `mkdir -p` inside the root; returns the directories it made, which go again unless kept
+    /// (see [`MadeDirs`]), also when it fails halfway.
+    pub fn create_dirs(&self, path: &str, mode: u32) -> io::Result<MadeDirs> {
+        let mut made = MadeDirs::default();
         let mut prefix = String::new();
         for component in path.split('/').filter(|c| !c.is_empty()) {
             prefix.push('/');
@@ -129,7 +130,7 @@ impl Root {
                 entry.name.as_c_str(),
                 Mode::from_bits_truncate(mode),
             ) {
-                Ok(()) => created.push(prefix.clone()),
+                Ok(()) => made.dirs.push((prefix.clone(), entry)),
                 // Someone else made it meanwhile; if it is not a directory, the next step says so.
                 Err(Errno::EEXIST) => {}
                 Err(e) => return Err(e.into()),
@@ -137,7 +138,38 @@ impl Root {
         }
         // What stands at the end must be a directory (a file there is an error, not success).
         self.open_at(path, OFlag::O_PATH | OFlag::O_DIRECTORY)?;
-        Ok(created)
+        Ok(made)
+    }
+}
+
+/// Directories [`Root::create_dirs`] made, outermost first. Dropped, it removes them again,
+/// innermost first and each only while empty (one another request has put something in
+/// stays): an operation that fails after making them leaves nothing behind. [`MadeDirs::keep`]
+/// once it succeeded.
+#[derive(Default)]
+pub struct MadeDirs {
+    dirs: Vec<(String, Entry)>,
+}
+
+impl MadeDirs {
+    pub fn keep(mut self) {
+        self.dirs.clear();
+    }
+
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.dirs.iter().map(|(path, _)| path.as_str())
+    }
+}
+
+impl Drop for MadeDirs {
+    fn drop(&mut self) {
+        for (_, dir) in self.dirs.iter().rev() {
+            let _ = nix::unistd::unlinkat(
+                &dir.parent,
+                dir.name.as_c_str(),
+                nix::unistd::UnlinkatFlags::RemoveDir,
+            );
+        }
     }
 }
 
@@ -298,10 +330,22 @@ mod tests {
             root.real_path("/missing/dir/file").unwrap(),
             "/missing/dir/file"
         );
-        let created = root.create_dirs("/to-root/new/deeper", 0o755).unwrap();
-        assert_eq!(created, ["/to-root/new", "/to-root/new/deeper"]);
+        let made = root.create_dirs("/to-root/new/deeper", 0o755).unwrap();
+        assert_eq!(
+            made.paths().collect::<Vec<_>>(),
+            ["/to-root/new", "/to-root/new/deeper"]
+        );
+        made.keep();
         assert!(r.join("new/deeper").is_dir());
         std::fs::write(r.join("file"), "").unwrap();
         assert!(root.create_dirs("/file/sub", 0o755).is_err());
+        // Not kept: gone again, but not a directory someone has put something in meanwhile.
+        let made = root.create_dirs("/gone/too", 0o755).unwrap();
+        drop(made);
+        assert!(!r.join("gone").exists());
+        let made = root.create_dirs("/used/here", 0o755).unwrap();
+        std::fs::write(r.join("used/note"), "").unwrap();
+        drop(made);
+        assert!(r.join("used/note").exists() && !r.join("used/here").exists());
     }
 }

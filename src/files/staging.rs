@@ -13,7 +13,7 @@ use nix::fcntl::{AtFlags, OFlag, RenameFlags, openat, renameat2};
 use nix::sys::stat::{Mode, fstatat};
 use nix::unistd::{UnlinkatFlags, linkat, unlinkat};
 
-use super::root::{self, Root, is_file};
+use super::root::{self, MadeDirs, Root, is_file};
 use super::{FileError, Place};
 
 /// Mode of a new file when the request gives none.
@@ -39,9 +39,8 @@ pub struct Staged {
     /// Mode and owner of the file being replaced, kept unless the request sets them.
     previous: Option<(u32, u32, u32)>,
     writeback: Writeback,
-    /// The parent directories this write created, outermost first: removed (when still empty)
-    /// unless it is committed, so a failed upload leaves nothing behind.
-    made_dirs: Vec<root::Entry>,
+    /// The parent directories this write made: kept once it is committed.
+    made_dirs: MadeDirs,
 }
 
 /// Where the streamed content's writeback stands (see [`WRITEBACK_STEP`]).
@@ -101,10 +100,7 @@ impl Staged {
         let made_dirs = place
             .root
             .create_dirs(parent_path, 0o755)
-            .map_err(|e| FileError::io(format!("cannot create the directory {parent_path}"), e))?
-            .iter()
-            .filter_map(|dir| place.root.entry(dir).ok())
-            .collect();
+            .map_err(|e| FileError::io(format!("cannot create the directory {parent_path}"), e))?;
         let entry = place
             .root
             .entry(&real)
@@ -242,7 +238,7 @@ impl Staged {
         )
         .map_err(|e| fail("write", e.into()))?;
         self.named = None;
-        self.made_dirs.clear();
+        std::mem::take(&mut self.made_dirs).keep();
         // The rename itself durable, as execd syncs the directory (best effort there too).
         if let Ok(dir) = openat(
             &self.parent,
@@ -261,10 +257,7 @@ impl Drop for Staged {
         if let Some(hidden) = &self.named {
             let _ = unlinkat(&self.parent, hidden.as_c_str(), UnlinkatFlags::NoRemoveDir);
         }
-        // Innermost first; one that another request has put something in stays.
-        for dir in self.made_dirs.iter().rev() {
-            let _ = unlinkat(&dir.parent, dir.name.as_c_str(), UnlinkatFlags::RemoveDir);
-        }
+        // The directories this write made go next, with the field (emptied by a commit).
     }
 }
 

@@ -22,11 +22,12 @@ pub async fn create_directories(
                 checked.push((place.resolve(raw)?, permission.resolve(place)?));
             }
             for (path, p) in checked {
-                place
+                let made = place
                     .root
                     .create_dirs(&path, 0o755)
                     .map_err(|e| FileError::io(format!("cannot create the directory {path}"), e))?;
                 set_permissions(place, &path, p.mode, p.uid, p.gid)?;
+                made.keep();
             }
             Ok(())
         })

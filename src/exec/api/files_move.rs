@@ -40,7 +40,7 @@ pub async fn move_files(
                 let Some((dest_parent, _)) = root::split(&dest) else {
                     return Err(FileError::Conflict("cannot move onto the root".into()));
                 };
-                place.root.create_dirs(dest_parent, 0o755).map_err(|e| {
+                let made = place.root.create_dirs(dest_parent, 0o755).map_err(|e| {
                     FileError::io(format!("cannot create the directory {dest_parent}"), e)
                 })?;
                 let (from, to) = (
@@ -69,6 +69,7 @@ pub async fn move_files(
                     }
                     e => FileError::io(format!("cannot move {src} to {dest}"), e.into()),
                 })?;
+                made.keep();
             }
             Ok(())
         })
