@@ -94,6 +94,11 @@ fn foreground_commands_stream_lines_and_end_with_their_exit_code() {
 
     let ok = run(&s, json!({"command": "true"}));
     assert_eq!(kinds(&ok), ["init", "ping", "execution_complete"]);
+
+    // A plain command line runs without a shell, found on PATH by sandlet, and is still
+    // called by the name it was given (argv[0]), as a shell would call it.
+    let argv = run(&s, json!({"command": "cat /proc/self/cmdline"}));
+    assert_eq!(texts(&argv, "stdout"), ["cat\0/proc/self/cmdline\0"]);
 }
 
 #[test]

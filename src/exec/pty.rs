@@ -30,7 +30,7 @@ use super::run::{Spawn, SpawnError, spawn};
 use super::{ExecConfig, RunSlot, uuid_v4};
 use crate::process::shim::{DRAIN_GRACE, OutputMode};
 use crate::process::{ExitWatch, Launcher, Outcome, ShimEvent, Tree};
-use crate::target::{PlaceError, TargetWatch, file_type_in, start_in};
+use crate::target::{PlaceError, TargetWatch, metadata_in, start_in};
 
 /// Output kept for replay (execd's figure).
 pub const RING_BYTES: usize = 1 << 20;
@@ -168,7 +168,7 @@ impl Ptys {
                     "cwd must be an absolute path: {dir}"
                 )));
             }
-            match file_type_in(&place.root, dir) {
+            match metadata_in(&place.root, dir) {
                 Ok(t) if t.is_dir() => {}
                 Ok(_) => {
                     return Err(PtyError::Invalid(format!("cwd is not a directory: {dir}")));

@@ -19,7 +19,7 @@ use tokio::time::{Instant, Interval, sleep_until};
 
 use crate::process::shim::{OutputMode, ShimSpec};
 use crate::process::{ExitRecord, ExitWatch, Launcher, PidFd, ShimEvent, Tree};
-use crate::target::{PlaceError, StartIn, TargetWatch, file_type_in, start_in};
+use crate::target::{PlaceError, StartIn, TargetWatch, metadata_in, start_in};
 
 /// Between SIGTERM and SIGKILL on interrupt (execd's figure).
 pub const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
@@ -117,7 +117,7 @@ pub async fn spawn(
     if let Some(cwd) = &spec.cwd
         && cwd.starts_with('/')
     {
-        match file_type_in(&root, cwd) {
+        match metadata_in(&root, cwd) {
             Ok(t) if t.is_dir() => {}
             Ok(_) => {
                 return Err(SpawnError::Invalid(format!(
@@ -138,37 +138,41 @@ pub async fn spawn(
         .map(|(_, v)| v.clone())
         .or_else(|| (!clear_env).then(|| std::env::var("PATH").ok()).flatten())
         .unwrap_or_else(|| DEFAULT_PATH.into());
-    // A plain command line (words only, no shell syntax) runs without a shell in between: the
-    // same result, without the shell's start-up. Anything else goes to bash (or sh) as in execd.
-    let has_bash = || has_program(&root, &path_var, "bash");
-    let (program, args) = if spec.interactive {
+    // The program is looked up here, once, and handed to the shim as a path (the name it was
+    // called by goes along as argv[0]). A plain command line (words only, no shell syntax) runs
+    // without a shell in between: the same result, without the shell's start-up. Anything else
+    // goes to bash (or sh) as in execd.
+    let found = |name: &str| find_program(&root, &path_var, name);
+    let shell = || match found("bash") {
+        Some(bash) => (bash, "bash".to_string(), true),
+        // Not found either: the shim's own lookup reports it.
+        None => (found("sh").unwrap_or_else(|| "sh".into()), "sh".to_string(), false),
+    };
+    let (program, arg0, args) = if spec.interactive {
+        let (program, arg0, bash) = shell();
         let mut args = Vec::new();
-        let shell = if has_bash() {
+        if bash {
             args.extend(["--norc".to_string(), "--noprofile".to_string()]);
-            "bash"
-        } else {
-            "sh"
-        };
+        }
         if !spec.script.is_empty() {
             args.extend(["-c".to_string(), spec.script]);
         }
-        (shell.to_string(), args)
+        (program, arg0, args)
     } else {
-        match simple_command(&spec.script).filter(|words| has_program(&root, &path_var, &words[0]))
-        {
-            Some(mut words) => {
-                let program = words.remove(0);
-                (program, words)
-            }
-            None => {
-                let shell = if has_bash() { "bash" } else { "sh" };
-                (shell.to_string(), vec!["-c".to_string(), spec.script])
-            }
-        }
+        let plain = simple_command(&spec.script).and_then(|mut words| {
+            let program = found(&words[0])?;
+            let arg0 = words.remove(0);
+            Some((program, arg0, words))
+        });
+        plain.unwrap_or_else(|| {
+            let (program, arg0, _) = shell();
+            (program, arg0, vec!["-c".to_string(), spec.script])
+        })
     };
     let shim_spec = ShimSpec {
         task_dir: spec.dir,
         log_limit: spec.log_limit,
+        arg0: (arg0 != program).then_some(arg0),
         program,
         args,
         env,
@@ -288,13 +292,17 @@ const SHELL_ONLY: &[&str] = &[
     "while",
 ];
 
-fn has_program(root: &std::path::Path, path_var: &str, name: &str) -> bool {
+/// Where execvp would find `name` on `path_var`, inside `root`: the first regular file with an
+/// execute bit in an absolute directory (a relative entry is left to the shell).
+fn find_program(root: &std::path::Path, path_var: &str, name: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
     path_var
         .split(':')
         .filter(|d| d.starts_with('/'))
-        .any(|dir| {
-            file_type_in(root, &format!("{}/{name}", dir.trim_end_matches('/')))
-                .is_ok_and(|t| t.is_file())
+        .map(|dir| format!("{}/{name}", dir.trim_end_matches('/')))
+        .find(|candidate| {
+            metadata_in(root, candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
 }
 

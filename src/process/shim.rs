@@ -69,7 +69,12 @@ pub struct ShimSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_dir: Option<PathBuf>,
     pub log_limit: u64,
+    /// A path, or a name looked up on the `PATH` of `env` (execvp's rule).
     pub program: String,
+    /// The name the program is called by (`argv[0]`), when not `program` itself (sandlet found
+    /// the path already).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arg0: Option<String>,
     pub args: Vec<String>,
     /// Set on top of the environment the shim inherited from sandlet (the last value wins).
     pub env: Vec<(String, String)>,
@@ -263,6 +268,7 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
             }
             super::spawn::spawn(&super::spawn::Program {
                 program: &spec.program,
+                arg0: spec.arg0.as_deref().unwrap_or(&spec.program),
                 args: &spec.args,
                 env: &env,
                 working_dir: spec.working_dir.as_deref(),
@@ -273,6 +279,9 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
         }
         Ok(setup) => {
             let mut command = Command::new(&spec.program);
+            if let Some(arg0) = &spec.arg0 {
+                command.arg0(arg0);
+            }
             if spec.clear_env {
                 command.env_clear();
             }
@@ -730,7 +739,8 @@ mod tests {
         let spec = ShimSpec {
             task_dir: Some("/d/t".into()),
             log_limit: 64,
-            program: "sh".into(),
+            program: "/bin/sh".into(),
+            arg0: Some("sh".into()),
             args: vec!["-c".into(), "echo 'a\nb'".into()],
             env: vec![("A".into(), "1\n2".into())],
             working_dir: None,

@@ -21,6 +21,8 @@ const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 pub struct Program<'a> {
     /// A path, or a name looked up in the `PATH` of `env`.
     pub program: &'a str,
+    /// `argv[0]`.
+    pub arg0: &'a str,
     pub args: &'a [String],
     /// The whole environment of the new process.
     pub env: &'a [(OsString, OsString)],
@@ -33,7 +35,7 @@ pub struct Program<'a> {
 pub fn spawn(program: &Program) -> io::Result<i32> {
     let path = resolve(program.program, program.env, program.working_dir)?;
     let path = c_string(path.as_os_str())?;
-    let argv = std::iter::once(Ok(c_string(OsStr::new(program.program))?))
+    let argv = std::iter::once(Ok(c_string(OsStr::new(program.arg0))?))
         .chain(program.args.iter().map(|a| c_string(OsStr::new(a))))
         .collect::<io::Result<Vec<CString>>>()?;
     let envp = program

@@ -208,13 +208,13 @@ pub fn start_in(watch: Option<&TargetWatch>, user: &str) -> Result<StartIn, Plac
 }
 
 /// What `path` (absolute) is inside `root`, with every symlink and `..` resolved inside it.
-pub fn file_type_in(root: &Path, path: &str) -> io::Result<std::fs::FileType> {
+pub fn metadata_in(root: &Path, path: &str) -> io::Result<std::fs::Metadata> {
     if root == Path::new("/") {
         // sandlet's own root: nothing to stay inside of, and one syscall instead of five.
-        return Ok(std::fs::metadata(path)?.file_type());
+        return std::fs::metadata(path);
     }
     let fd = crate::files::root::Root::open(root)?.open_at(path, nix::fcntl::OFlag::O_PATH)?;
-    Ok(std::fs::File::from(fd).metadata()?.file_type())
+    std::fs::File::from(fd).metadata()
 }
 
 fn account_env(name: Option<&str>, home: &str) -> Vec<(String, String)> {

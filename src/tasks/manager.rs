@@ -330,6 +330,7 @@ impl TaskManager {
                     task_dir: Some(dir),
                     log_limit: self.0.config.log_limit,
                     program: program.clone(),
+                    arg0: None,
                     args: rest.iter().chain(&task.process.args).cloned().collect(),
                     env,
                     working_dir: (!task.process.working_dir.is_empty())
