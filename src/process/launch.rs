@@ -353,7 +353,9 @@ impl Launcher {
             .process_group(0)
             .stdin(Stdio::from(spec_r))
             .stdout(Stdio::from(OwnedFd::from(report_w)))
-            .stderr(Stdio::null());
+            // sandlet's own: a shim that panics says why in sandlet's log. Its tasks get their
+            // own stderr.
+            .stderr(Stdio::inherit());
         let spawned = self.reaper.spawn_owned(|| command.spawn());
         // Our copies of the shim's ends go now, so EOF on either pipe means the other side is gone.
         drop(command);
