@@ -146,7 +146,11 @@ pub async fn spawn(
     let shell = || match found("bash") {
         Some(bash) => (bash, "bash".to_string(), true),
         // Not found either: the shim's own lookup reports it.
-        None => (found("sh").unwrap_or_else(|| "sh".into()), "sh".to_string(), false),
+        None => (
+            found("sh").unwrap_or_else(|| "sh".into()),
+            "sh".to_string(),
+            false,
+        ),
     };
     let (program, arg0, args) = if spec.interactive {
         let (program, arg0, bash) = shell();
