@@ -19,9 +19,9 @@
 //! A start failure writes `exit.json` (with [`ShimSpec::records`]) and reports `E <message>`.
 //! End of input before a spec (sandlet went away) ends an idle shim quietly; a run that must not
 //! outlive sandlet ([`ShimSpec::ends_with_sandlet`]) is killed, whole tree, when sandlet's end of
-//! the report socket closes. The shim ignores
-//! the usual termination signals while it supervises: sandlet stops the tree below it, and the
-//! shim must outlive that to record the result.
+//! the report socket closes. The shim ignores the usual termination signals while it
+//! supervises: sandlet stops the tree below it, and the shim must outlive that to record the
+//! result.
 
 use std::ffi::OsString;
 use std::fs::File;
