@@ -32,7 +32,6 @@ pub struct Commands {
 pub struct Command {
     pub id: String,
     pub content: String,
-    pub background: bool,
     pub started_at: DateTime<Utc>,
     /// A background command's directory, with its output log; a foreground command has none.
     log_dir: Option<PathBuf>,
@@ -132,7 +131,6 @@ impl Commands {
         let command = Arc::new(Command {
             id: id.clone(),
             content: request.command,
-            background: request.background,
             started_at: Utc::now(),
             log_dir,
             state: Mutex::new(State::Running { interrupt }),
