@@ -730,13 +730,8 @@ fn a_gibibyte_goes_up_and_down_in_constant_memory() {
     );
     let tail = format!("\r\n--{BOUNDARY}--\r\n");
     let addr = s.exec_base.trim_start_matches("http://");
-    let mut conn = TcpStream::connect(addr).unwrap();
-    write!(
-        conn,
-        "POST /files/upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n{head}",
-        head.len() as u64 + SIZE + tail.len() as u64
-    )
-    .unwrap();
+    let mut conn = upload_request(&s, head.len() as u64 + SIZE + tail.len() as u64);
+    conn.write_all(head.as_bytes()).unwrap();
     // A pattern that tells offsets apart, 1 MiB at a time.
     let block: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
     for _ in 0..(SIZE >> 20) {
@@ -799,15 +794,21 @@ fn a_gibibyte_goes_up_and_down_in_constant_memory() {
     assert!(growth_mib < 32, "peak RSS grew by {growth_mib} MiB");
 }
 
-/// Sends a multipart upload's head and the first half of `body`; the rest never comes.
-fn send_half(s: &Sandlet, body: &[u8]) -> TcpStream {
+/// A connection that has sent the head of a multipart upload of `content_length` bytes; the
+/// caller writes the body (or part of it).
+fn upload_request(s: &Sandlet, content_length: u64) -> TcpStream {
     let mut conn = TcpStream::connect(s.exec_base.trim_start_matches("http://")).unwrap();
     write!(
         conn,
-        "POST /files/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
+        "POST /files/upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {content_length}\r\n\r\n"
     )
     .unwrap();
+    conn
+}
+
+/// Sends a multipart upload's head and the first half of `body`; the rest never comes.
+fn send_half(s: &Sandlet, body: &[u8]) -> TcpStream {
+    let mut conn = upload_request(s, body.len() as u64);
     conn.write_all(&body[..body.len() / 2]).unwrap();
     conn
 }
