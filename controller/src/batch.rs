@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
@@ -51,12 +52,8 @@ pub async fn reconcile(bsb: Arc<BatchSandbox>, ctx: Arc<Context>) -> Result<Acti
     })
 }
 
-pub fn error_policy(bsb: Arc<BatchSandbox>, error: &Error, _: Arc<Context>) -> Action {
-    if let Error::NotReady(_) = error {
-        return Action::requeue(Duration::from_millis(200));
-    }
-    tracing::warn!(batchsandbox = %bsb.name_any(), %error, "batchsandbox reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(2))
+pub fn error_policy(bsb: Arc<BatchSandbox>, error: &Error, ctx: Arc<Context>) -> Action {
+    crate::context::after_error(&*bsb, error, ctx)
 }
 
 /// Where a BatchSandbox's pods come from.
@@ -186,19 +183,14 @@ async fn create_missing(
         match api.create(&Default::default(), &pod).await {
             Ok(_) => {
                 tracing::info!(batchsandbox = %name, pod = %pod_name, "created");
-                ctx.recorder()
-                    .publish(
-                        &kube::runtime::events::Event {
-                            type_: kube::runtime::events::EventType::Normal,
-                            reason: "SuccessfulCreate".into(),
-                            note: Some(format!("Created pod {pod_name}")),
-                            action: "Create".into(),
-                            secondary: None,
-                        },
-                        &bsb.object_ref(&()),
-                    )
-                    .await
-                    .unwrap_or_else(|e| tracing::debug!(error = %e, "event not recorded"));
+                ctx.event(
+                    &bsb.object_ref(&()),
+                    EventType::Normal,
+                    "SuccessfulCreate",
+                    "Create",
+                    format!("Created pod {pod_name}"),
+                )
+                .await;
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => return Err(e.into()),
@@ -221,6 +213,15 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
         let left = expiry.with_timezone(&Utc) - Utc::now();
         if left <= chrono::TimeDelta::zero() {
             tracing::info!(batchsandbox = %name, "expired; deleting");
+            let note = format!("expireTime {expiry} has passed; deleting");
+            ctx.event(
+                &bsb.object_ref(&()),
+                EventType::Normal,
+                "Expired",
+                "Delete",
+                note,
+            )
+            .await;
             api.delete(&name, &Default::default()).await?;
             return Ok(Action::await_change());
         }
@@ -245,6 +246,11 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
     };
 
     let mut release: Vec<String> = Vec::new();
+    // Task changes worth an Event, published once the status is written.
+    let mut events = Vec::new();
+    // A task whose executor has not answered yet (a follower just started, e.g. after a
+    // controller restart): the status already written knows more than these counters.
+    let mut unknown_yet = false;
     if let Some(template) = &bsb.spec.task_template {
         let patches = bsb.spec.shard_task_patches.as_deref().unwrap_or_default();
         let replicas = usize::try_from(bsb.spec.replicas).unwrap_or(0);
@@ -259,17 +265,28 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
             let key = format!("{ns}/{}", pod.name_any());
             let task = task_spec(&task_name, template, patches.get(index))?;
             ctx.tracker.declare(&owner, &key, ip, Some(task));
-            match ctx.tracker.state(&key, &task_name) {
-                None | Some(TaskState::Pending) => status.task_pending += 1,
+            let (state, before) = ctx.tracker.state(&key, &task_name);
+            match state {
+                None => {
+                    unknown_yet = true;
+                    status.task_pending += 1;
+                }
+                Some(TaskState::Pending) => status.task_pending += 1,
                 Some(TaskState::Running) => status.task_running += 1,
                 Some(TaskState::Succeed) => status.task_succeed += 1,
                 Some(TaskState::Failed) => status.task_failed += 1,
                 Some(TaskState::Unknown) => status.task_unknown += 1,
             }
-            let done = matches!(
-                ctx.tracker.state(&key, &task_name),
-                Some(TaskState::Succeed | TaskState::Failed)
-            );
+            if let Some(now) = state {
+                let task = ctx.tracker.task(&key, &task_name);
+                let at = TaskAt {
+                    task: &task_name,
+                    pod: &pod.name_any(),
+                    executor: ip,
+                };
+                events.extend(task_events(&at, before, now, task.as_ref()));
+            }
+            let done = matches!(state, Some(TaskState::Succeed | TaskState::Failed));
             if done
                 && bsb.spec.task_resource_policy_when_completed == Some(TaskResourcePolicy::Release)
             {
@@ -351,13 +368,75 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
         .await?;
     }
     let initial = pods.is_empty() && bsb.status.is_none() && bsb.spec.replicas > 0;
-    if bsb.status.as_ref() != Some(&status) && !initial {
+    let partial = unknown_yet && bsb.status.is_some();
+    if bsb.status.as_ref() != Some(&status) && !initial && !partial {
         apply_status(&api, &name, &status).await?;
+    }
+    let reference = bsb.object_ref(&());
+    for (kind, reason, note) in events {
+        ctx.event(&reference, kind, reason, "Track", note).await;
     }
     Ok(match requeue {
         Some(at) => Action::requeue(at),
         None => Action::await_change(),
     })
+}
+
+/// Where a task runs, for the words of its events.
+struct TaskAt<'a> {
+    task: &'a str,
+    pod: &'a str,
+    executor: &'a str,
+}
+
+/// The Events a task's change of state makes: its executor lost or back, and its failure.
+/// Only changes this process saw: after a controller restart the first look at a task that had
+/// already failed says nothing again; an executor that does not answer is news either way.
+fn task_events(
+    at: &TaskAt,
+    before: Option<TaskState>,
+    now: TaskState,
+    task: Option<&Value>,
+) -> Vec<(EventType, &'static str, String)> {
+    let TaskAt {
+        task: name,
+        pod,
+        executor,
+    } = at;
+    let mut events = Vec::new();
+    if before == Some(now) {
+        return events;
+    }
+    match (before, now) {
+        (_, TaskState::Unknown) => events.push((
+            EventType::Warning,
+            "ExecutorUnreachable",
+            format!(
+                "task {name}: the executor of pod {pod} ({executor}) does not answer; \
+                 the task counts as UNKNOWN until it does"
+            ),
+        )),
+        (Some(TaskState::Unknown), now) => events.push((
+            EventType::Normal,
+            "ExecutorReachable",
+            format!("task {name}: the executor of pod {pod} answers again; the task is {now:?}"),
+        )),
+        _ => {}
+    }
+    if now == TaskState::Failed && before.is_some() {
+        let ended = task.map_or(&Value::Null, |t| &t["processStatus"]["terminated"]);
+        let mut note = format!("task {name} on pod {pod} failed");
+        if let Some(code) = ended["exitCode"].as_i64() {
+            note += &format!(": exit code {code}");
+        }
+        for field in ["reason", "message"] {
+            if let Some(text) = ended[field].as_str().filter(|t| !t.is_empty()) {
+                note += &format!("; {field}: {text}");
+            }
+        }
+        events.push((EventType::Warning, "TaskFailed", note));
+    }
+    events
 }
 
 /// Deleting: every pod's executor is told to run nothing, and the finalizer goes once each
@@ -502,5 +581,42 @@ mod tests {
             "the timeout is the template's"
         );
         assert!(task_spec("b-0", &json!({"spec": {}}), None).is_err());
+    }
+
+    #[test]
+    fn events_come_from_changes_this_process_saw() {
+        use TaskState::*;
+        let at = TaskAt {
+            task: "b-3",
+            pod: "p-1",
+            executor: "10.0.0.7",
+        };
+        let failed = json!({"processStatus": {"terminated": {"exitCode": 3, "reason": "Error"}}});
+        let reasons = |before, now, task| -> Vec<&str> {
+            task_events(&at, before, now, task)
+                .into_iter()
+                .map(|(_, reason, _)| reason)
+                .collect()
+        };
+        assert_eq!(reasons(Some(Running), Running, None), Vec::<&str>::new());
+        assert_eq!(reasons(Some(Running), Succeed, None), Vec::<&str>::new());
+        assert_eq!(
+            reasons(Some(Running), Unknown, None),
+            ["ExecutorUnreachable"]
+        );
+        assert_eq!(reasons(None, Unknown, None), ["ExecutorUnreachable"]);
+        assert_eq!(reasons(Some(Unknown), Running, None), ["ExecutorReachable"]);
+        assert_eq!(
+            reasons(Some(Unknown), Failed, Some(&failed)),
+            ["ExecutorReachable", "TaskFailed"]
+        );
+        // A restarted controller's first look at a task that failed before is not news.
+        assert_eq!(reasons(None, Failed, Some(&failed)), Vec::<&str>::new());
+        let (kind, _, note) = task_events(&at, Some(Running), Failed, Some(&failed)).remove(0);
+        assert_eq!(kind, EventType::Warning);
+        assert_eq!(
+            note,
+            "task b-3 on pod p-1 failed: exit code 3; reason: Error"
+        );
     }
 }

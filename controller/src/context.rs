@@ -1,13 +1,16 @@
 //! What every reconcile shares, and the crate's error.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
-use kube::{Client, Resource};
+use kube::{Client, Resource, ResourceExt};
 
 use crate::tasks::Tracker;
 
@@ -28,7 +31,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Context {
     pub client: Client,
     pub tracker: Tracker,
-    pub reporter: Reporter,
+    /// One recorder for the process: it folds repeats of an event into one series.
+    pub recorder: Recorder,
     /// Every pod of the watched namespaces, kept by a watch: a BatchSandbox reconcile makes no
     /// read calls (it runs on every task change).
     pub pods: Store<Pod>,
@@ -51,8 +55,52 @@ impl Context {
         self.released.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn recorder(&self) -> Recorder {
-        Recorder::new(self.client.clone(), self.reporter.clone())
+    /// Publishes a Kubernetes Event on `object`. An event that cannot be written is logged,
+    /// never an error: it must not hold up the reconcile that noticed it.
+    pub async fn event(
+        &self,
+        object: &ObjectReference,
+        kind: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_: kind,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, object).await {
+            tracing::debug!(%error, reason, "event not recorded");
+        }
+    }
+}
+
+/// What both controllers do after a failed reconcile. Not ready yet: look again soon. A spec
+/// that cannot work: say so in a Warning event, where `kubectl describe` shows it, and look
+/// again only rarely (editing the spec reconciles at once). Anything else: log and retry.
+pub fn after_error<K>(object: &K, error: &Error, ctx: Arc<Context>) -> Action
+where
+    K: Resource<DynamicType = ()> + ResourceExt,
+{
+    match error {
+        Error::NotReady(_) => Action::requeue(Duration::from_millis(200)),
+        Error::Invalid(message) => {
+            tracing::warn!(kind = K::kind(&()).as_ref(), name = %object.name_any(), %error, "invalid spec");
+            let (reference, note) = (object.object_ref(&()), message.clone());
+            tokio::spawn(async move {
+                let warning = EventType::Warning;
+                ctx.event(&reference, warning, "InvalidSpec", "Reconcile", note)
+                    .await;
+            });
+            Action::requeue(Duration::from_secs(60))
+        }
+        _ => {
+            tracing::warn!(kind = K::kind(&()).as_ref(), name = %object.name_any(), %error, "reconcile failed; retrying");
+            Action::requeue(Duration::from_secs(2))
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -256,9 +256,8 @@ pub async fn reconcile(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
     })
 }
 
-pub fn error_policy(pool: Arc<Pool>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::warn!(pool = %pool.name_any(), %error, "pool reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(2))
+pub fn error_policy(pool: Arc<Pool>, error: &Error, ctx: Arc<Context>) -> Action {
+    crate::context::after_error(&*pool, error, ctx)
 }
 
 /// Appends `picked` to the BatchSandbox's `alloc-status` and holds it with the pool finalizer:
@@ -295,19 +294,14 @@ async fn allocate(
             recent.insert(pod.clone(), bsb.name_any());
         }
     }
-    let _ = ctx
-        .recorder()
-        .publish(
-            &Event {
-                type_: EventType::Normal,
-                reason: "Allocated".into(),
-                note: Some(format!("{} pod(s) allocated from the pool", picked.len())),
-                action: "Allocate".into(),
-                secondary: None,
-            },
-            &bsb.object_ref(&()),
-        )
-        .await;
+    ctx.event(
+        &bsb.object_ref(&()),
+        EventType::Normal,
+        "Allocated",
+        "Allocate",
+        format!("{} pod(s) allocated from the pool", picked.len()),
+    )
+    .await;
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::WatchStreamExt;
-use kube::runtime::events::Reporter;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -37,10 +37,13 @@ pub async fn run(client: Client, settings: Settings) {
             settings.max_feeds,
             wake,
         ),
-        reporter: Reporter {
-            controller: pool::MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        },
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: pool::MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
         pods: pod_cache,
         allocations: Mutex::new(Default::default()),
         released: Mutex::new(Default::default()),

@@ -40,7 +40,8 @@ pub enum TaskState {
 /// What the follower of one pod last saw.
 #[derive(Debug, Default, Clone)]
 struct View {
-    reachable: bool,
+    /// `None` until the executor first answers or fails to.
+    reachable: Option<bool>,
     /// The executor's tasks by name, as last reported.
     tasks: BTreeMap<String, Value>,
 }
@@ -50,6 +51,8 @@ struct Follower {
     address: String,
     desired: watch::Sender<Option<Value>>,
     view: Arc<Mutex<View>>,
+    /// Each task's state as [`Tracker::state`] last returned it.
+    counted: BTreeMap<String, TaskState>,
     handle: JoinHandle<()>,
 }
 
@@ -126,20 +129,41 @@ impl Tracker {
                 address,
                 desired,
                 view,
+                counted: BTreeMap::new(),
                 handle,
             },
         );
     }
 
-    /// The state of task `name` on `pod`; `None` when the pod is not followed.
-    pub fn state(&self, pod: &str, name: &str) -> Option<TaskState> {
+    /// The state of task `name` on `pod` as the counters take it, and the one the previous
+    /// call returned for it (`None` before the first): the pair a state's events come from.
+    /// The state is `None` while the pod's executor has not answered yet (or the pod is not
+    /// followed): not known, which is neither pending nor unreachable.
+    pub fn state(&self, pod: &str, name: &str) -> (Option<TaskState>, Option<TaskState>) {
+        let mut followers = self.lock();
+        let Some(follower) = followers.get_mut(pod) else {
+            return (None, None);
+        };
+        let now = {
+            let view = follower.view.lock().expect("view lock");
+            match view.reachable {
+                None => None,
+                Some(false) => Some(TaskState::Unknown),
+                Some(true) => Some(view.tasks.get(name).map_or(TaskState::Pending, state_of)),
+            }
+        };
+        let before = match now {
+            Some(now) => follower.counted.insert(name.to_string(), now),
+            None => follower.counted.get(name).copied(),
+        };
+        (now, before)
+    }
+
+    /// Task `name` as `pod`'s executor last reported it.
+    pub fn task(&self, pod: &str, name: &str) -> Option<Value> {
         let followers = self.lock();
-        let view = followers.get(pod)?.view.lock().expect("view lock").clone();
-        Some(if !view.reachable {
-            TaskState::Unknown
-        } else {
-            view.tasks.get(name).map_or(TaskState::Pending, state_of)
-        })
+        let view = followers.get(pod)?.view.lock().expect("view lock");
+        view.tasks.get(name).cloned()
     }
 
     /// Whether `pod`'s executor is reachable and runs no task.
@@ -147,7 +171,7 @@ impl Tracker {
         let followers = self.lock();
         followers.get(pod).is_some_and(|f| {
             let view = f.view.lock().expect("view lock");
-            view.reachable && view.tasks.is_empty()
+            view.reachable == Some(true) && view.tasks.is_empty()
         })
     }
 
@@ -223,7 +247,7 @@ async fn follow(
         let before = (v.reachable, v.tasks.clone());
         f(&mut v);
         if (v.reachable, &v.tasks) != (before.0, &before.1) {
-            tracing::debug!(executor = %executor.address, reachable = v.reachable, tasks = ?v.tasks.iter().map(|(n, t)| (n, state_of(t))).collect::<Vec<_>>(), "task view changed");
+            tracing::debug!(executor = %executor.address, reachable = ?v.reachable, tasks = ?v.tasks.iter().map(|(n, t)| (n, state_of(t))).collect::<Vec<_>>(), "task view changed");
             let _ = wake.send(owner.clone());
         }
     };
@@ -235,12 +259,12 @@ async fn follow(
         let ended = session(&executor, &mut desired, &update).await;
         if let Err(e) = ended {
             tracing::debug!(executor = %executor.address, error = %e, "executor unreachable; retrying");
-            update(&|v| v.reachable = false);
+            update(&|v| v.reachable = Some(false));
         }
         drop(_permit);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
-        if view.lock().expect("view lock").reachable {
+        if view.lock().expect("view lock").reachable == Some(true) {
             backoff = BACKOFF_MIN;
         }
     }
@@ -300,7 +324,7 @@ async fn poll(
         let tasks: Vec<Value> = response.json().await.map_err(|e| e.to_string())?;
         let tasks = by_name(tasks);
         update(&|v| {
-            v.reachable = true;
+            v.reachable = Some(true);
             v.tasks = tasks.clone();
         });
         tokio::select! {
@@ -337,7 +361,7 @@ fn apply_event(event: &[u8], update: &Update<'_>) {
         "snapshot" => {
             let tasks = by_name(data["tasks"].as_array().cloned().unwrap_or_default());
             update(&|v| {
-                v.reachable = true;
+                v.reachable = Some(true);
                 v.tasks = tasks.clone();
             });
         }
@@ -455,7 +479,7 @@ mod tests {
             b"event: snapshot\nid: 3\ndata: {\"version\":3,\"tasks\":[{\"name\":\"a\"}]}\n\n",
             &update,
         );
-        assert!(view.lock().unwrap().reachable);
+        assert_eq!(view.lock().unwrap().reachable, Some(true));
         apply_event(
             b"event: task\ndata: {\"version\":4,\"task\":{\"name\":\"b\"}}\n\n",
             &update,

@@ -3,12 +3,14 @@
 //! pods, one task per pod runs in its sandlet, and the counters follow RUNNING -> SUCCEED (and
 //! FAILED for the failing shard); a killed executor makes its task UNKNOWN until it returns;
 //! a controller restart mid-flight loses nothing; deletion stops the tasks and returns the pods.
+//! Each of those changes, and a spec that cannot work, shows as a Kubernetes Event.
 
 mod kube_env;
 
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube_env::{FakeKubelet, KubeEnv};
 use sandlet_controller::crd::{BatchSandbox, ENDPOINTS, POOL_NAME, Pool};
@@ -186,7 +188,10 @@ async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
         "{endpoints:?}"
     );
 
-    // A controller restart while the tasks run loses nothing.
+    // A controller restart while the tasks run loses nothing, and does not make the tasks
+    // look UNKNOWN while the new one reconnects to their executors: every status written
+    // from here until one executor is killed below counts at most that one.
+    let history = counters_until(&sandboxes, "b", (10, 9, 0, 0, 1)).await;
     controller.abort();
     let _ = controller.await;
     controller = start_controller(client.clone());
@@ -202,6 +207,16 @@ async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
         Duration::from_secs(30),
     )
     .await;
+    let history = tokio::time::timeout(Duration::from_secs(30), history)
+        .await
+        .expect("the watch saw the counters the polls saw")
+        .unwrap();
+    assert!(
+        history.iter().all(|c| c.4 <= 1 && c.1 >= 9),
+        "a restarted controller wrote statuses it did not know: {history:?}"
+    );
+    let events = Api::<Event>::namespaced(client.clone(), NS);
+    event_says(&events, "b", "Warning", "ExecutorUnreachable", first).await;
     kubelet.restart_executor(first).await;
     counters_reach(
         &sandboxes,
@@ -211,6 +226,7 @@ async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
         Duration::from_secs(30),
     )
     .await;
+    event_says(&events, "b", "Normal", "ExecutorReachable", first).await;
 
     // Open the gate: nine succeed, shard 3 fails.
     gate.open();
@@ -224,6 +240,34 @@ async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
     )
     .await;
     eprintln!("task exits reached the status in {:?}", opened.elapsed());
+    let failed = &b_pods(&sandboxes).await[3];
+    let note = format!("task b-3 on pod {failed} failed: exit code 3");
+    event_says(&events, "b", "Warning", "TaskFailed", &note).await;
+
+    // A spec that cannot work says why where `kubectl describe` looks.
+    sandboxes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "BatchSandbox",
+                "metadata": {"name": "any-pool"}, "spec": {"replicas": 1, "poolRef": "*"}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    event_says(
+        &events,
+        "any-pool",
+        "Warning",
+        "InvalidSpec",
+        "poolRef \"*\"",
+    )
+    .await;
+    sandboxes
+        .delete("any-pool", &DeleteParams::default())
+        .await
+        .unwrap();
 
     // Deletion stops the tasks, then the pool takes the pods back (deletes them).
     let held = b_pods(&sandboxes).await;
@@ -435,6 +479,59 @@ async fn a_batchsandbox_with_its_own_template_creates_runs_and_deletes_its_pods(
     assert!(mark.exists(), "the pod went before its task had stopped");
     controller.abort();
     drop(kubelet);
+}
+
+/// Watches BatchSandbox `name` from now on and returns every set of counters its status shows
+/// (see [`counters`]) until it shows `last`.
+async fn counters_until(
+    sandboxes: &Api<BatchSandbox>,
+    name: &str,
+    last: (i32, i32, i32, i32, i32),
+) -> tokio::task::JoinHandle<Vec<(i32, i32, i32, i32, i32)>> {
+    use futures::StreamExt;
+    use kube::runtime::watcher;
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = watcher(sandboxes.clone(), config).boxed();
+    // The watch is established (its initial list done) before anything it must see happens.
+    loop {
+        match stream.next().await.expect("the watch runs").unwrap() {
+            watcher::Event::InitDone => break,
+            _ => continue,
+        }
+    }
+    tokio::spawn(async move {
+        let mut history = Vec::new();
+        while let Some(event) = stream.next().await {
+            if let Ok(watcher::Event::Apply(b)) = event {
+                let seen = counters(&b);
+                if history.last() != Some(&seen) {
+                    history.push(seen);
+                }
+                if seen == last {
+                    break;
+                }
+            }
+        }
+        history
+    })
+}
+
+/// Waits for an Event of `kind` and `reason` on BatchSandbox `name` whose note contains `says`.
+async fn event_says(events: &Api<Event>, name: &str, kind: &str, reason: &str, says: &str) {
+    let what = format!("a {kind} {reason} event on {name} saying {says:?}");
+    eventually(&what, Duration::from_secs(30), async || {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                    && e.type_.as_deref() == Some(kind)
+                    && e.reason.as_deref() == Some(reason)
+                    && e.note.as_deref().is_some_and(|n| n.contains(says))
+            })
+            .then_some(())
+    })
+    .await;
 }
 
 async fn b_pods(sandboxes: &Api<BatchSandbox>) -> Vec<String> {
