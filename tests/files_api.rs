@@ -700,6 +700,59 @@ fn an_upload_cut_off_halfway_leaves_the_previous_content() {
     assert_eq!(std::fs::metadata(&nested).unwrap().len(), 4 << 20);
 }
 
+/// An upload that replaces a file drops the old content's page cache before it writes the new:
+/// the rename would free it anyway, and this way the two are never cached side by side.
+#[test]
+fn replacing_a_file_drops_the_old_contents_cache() {
+    let s = Sandlet::start(&[]);
+    // On the target directory's disk: a tmpfs (a common /tmp) keeps its pages whatever advice.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let target = dir.path().join("cached.bin");
+    std::fs::write(&target, vec![7u8; 8 << 20]).unwrap();
+    let old = std::fs::File::open(&target).unwrap();
+    old.sync_all().unwrap();
+    assert_eq!(std::fs::read(&target).unwrap().len(), 8 << 20);
+    assert_eq!(
+        cached_pages(&old, 8 << 20),
+        2048,
+        "read back, the old content is cached"
+    );
+    let r = upload(
+        &s,
+        &[
+            Part::MetaFile(json!({"path": target.to_str().unwrap()})),
+            Part::File(b"new"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(std::fs::read(&target).unwrap(), b"new");
+    // `old` still holds the replaced file: its pages would stay cached as long as it does.
+    assert_eq!(cached_pages(&old, 8 << 20), 0);
+}
+
+/// How many of the first `len` bytes' pages of `file` are in the page cache (`mincore`).
+fn cached_pages(file: &std::fs::File, len: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let page = 4096;
+    let mut resident = vec![0u8; len.div_ceil(page)];
+    // SAFETY: a read-only shared mapping of an open file, only passed to mincore (it does not
+    // fault pages in) and unmapped before returning.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(map, len, resident.as_mut_ptr()), 0);
+        libc::munmap(map, len);
+    }
+    resident.iter().filter(|r| **r & 1 == 1).count()
+}
+
 /// A 1 GiB upload and download through sandlet grows its peak RSS by less than 32 MiB.
 #[test]
 fn a_gibibyte_goes_up_and_down_in_constant_memory() {

@@ -4,12 +4,14 @@
 //! the old file or the new one, never a mix; an upload cut short (or a sandlet killed mid-write)
 //! leaves the old file as it was.
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
-use nix::fcntl::{AtFlags, OFlag, RenameFlags, openat, renameat2};
+use nix::fcntl::{
+    AtFlags, OFlag, PosixFadviseAdvice, RenameFlags, openat, posix_fadvise, renameat2,
+};
 use nix::sys::stat::{Mode, fstatat};
 use nix::unistd::{UnlinkatFlags, linkat, unlinkat};
 
@@ -85,6 +87,22 @@ impl Writeback {
     }
 }
 
+/// Drops the page cache of the file about to be replaced: the rename frees it anyway, and
+/// freeing it first means the old and the new content are never cached side by side (both
+/// count against the container's memory) and the new content goes into pages that were just
+/// in use. On the VM the figures come from (Firecracker, free page reporting on) that is a
+/// tenfold difference: a new 512 MiB file took 2.0–2.7 s to write while the old one stayed
+/// cached, 0.2 s with its cache dropped first (most likely because free memory there must be
+/// backed by the host again on first touch, and just-freed pages still are). Dirty pages stay
+/// (the advice only starts their writeback); a file that cannot be opened for reading keeps
+/// its cache.
+fn release_cache(parent: &OwnedFd, name: &CStr) {
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    if let Ok(old) = openat(parent, name, flags | OFlag::O_NOCTTY, Mode::empty()) {
+        let _ = posix_fadvise(&old, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
+    }
+}
+
 impl Staged {
     /// Prepares to replace the file `path` leads to, creating missing parent directories.
     pub fn create(place: &Place, path: &str) -> Result<Staged, FileError> {
@@ -112,7 +130,10 @@ impl Staged {
         )
         .map_err(std::io::Error::from)
         {
-            Ok(st) if is_file(&st) => Some((st.st_mode & 0o7777, st.st_uid, st.st_gid)),
+            Ok(st) if is_file(&st) => {
+                release_cache(&entry.parent, &entry.name);
+                Some((st.st_mode & 0o7777, st.st_uid, st.st_gid))
+            }
             Ok(_) => {
                 return Err(FileError::Conflict(format!(
                     "{path} exists and is not a regular file"
