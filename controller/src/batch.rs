@@ -82,7 +82,7 @@ fn mode(bsb: &BatchSandbox) -> Result<Mode<'_>> {
 
 /// The pods a BatchSandbox has, with their index: the position in the allocation (pooled) or
 /// the `pod-index` label (non-pooled), in index order.
-async fn pods_of(bsb: &BatchSandbox, ctx: &Context) -> Result<Vec<(usize, Pod)>> {
+async fn pods_of(bsb: &BatchSandbox, ctx: &Context) -> Result<Vec<(usize, Arc<Pod>)>> {
     let ns = bsb.namespace().unwrap_or_default();
     let in_namespace = |p: &Pod| p.metadata.namespace.as_deref() == Some(ns.as_str());
     match mode(bsb)? {
@@ -98,14 +98,14 @@ async fn pods_of(bsb: &BatchSandbox, ctx: &Context) -> Result<Vec<(usize, Pod)>>
                 return Ok(Vec::new());
             }
             wait_for_cache(ctx)?;
-            let mut by_name: BTreeMap<String, Pod> = ctx
+            let mut by_name: BTreeMap<String, Arc<Pod>> = ctx
                 .pods
                 .state()
                 .into_iter()
                 .filter(|p| {
                     in_namespace(p) && p.labels().get(POOL_NAME).map(String::as_str) == Some(pool)
                 })
-                .map(|p| (p.name_any(), (*p).clone()))
+                .map(|p| (p.name_any(), p))
                 .collect();
             Ok(names
                 .iter()
@@ -116,7 +116,7 @@ async fn pods_of(bsb: &BatchSandbox, ctx: &Context) -> Result<Vec<(usize, Pod)>>
         Mode::OwnTemplate(_) => {
             wait_for_cache(ctx)?;
             let uid = bsb.uid();
-            let mut pods: Vec<(usize, Pod)> = ctx
+            let mut pods: Vec<(usize, Arc<Pod>)> = ctx
                 .pods
                 .state()
                 .into_iter()
@@ -128,7 +128,7 @@ async fn pods_of(bsb: &BatchSandbox, ctx: &Context) -> Result<Vec<(usize, Pod)>>
                 })
                 .filter_map(|p| {
                     let index = p.labels().get(POD_INDEX)?.parse().ok()?;
-                    Some((index, (*p).clone()))
+                    Some((index, p))
                 })
                 .collect();
             pods.sort_by_key(|(index, p)| (*index, p.name_any()));
@@ -150,7 +150,7 @@ fn wait_for_cache(ctx: &Context) -> Result<()> {
 async fn create_missing(
     bsb: &BatchSandbox,
     template: &Value,
-    have: &[(usize, Pod)],
+    have: &[(usize, Arc<Pod>)],
     ctx: &Context,
 ) -> Result<()> {
     let ns = bsb.namespace().unwrap_or_default();
@@ -231,7 +231,7 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
     if let Mode::OwnTemplate(template) = mode(bsb)? {
         create_missing(bsb, template, &indexed, ctx).await?;
     }
-    let pods: Vec<&Pod> = indexed.iter().map(|(_, p)| p).collect();
+    let pods: Vec<&Pod> = indexed.iter().map(|(_, p)| &**p).collect();
     let owner = ObjectRef::from_obj(bsb);
 
     let mut status = BatchSandboxStatus {
@@ -277,7 +277,9 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
                 Some(TaskState::Failed) => status.task_failed += 1,
                 Some(TaskState::Unknown) => status.task_unknown += 1,
             }
-            if let Some(now) = state {
+            if let Some(now) = state
+                && before != Some(now)
+            {
                 let task = ctx.tracker.task(&key, &task_name);
                 let at = TaskAt {
                     task: &task_name,
