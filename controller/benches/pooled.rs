@@ -3,7 +3,8 @@
 //!
 //! Prints the time from BatchSandbox create to all allocated, to all tasks RUNNING and, once the
 //! tasks are let go, to all SUCCEED; the median delay from a task's exit to the status counter
-//! that shows it; and the API writes the allocation took (from the apiserver's own
+//! that shows it, and to its executor's change feed (the executor's share of that delay, from
+//! ten executors the bench follows itself); and the API writes the allocation took (from the apiserver's own
 //! `apiserver_request_total`).
 
 // The tests' support; the bench uses part of it.
@@ -16,12 +17,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
-use sandlet_controller::crd::{BatchSandbox, Pool};
+use sandlet_controller::crd::{BatchSandbox, ENDPOINTS, Pool};
 use serde_json::json;
 
 const NS: &str = "bench";
 const TOKEN: &str = "bench-token";
 const N: i32 = 100;
+/// Executors whose change feed the bench also follows itself (their tasks get a shard patch
+/// naming their index; a patch for every task would make the BatchSandbox, and so every
+/// status write, larger than the figure is about).
+const SAMPLED_FEEDS: usize = 10;
 
 /// Write requests the apiserver served, by resource.
 async fn writes(client: &kube::Client, resource: &str) -> u64 {
@@ -47,6 +52,38 @@ fn now_ns() -> u128 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_nanos()
+}
+
+/// Follows the change feed of the executor at `ip` (already connected when this returns) and
+/// yields when it says task `name` ended.
+async fn feed_end(ip: &str, name: &str) -> tokio::task::JoinHandle<u128> {
+    let response = reqwest::Client::new()
+        .get(format!("http://{ip}:5758/watchTasks"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+    let mut body = response.bytes_stream();
+    let name = name.to_string();
+    tokio::spawn(async move {
+        let mut text = String::new();
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            while let Some(end) = text.find("\n\n") {
+                let event: String = text.drain(..end + 2).collect();
+                let Some(data) = event.lines().find_map(|l| l.strip_prefix("data:")) else {
+                    continue;
+                };
+                let data: serde_json::Value = serde_json::from_str(data.trim()).unwrap();
+                let task = &data["task"];
+                if task["name"] == name.as_str() && !task["processStatus"]["terminated"].is_null() {
+                    return now_ns();
+                }
+            }
+        }
+        panic!("the feed of {name} ended before the task did")
+    })
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -121,7 +158,7 @@ async fn main() {
     let exits = gate.path().join("exits");
     std::fs::create_dir(&exits).unwrap();
     let script = format!(
-        "dd if={fifo} of=/dev/null bs=1 count=1 status=none; date +%s%N > {exits}/$$",
+        "dd if={fifo} of=/dev/null bs=1 count=1 status=none; date +%s%N > {exits}/${{TASK_INDEX:-pid$$}}",
         fifo = fifo.display(),
         exits = exits.display()
     );
@@ -149,7 +186,9 @@ async fn main() {
                 "apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "BatchSandbox",
                 "metadata": {"name": "b"},
                 "spec": {"replicas": N, "poolRef": "p",
-                    "taskTemplate": {"spec": {"process": {"command": ["sh", "-c", script]}}}}
+                    "taskTemplate": {"spec": {"process": {"command": ["sh", "-c", script]}}},
+                    "shardTaskPatches": (0..SAMPLED_FEEDS).map(|i| json!({"spec": {"process": {
+                        "env": [{"name": "TASK_INDEX", "value": i.to_string()}]}}})).collect::<Vec<_>>()}
             }))
             .unwrap(),
         )
@@ -167,6 +206,14 @@ async fn main() {
             running = Some(at - created);
         }
     }
+    // A few executors' own feeds, to tell their share of the delay from the controller's.
+    let b = sandboxes.get("b").await.unwrap();
+    let endpoints: Vec<String> =
+        serde_json::from_str(&b.metadata.annotations.unwrap()[ENDPOINTS]).unwrap();
+    let mut feeds = Vec::new();
+    for (index, ip) in endpoints.iter().enumerate().take(SAMPLED_FEEDS) {
+        feeds.push((index, feed_end(ip, &format!("b-{index}")).await));
+    }
     std::io::Write::write_all(&mut gate_writer, &[b'x'; N as usize]).unwrap();
     let mut counted: Vec<u128> = Vec::new();
     let mut last = 0;
@@ -180,6 +227,15 @@ async fn main() {
             break at - created;
         }
     };
+    let exit_of = |index: usize| -> u128 {
+        let path = exits.join(index.to_string());
+        std::fs::read_to_string(path)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // The sampled tasks' exits are named by index, the others' by process id.
     let mut exited: Vec<u128> = std::fs::read_dir(&exits)
         .unwrap()
         .flatten()
@@ -192,6 +248,11 @@ async fn main() {
         })
         .collect();
     exited.sort();
+    let mut at_executor = Vec::new();
+    for (index, feed) in feeds {
+        at_executor.push((feed.await.unwrap() as f64 - exit_of(index) as f64) / 1e6);
+    }
+    at_executor.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let mut delays: Vec<f64> = exited
         .iter()
         .zip(&counted)
@@ -221,6 +282,12 @@ async fn main() {
         "task exit -> counted in status  p50 {:.1} ms, max {:.1} ms  (Go controller: 3 s polling)",
         delays[delays.len() / 2],
         delays[delays.len() - 1]
+    );
+    println!(
+        "  of which exit -> on the executor's feed  p50 {:.1} ms, max {:.1} ms  ({} executors watched directly)",
+        at_executor[at_executor.len() / 2],
+        at_executor[at_executor.len() - 1],
+        at_executor.len()
     );
     println!(
         "API writes to BatchSandboxes until all allocated: {}",
