@@ -1,8 +1,9 @@
 //! `cargo bench --bench files`: upload and download throughput of the file API next to the
 //! floors measured in the same run, `cat` through loopback: the same file read from disk and
 //! copied into a loopback TCP connection whose reader drains it (the download's work without
-//! HTTP) or writes it to a new file and syncs it (the upload's work without HTTP). Prints
-//! numbers; asserts only that every byte arrived.
+//! HTTP) or writes it over the previous round's copy (truncating it, as `cat > file` does) and
+//! syncs it (the upload's work without HTTP). Prints numbers; asserts only that every byte
+//! arrived.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
