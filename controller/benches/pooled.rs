@@ -4,8 +4,8 @@
 //! Prints the time from BatchSandbox create to all allocated, to all tasks RUNNING and, once the
 //! tasks are let go, to all SUCCEED; the median delay from a task's exit to the status counter
 //! that shows it, and to its executor's change feed (the executor's share of that delay, from
-//! ten executors the bench follows itself); and the API writes the allocation took (from the apiserver's own
-//! `apiserver_request_total`).
+//! ten executors the bench follows itself); and the API writes the allocation took (from the
+//! apiserver's own `apiserver_request_total`).
 
 // The tests' support; the bench uses part of it.
 #[allow(dead_code)]
@@ -19,6 +19,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::watcher;
 use sandlet_controller::crd::{BatchSandbox, ENDPOINTS, POOL_NAME, Pool};
+use sandlet_controller::pods::is_ready;
 use serde_json::json;
 
 const NS: &str = "bench";
@@ -55,21 +56,31 @@ fn now_ns() -> u128 {
         .as_nanos()
 }
 
-/// Waits until pool `p` has `N` pods available; returns how long that took.
-async fn buffer_ready(pools: &Api<Pool>) -> Duration {
+/// Waits until pool `p` has `want` ready pods (allocated or not); returns how long that took.
+/// Counted from the pods themselves: the pool's status lags right after an allocation.
+async fn pool_pods_ready(pods: &Api<Pod>, want: usize) -> Duration {
     let started = Instant::now();
+    let of_pool = ListParams::default().labels(&format!("{POOL_NAME}=p"));
     loop {
-        if let Some(s) = pools.get("p").await.unwrap().status
-            && s.available >= N
-        {
+        let listed = pods.list(&of_pool).await.unwrap().items;
+        if listed.iter().filter(|p| is_ready(p)).count() >= want {
             return started.elapsed();
         }
         assert!(
             started.elapsed() < Duration::from_secs(300),
-            "the pool's buffer did not fill"
+            "the pool did not reach {want} ready pods"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A task's exit time, as it wrote it (`date +%s%N`).
+fn read_ns(path: &std::path::Path) -> u128 {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// Follows the change feed of the executor at `ip` (already connected when this returns) and
@@ -137,9 +148,10 @@ async fn main() {
         )
         .await
         .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     println!(
         "pool of {N} ready pods filled in {:?} (setup, not measured below)",
-        buffer_ready(&pools).await
+        pool_pods_ready(&pods, N as usize).await
     );
 
     // The tasks wait on a FIFO, blocked in read(2) rather than polling (100 polling loops
@@ -214,28 +226,9 @@ async fn main() {
     // The pool refills its buffer meanwhile: 100 pods created, and this harness starts an
     // executor for each. The exits are measured once that is over, so they do not share the
     // two cores with 100 executor starts (on a cluster those run on other nodes).
-    let refilled = Instant::now();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
-    let of_pool = ListParams::default().labels(&format!("{POOL_NAME}=p"));
-    while pods
-        .list(&of_pool)
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .filter(|p| sandlet_controller::pods::is_ready(p))
-        .count()
-        < 2 * N as usize
-    {
-        assert!(
-            refilled.elapsed() < Duration::from_secs(300),
-            "the pool did not refill"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     println!(
         "pool buffer refilled in {:?} (not measured below)",
-        refilled.elapsed()
+        pool_pods_ready(&pods, 2 * N as usize).await
     );
     // A few executors' own feeds, to tell their share of the delay from the controller's.
     let b = sandboxes.get("b").await.unwrap();
@@ -258,30 +251,17 @@ async fn main() {
             break at - created;
         }
     };
-    let exit_of = |index: usize| -> u128 {
-        let path = exits.join(index.to_string());
-        std::fs::read_to_string(path)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    };
     // The sampled tasks' exits are named by index, the others' by process id.
     let mut exited: Vec<u128> = std::fs::read_dir(&exits)
         .unwrap()
         .flatten()
-        .map(|e| {
-            std::fs::read_to_string(e.path())
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        })
+        .map(|e| read_ns(&e.path()))
         .collect();
     exited.sort();
     let mut at_executor = Vec::new();
     for (index, feed) in feeds {
-        at_executor.push((feed.await.unwrap() as f64 - exit_of(index) as f64) / 1e6);
+        let exit = read_ns(&exits.join(index.to_string()));
+        at_executor.push((feed.await.unwrap() as f64 - exit as f64) / 1e6);
     }
     at_executor.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let mut delays: Vec<f64> = exited
