@@ -97,8 +97,9 @@ impl Writeback {
 /// (the advice only starts their writeback); a file that cannot be opened for reading keeps
 /// its cache.
 fn release_cache(parent: &OwnedFd, name: &CStr) {
-    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
-    if let Ok(old) = openat(parent, name, flags | OFlag::O_NOCTTY, Mode::empty()) {
+    // Not following a link, nor waiting on a FIFO swapped in since the caller's fstatat.
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+    if let Ok(old) = openat(parent, name, flags | OFlag::O_CLOEXEC, Mode::empty()) {
         let _ = posix_fadvise(&old, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED);
     }
 }
