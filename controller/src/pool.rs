@@ -7,6 +7,7 @@
 //! pods to one BatchSandbox is one merge patch of that object, whatever N is.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -411,6 +412,22 @@ fn as_count(n: i32) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
 
+/// What of a BatchSandbox the pool acts on: its spec, the allocation annotations, finalizers
+/// and deletion. Its status is not among them: a status write (every task's change of state)
+/// need not wake the pool, whose reconcile lists every pool pod from the apiserver.
+pub fn pool_inputs(bsb: &BatchSandbox) -> Option<u64> {
+    let meta = bsb.meta();
+    let mut hasher = std::hash::DefaultHasher::new();
+    (
+        meta.generation,
+        &meta.annotations,
+        &meta.finalizers,
+        meta.deletion_timestamp.is_some(),
+    )
+        .hash(&mut hasher);
+    Some(hasher.finish())
+}
+
 /// The pool a BatchSandbox names, for the pool controller's watch on BatchSandboxes.
 pub fn pool_of(bsb: &BatchSandbox) -> Option<kube::runtime::reflector::ObjectRef<Pool>> {
     let pool = bsb
@@ -419,4 +436,48 @@ pub fn pool_of(bsb: &BatchSandbox) -> Option<kube::runtime::reflector::ObjectRef
         .as_deref()
         .filter(|p| !p.is_empty() && *p != "*")?;
     Some(kube::runtime::reflector::ObjectRef::new(pool).within(&bsb.namespace()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::BatchSandboxStatus;
+
+    #[test]
+    fn only_what_the_pool_acts_on_wakes_it() {
+        let bsb: BatchSandbox = serde_json::from_value(json!({
+            "apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "BatchSandbox",
+            "metadata": {"name": "b", "namespace": "ns", "generation": 1, "resourceVersion": "7",
+                "annotations": {ALLOC_STATUS: "{\"pods\":[\"p-1\"]}"},
+                "finalizers": [POOL_ALLOCATION, TASK_CLEANUP]},
+            "spec": {"replicas": 1, "poolRef": "p"}
+        }))
+        .unwrap();
+        let before = pool_inputs(&bsb);
+
+        let mut status_written = bsb.clone();
+        status_written.metadata.resource_version = Some("8".into());
+        status_written.status = Some(BatchSandboxStatus {
+            task_succeed: 1,
+            ..Default::default()
+        });
+        assert_eq!(pool_inputs(&status_written), before);
+
+        let mut released = bsb.clone();
+        released
+            .annotations_mut()
+            .insert(ALLOC_RELEASE.into(), "{\"pods\":[\"p-1\"]}".into());
+        let mut scaled = bsb.clone();
+        scaled.metadata.generation = Some(2);
+        let mut tasks_stopped = bsb.clone();
+        tasks_stopped.finalizers_mut().retain(|f| f != TASK_CLEANUP);
+        let mut deleted = bsb.clone();
+        deleted.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        for changed in [released, scaled, tasks_stopped, deleted] {
+            assert_ne!(pool_inputs(&changed), before, "{:?}", changed.metadata);
+        }
+    }
 }

@@ -64,7 +64,13 @@ pub async fn run(client: Client, settings: Settings) {
     let config = watcher::Config::default();
     let pool_controller = Controller::new(pools, config.clone())
         .owns(pods.clone(), config.clone())
-        .watches(sandboxes.clone(), config.clone(), |bsb| pool::pool_of(&bsb))
+        .watches_stream(
+            watcher(sandboxes.clone(), config.clone())
+                .default_backoff()
+                .touched_objects()
+                .predicate_filter(pool::pool_inputs, Default::default()),
+            |bsb| pool::pool_of(&bsb),
+        )
         .shutdown_on_signal()
         .run(pool::reconcile, pool::error_policy, Arc::clone(&ctx))
         .for_each(|_| async {});
