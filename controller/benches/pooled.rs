@@ -74,7 +74,7 @@ async fn pool_pods_ready(pods: &Api<Pod>, want: usize) -> Duration {
     }
 }
 
-/// A task's exit time, as it wrote it (`date +%s%N`).
+/// A task's exit time in nanoseconds, as it wrote it (bash's `$EPOCHREALTIME`, to the µs).
 fn read_ns(path: &std::path::Path) -> u128 {
     std::fs::read_to_string(path)
         .unwrap()
@@ -174,8 +174,10 @@ async fn main() {
         .unwrap();
     let exits = gate.path().join("exits");
     std::fs::create_dir(&exits).unwrap();
+    // Builtins only: the exit time is taken without a fork, and the 100 tasks' own work stays
+    // small beside what is measured (with `dd` and `date` it was 6 ms of CPU a task, 1.8 ms now).
     let script = format!(
-        "dd if={fifo} of=/dev/null bs=1 count=1 status=none; date +%s%N > {exits}/${{TASK_INDEX:-pid$$}}",
+        "read -rn1 < {fifo}; echo \"${{EPOCHREALTIME/[.,]/}}000\" > {exits}/${{TASK_INDEX:-pid$$}}",
         fifo = fifo.display(),
         exits = exits.display()
     );
@@ -203,7 +205,7 @@ async fn main() {
                 "apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "BatchSandbox",
                 "metadata": {"name": "b"},
                 "spec": {"replicas": N, "poolRef": "p",
-                    "taskTemplate": {"spec": {"process": {"command": ["sh", "-c", script]}}},
+                    "taskTemplate": {"spec": {"process": {"command": ["bash", "-c", script]}}},
                     "shardTaskPatches": (0..SAMPLED_FEEDS).map(|i| json!({"spec": {"process": {
                         "env": [{"name": "TASK_INDEX", "value": i.to_string()}]}}})).collect::<Vec<_>>()}
             }))

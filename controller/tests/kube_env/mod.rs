@@ -256,18 +256,28 @@ pub struct FakeKubelet {
     _dir: tempfile::TempDir,
 }
 
+/// The sandlet the executors run: the tests' debug build, or for the bench (built without debug
+/// assertions) the release build, so its figures are those of the binary that ships.
 fn sandlet_binary() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_path_buf();
+    let (profile, flags): (_, &[&str]) = if cfg!(debug_assertions) {
+        ("debug", &[])
+    } else {
+        ("release", &["--release"])
+    };
     let status = Command::new(env!("CARGO"))
         .args(["build", "-q", "-p", "sandlet", "--bin", "sandlet"])
+        .args(flags)
         .current_dir(&root)
         .status()
         .unwrap();
     assert!(status.success(), "cannot build sandlet");
-    root.join("target/x86_64-unknown-linux-gnu/debug/sandlet")
+    root.join("target/x86_64-unknown-linux-gnu")
+        .join(profile)
+        .join("sandlet")
 }
 
 fn start_executor(binary: &Path, ip: &str, dir: &Path, token_file: &Path) -> Child {
