@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -251,6 +252,8 @@ struct Executor {
 /// Plays the kubelet for one namespace (see the module docs).
 pub struct FakeKubelet {
     executors: Arc<Mutex<BTreeMap<String, Executor>>>,
+    /// The niceness new pods' executors (and so their shims and tasks) start at.
+    nice: Arc<AtomicI32>,
     token_file: PathBuf,
     watch: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
@@ -280,8 +283,10 @@ fn sandlet_binary() -> PathBuf {
         .join("sandlet")
 }
 
-fn start_executor(binary: &Path, ip: &str, dir: &Path, token_file: &Path) -> Child {
-    let child = Command::new(binary)
+fn start_executor(binary: &Path, nice: i32, ip: &str, dir: &Path, token_file: &Path) -> Child {
+    let mut command = Command::new("nice");
+    command.args(["-n", &nice.to_string()]).arg(binary);
+    let child = command
         .args([
             "serve",
             "--listen-addr",
@@ -310,7 +315,7 @@ fn start_executor(binary: &Path, ip: &str, dir: &Path, token_file: &Path) -> Chi
 }
 
 /// Executor addresses, unique in the process (tests run kubelets side by side).
-static NEXT_IP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(2);
+static NEXT_IP: AtomicU32 = AtomicU32::new(2);
 
 impl FakeKubelet {
     pub async fn start(client: Client, namespace: &str, token: &str) -> FakeKubelet {
@@ -322,9 +327,11 @@ impl FakeKubelet {
         std::fs::write(&token_file, token).unwrap();
         let binary = sandlet_binary();
         let executors: Arc<Mutex<BTreeMap<String, Executor>>> = Arc::default();
+        let nice: Arc<AtomicI32> = Arc::default();
         let pods: Api<Pod> = Api::namespaced(client, namespace);
-        let (shared, base, token_path) = (
+        let (shared, niceness, base, token_path) = (
             Arc::clone(&executors),
+            Arc::clone(&nice),
             dir.path().to_path_buf(),
             token_file.clone(),
         );
@@ -353,13 +360,14 @@ impl FakeKubelet {
                     {
                         continue;
                     }
-                    let n = NEXT_IP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
                     let ip = format!("127.0.{}.{}", n / 250, n % 250 + 2);
                     let data = base.join(&name);
                     let (bin, ipc, datac, tokenc) =
                         (binary.clone(), ip.clone(), data.clone(), token_path.clone());
+                    let nice = niceness.load(Ordering::Relaxed);
                     let process = tokio::task::spawn_blocking(move || {
-                        start_executor(&bin, &ipc, &datac, &tokenc)
+                        start_executor(&bin, nice, &ipc, &datac, &tokenc)
                     })
                     .await
                     .unwrap();
@@ -387,10 +395,18 @@ impl FakeKubelet {
         });
         FakeKubelet {
             executors,
+            nice,
             token_file,
             watch,
             _dir: dir,
         }
+    }
+
+    /// Pods that start from now on run at this niceness (a bench's way to let the control plane
+    /// go first, as on a cluster where the pods are on other nodes).
+    #[allow(dead_code, reason = "benches/pooled.rs uses it, the tests do not")]
+    pub fn start_pods_at_nice(&self, nice: i32) {
+        self.nice.store(nice, Ordering::Relaxed);
     }
 
     /// SIGKILLs the executor of `pod` (its tasks keep running under their shims).
@@ -412,8 +428,9 @@ impl FakeKubelet {
         };
         let (bin, token) = (sandlet_binary(), self.token_file.clone());
         let (ipc, dirc) = (ip.clone(), dir.clone());
+        let nice = self.nice.load(Ordering::Relaxed);
         let process =
-            tokio::task::spawn_blocking(move || start_executor(&bin, &ipc, &dirc, &token))
+            tokio::task::spawn_blocking(move || start_executor(&bin, nice, &ipc, &dirc, &token))
                 .await
                 .unwrap();
         self.executors.lock().unwrap().get_mut(pod).unwrap().process = Some(process);
