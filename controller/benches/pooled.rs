@@ -22,7 +22,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::watcher;
-use sandlet_controller::crd::{BatchSandbox, ENDPOINTS, POOL_NAME, Pool};
+use sandlet_controller::crd::{BatchSandbox, POOL_NAME, Pool};
 use sandlet_controller::pods::is_ready;
 use serde_json::json;
 
@@ -214,9 +214,7 @@ async fn wave(
     }
     settle.await;
     // A few executors' own feeds, to tell their share of the delay from the controller's.
-    let b = sandboxes.get(name).await.unwrap();
-    let endpoints: Vec<String> =
-        serde_json::from_str(&b.metadata.annotations.unwrap()[ENDPOINTS]).unwrap();
+    let endpoints = kube_env::endpoints(&sandboxes.get(name).await.unwrap());
     let mut feeds = Vec::new();
     for (index, ip) in endpoints.iter().enumerate().take(SAMPLED_FEEDS) {
         feeds.push((index, feed_end(ip, &format!("{name}-{index}")).await));

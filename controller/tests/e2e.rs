@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube_env::{FakeKubelet, KubeEnv};
-use sandlet_controller::crd::{BatchSandbox, ENDPOINTS, POOL_NAME, Pool};
+use sandlet_controller::crd::{BatchSandbox, POOL_NAME, Pool};
 use serde_json::json;
 
 const NS: &str = "e2e";
@@ -179,9 +179,7 @@ async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
         "10 sandboxes allocated and running in {:?}",
         started.elapsed()
     );
-    let b = sandboxes.get("b").await.unwrap();
-    let endpoints: Vec<String> =
-        serde_json::from_str(&b.metadata.annotations.unwrap()[ENDPOINTS]).unwrap();
+    let endpoints = kube_env::endpoints(&sandboxes.get("b").await.unwrap());
     assert_eq!(endpoints.len(), 10);
     assert!(
         endpoints.iter().all(|ip| ip.starts_with("127.")),

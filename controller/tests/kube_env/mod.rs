@@ -18,6 +18,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
 use kube::{Client, Config, ResourceExt};
+use sandlet_controller::crd::{BatchSandbox, ENDPOINTS};
 use serde_json::json;
 
 pub struct KubeEnv {
@@ -249,9 +250,17 @@ struct Executor {
     process: Option<Child>,
 }
 
+/// The executor addresses a BatchSandbox's `endpoints` annotation lists, in index order.
+pub fn endpoints(bsb: &BatchSandbox) -> Vec<String> {
+    let annotation = &bsb.annotations()[ENDPOINTS];
+    serde_json::from_str(annotation).expect("the endpoints annotation is a JSON list")
+}
+
 /// Plays the kubelet for one namespace (see the module docs).
 pub struct FakeKubelet {
     executors: Arc<Mutex<BTreeMap<String, Executor>>>,
+    /// The sandlet every executor runs, built once.
+    binary: PathBuf,
     /// The niceness new pods' executors (and so their shims and tasks) start at.
     nice: Arc<AtomicI32>,
     token_file: PathBuf,
@@ -284,9 +293,9 @@ fn sandlet_binary() -> PathBuf {
 }
 
 fn start_executor(binary: &Path, nice: i32, ip: &str, dir: &Path, token_file: &Path) -> Child {
-    let mut command = Command::new("nice");
-    command.args(["-n", &nice.to_string()]).arg(binary);
-    let child = command
+    let child = Command::new("nice")
+        .args(["-n", &nice.to_string()])
+        .arg(binary)
         .args([
             "serve",
             "--listen-addr",
@@ -329,9 +338,10 @@ impl FakeKubelet {
         let executors: Arc<Mutex<BTreeMap<String, Executor>>> = Arc::default();
         let nice: Arc<AtomicI32> = Arc::default();
         let pods: Api<Pod> = Api::namespaced(client, namespace);
-        let (shared, niceness, base, token_path) = (
+        let (shared, niceness, executor_binary, base, token_path) = (
             Arc::clone(&executors),
             Arc::clone(&nice),
+            binary.clone(),
             dir.path().to_path_buf(),
             token_file.clone(),
         );
@@ -363,8 +373,12 @@ impl FakeKubelet {
                     let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
                     let ip = format!("127.0.{}.{}", n / 250, n % 250 + 2);
                     let data = base.join(&name);
-                    let (bin, ipc, datac, tokenc) =
-                        (binary.clone(), ip.clone(), data.clone(), token_path.clone());
+                    let (bin, ipc, datac, tokenc) = (
+                        executor_binary.clone(),
+                        ip.clone(),
+                        data.clone(),
+                        token_path.clone(),
+                    );
                     let nice = niceness.load(Ordering::Relaxed);
                     let process = tokio::task::spawn_blocking(move || {
                         start_executor(&bin, nice, &ipc, &datac, &tokenc)
@@ -395,6 +409,7 @@ impl FakeKubelet {
         });
         FakeKubelet {
             executors,
+            binary,
             nice,
             token_file,
             watch,
@@ -426,7 +441,7 @@ impl FakeKubelet {
             let e = executors.get(pod).expect("a pod with an executor");
             (e.ip.clone(), e.dir.clone())
         };
-        let (bin, token) = (sandlet_binary(), self.token_file.clone());
+        let (bin, token) = (self.binary.clone(), self.token_file.clone());
         let (ipc, dirc) = (ip.clone(), dir.clone());
         let nice = self.nice.load(Ordering::Relaxed);
         let process =
