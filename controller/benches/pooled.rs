@@ -24,6 +24,7 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::watcher;
 use sandlet_controller::crd::{BatchSandbox, POOL_NAME, Pool};
 use sandlet_controller::pods::is_ready;
+use sandlet_controller::tasks::{TaskState, state_of};
 use serde_json::json;
 
 const NS: &str = "bench";
@@ -110,7 +111,9 @@ async fn feed_end(ip: &str, name: &str) -> tokio::task::JoinHandle<u128> {
                 };
                 let data: serde_json::Value = serde_json::from_str(data.trim()).unwrap();
                 let task = &data["task"];
-                if task["name"] == name.as_str() && !task["processStatus"]["terminated"].is_null() {
+                if task["name"] == name.as_str()
+                    && matches!(state_of(task), TaskState::Succeed | TaskState::Failed)
+                {
                     return now_ns();
                 }
             }
@@ -263,12 +266,13 @@ async fn wave(
     }
 }
 
-fn median(sorted: &[f64]) -> f64 {
-    sorted[sorted.len() / 2]
-}
-
-fn max(sorted: &[f64]) -> f64 {
-    sorted[sorted.len() - 1]
+/// The median and the largest of sorted delays, in ms.
+fn p50_and_max(sorted: &[f64]) -> String {
+    format!(
+        "p50 {:.1}, max {:.1} ms",
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() - 1]
+    )
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -346,18 +350,10 @@ async fn main() {
         format!("{:.3} s", w.succeeded.as_secs_f64())
     });
     row("task exit -> counted in status", &|w| {
-        format!(
-            "p50 {:.1}, max {:.1} ms",
-            median(&w.to_status),
-            max(&w.to_status)
-        )
+        p50_and_max(&w.to_status)
     });
     row("  of which exit -> executor's feed", &|w| {
-        format!(
-            "p50 {:.1}, max {:.1} ms",
-            median(&w.to_feed),
-            max(&w.to_feed)
-        )
+        p50_and_max(&w.to_feed)
     });
     row("  the exits spread over", &|w| {
         format!("{:.1} ms", w.spread)
