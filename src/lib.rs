@@ -3,12 +3,12 @@
 
 pub mod atomic_file;
 pub mod cli;
+pub mod container;
 pub mod error;
 pub mod exec;
 pub mod files;
 pub mod http;
 pub mod process;
 pub mod serve;
-pub mod target;
 pub mod tasks;
 pub mod telemetry;

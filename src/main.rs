@@ -57,7 +57,7 @@ fn main() -> ExitCode {
 }
 
 fn print_target(args: sandlet::cli::TargetArgs) -> ExitCode {
-    use sandlet::target::{Locator, locate};
+    use sandlet::container::{Locator, locate};
     let locator = if args.other_container {
         Locator::OtherContainer
     } else {

@@ -8,12 +8,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::cli::ServeArgs;
+use crate::container::{Locator, TargetWatch};
 use crate::error::Error;
 use crate::exec::api::{ExecApi, proxy};
 use crate::exec::{self, ExecConfig};
 use crate::http::{self, auth::Auth};
 use crate::process::{Launcher, Reaper};
-use crate::target::{Locator, TargetWatch};
 use crate::tasks::api::{TaskApi, router};
 use crate::tasks::{TaskConfig, TaskManager};
 

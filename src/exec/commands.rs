@@ -14,9 +14,9 @@ use tokio::sync::mpsc;
 use super::events::{Event, LineFrames};
 use super::run::{Driven, Driver, Spawn, SpawnError, spawn};
 use super::{ExecConfig, RunSlot, new_id};
+use crate::container::TargetWatch;
 use crate::process::shim::{COMBINED_LOG, OutputMode};
 use crate::process::{ExitRecord, Launcher, Outcome};
-use crate::target::TargetWatch;
 
 /// Frames buffered between a foreground command and its client: a slower client slows the
 /// command down (through the shim), it never loses output.

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::target::TargetWatch;
-use crate::target::cgroup::dirs_of;
+use crate::container::TargetWatch;
+use crate::container::cgroup::dirs_of;
 
 /// Samples closer together than this reuse the previous CPU figure.
 const MIN_WINDOW: Duration = Duration::from_millis(100);

@@ -28,9 +28,9 @@ use tokio::time::{Instant, sleep_until};
 
 use super::run::{Spawn, SpawnError, spawn};
 use super::{ExecConfig, RunSlot, uuid_v4};
+use crate::container::{PlaceError, TargetWatch, metadata_in, start_in};
 use crate::process::shim::{DRAIN_GRACE, OutputMode};
 use crate::process::{ExitWatch, Launcher, Outcome, ShimEvent, Tree};
-use crate::target::{PlaceError, TargetWatch, metadata_in, start_in};
 
 /// Output kept for replay (execd's figure).
 pub const RING_BYTES: usize = 1 << 20;

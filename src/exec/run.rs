@@ -17,9 +17,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval, sleep_until};
 
+use crate::container::{PlaceError, StartIn, TargetWatch, metadata_in, start_in};
 use crate::process::shim::{OutputMode, ShimSpec};
 use crate::process::{ExitRecord, ExitWatch, Launcher, PidFd, ShimEvent, Tree};
-use crate::target::{PlaceError, StartIn, TargetWatch, metadata_in, start_in};
 
 /// Between SIGTERM and SIGKILL on interrupt (execd's figure).
 pub const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
@@ -41,7 +41,7 @@ pub struct Spawn {
     /// the script is not empty, or `sh` where there is no bash; `TERM` defaults to
     /// [`DEFAULT_TERM`]; the shim is not reused.
     pub interactive: bool,
-    /// Working directory, already expanded; `None`: the default (see `target::start_in`).
+    /// Working directory, already expanded; `None`: the default (see `container::start_in`).
     pub cwd: Option<String>,
     /// Variables on top of the base environment.
     pub envs: Vec<(String, String)>,

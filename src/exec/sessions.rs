@@ -19,9 +19,9 @@ use tokio::sync::mpsc;
 use super::events::{Event, LineFrames};
 use super::run::{Driven, Driver, Spawn, SpawnError, spawn};
 use super::{ExecConfig, RunSlot, new_id, uuid_v4};
+use crate::container::{PlaceError, TargetWatch, start_in};
 use crate::process::shim::OutputMode;
 use crate::process::{Launcher, Outcome};
-use crate::target::{PlaceError, TargetWatch, start_in};
 
 /// A run's timeout when the request gives none (execd's figure).
 pub const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);

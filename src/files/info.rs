@@ -4,7 +4,7 @@ use chrono::{Local, SecondsFormat, TimeZone};
 use nix::sys::stat::{FileStat, SFlag};
 use serde::Serialize;
 
-use crate::target::UserDb;
+use crate::container::UserDb;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct FileInfo {

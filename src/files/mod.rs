@@ -17,8 +17,8 @@ pub use info::FileInfo;
 pub use staging::{Staged, read_limited, write_pieces};
 pub use tree::{list, remove_dir, remove_file, search};
 
+use crate::container::{TargetWatch, UserDb};
 use crate::process::enter::Credentials;
-use crate::target::{TargetWatch, UserDb};
 use root::Root;
 
 /// Limits of the file API (documented defaults in the README).

@@ -17,11 +17,11 @@ use super::supervisor::{Watched, supervise};
 use super::validate::check_task;
 use super::wire::{Process, Task};
 use crate::atomic_file::{self, Durability};
+use crate::container::{TargetWatch, start_in};
 use crate::process::shim::{OutputMode, ShimSpec};
 use crate::process::{
     self, ExitRecord, ExitWatch, Launcher, PidFd, ProcessIdentity, Reaper, RunRecord, Tree,
 };
-use crate::target::{TargetWatch, start_in};
 
 #[derive(Debug, Clone)]
 pub struct TaskConfig {

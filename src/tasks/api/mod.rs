@@ -20,9 +20,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::{TaskError, TaskManager};
+use crate::container::TargetWatch;
 use crate::http::auth::{Auth, require_token};
 use crate::http::error::{self, ApiError};
-use crate::target::TargetWatch;
 
 #[derive(Clone)]
 pub struct TaskApi {
