@@ -93,7 +93,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SANDLET_EXEC_KEEP_FINISHED", default_value_t = 256)]
     pub exec_keep_finished: usize,
     /// How long a finished command's record and output are kept, in seconds.
-    #[arg(long, env = "SANDLET_EXEC_KEEP_SECONDS", default_value_t = 3600)]
+    #[arg(long, env = "SANDLET_EXEC_KEEP_SECONDS", default_value_t = 3600, value_parser = seconds)]
     pub exec_keep_seconds: u64,
     /// Bytes of a background command's output kept (the newest).
     #[arg(long, env = "SANDLET_EXEC_LOG_LIMIT_BYTES", default_value_t = 16 << 20)]
@@ -105,8 +105,8 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "SANDLET_EXEC_SESSION_IDLE_SECONDS",
-        default_value_t = 86400
-    )]
+        default_value_t = 86400,
+        value_parser = seconds)]
     pub exec_session_idle_seconds: u64,
     /// Bytes one `/files/upload` request may carry (all its files together).
     #[arg(long, env = "SANDLET_EXEC_MAX_UPLOAD_BYTES", default_value_t = 16 << 30)]
@@ -118,7 +118,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SANDLET_EXEC_MAX_REPLACE_BYTES", default_value_t = 64 << 20)]
     pub exec_max_replace_bytes: u64,
     /// `/proxy/{port}/`: seconds an idle upstream connection is kept in the shared pool.
-    #[arg(long, env = "SANDLET_EXEC_PROXY_IDLE_SECONDS", default_value_t = 90)]
+    #[arg(long, env = "SANDLET_EXEC_PROXY_IDLE_SECONDS", default_value_t = 90, value_parser = seconds)]
     pub exec_proxy_idle_seconds: u64,
     /// `/proxy/{port}/`: idle upstream connections kept per port, at most.
     #[arg(
@@ -132,15 +132,15 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "SANDLET_EXEC_PROXY_HEADER_TIMEOUT_SECONDS",
-        default_value_t = 300
-    )]
+        default_value_t = 300,
+        value_parser = seconds)]
     pub exec_proxy_header_timeout_seconds: u64,
     /// PTY sessions at once, at most (execd has no limit).
     #[arg(long, env = "SANDLET_EXEC_MAX_PTY_SESSIONS", default_value_t = 32)]
     pub exec_max_pty_sessions: usize,
     /// Seconds a PTY session with no client attached may sit before it is removed, its shell
     /// killed (one whose shell exited goes after at most 300 s).
-    #[arg(long, env = "SANDLET_EXEC_PTY_IDLE_SECONDS", default_value_t = 1800)]
+    #[arg(long, env = "SANDLET_EXEC_PTY_IDLE_SECONDS", default_value_t = 1800, value_parser = seconds)]
     pub exec_pty_idle_seconds: u64,
     /// Largest WebSocket message a PTY client may send, in bytes (execd has no limit).
     #[arg(long, env = "SANDLET_EXEC_PTY_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
@@ -155,7 +155,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SANDLET_MAX_TASKS", default_value_t = 1024)]
     pub max_tasks: usize,
     /// Seconds between SIGTERM and SIGKILL when a task's process tree is stopped.
-    #[arg(long, env = "SANDLET_STOP_GRACE_SECONDS", default_value_t = 10)]
+    #[arg(long, env = "SANDLET_STOP_GRACE_SECONDS", default_value_t = 10, value_parser = seconds)]
     pub stop_grace_seconds: u64,
     /// Bytes of stdout (and of stderr) kept per task: the newest output, between half and all of this.
     #[arg(long, env = "SANDLET_TASK_LOG_LIMIT_BYTES", default_value_t = 16 << 20)]
@@ -187,6 +187,20 @@ pub struct ServeArgs {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// The largest number of seconds a flag takes (ten years): every such figure is added to the
+/// current time somewhere, and a sum past what the clock can represent would panic.
+pub const MAX_SECONDS: u64 = 10 * 365 * 86400;
+
+fn seconds(s: &str) -> Result<u64, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
+    if n > MAX_SECONDS {
+        return Err(format!("{n} is more than {MAX_SECONDS} (ten years)"));
+    }
+    Ok(n)
 }
 
 /// Go's `strconv.ParseBool`, which its flag package uses.

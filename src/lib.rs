@@ -4,6 +4,7 @@
 pub mod atomic_file;
 pub mod cli;
 pub mod container;
+pub mod deadline;
 pub mod error;
 pub mod exec;
 pub mod files;

@@ -102,7 +102,18 @@ fn configurations_it_cannot_honour_are_refused_with_a_reason() {
             "not-an-address",
         ),
     ];
-    for (args, expected) in cases {
+    // Durations from flags are added to the clock somewhere; one past what it can represent
+    // panicked at the first use (a huge --stop-grace-seconds at the first stop).
+    let durations = [
+        "--stop-grace-seconds",
+        "--exec-keep-seconds",
+        "--exec-session-idle-seconds",
+        "--exec-pty-idle-seconds",
+        "--exec-proxy-idle-seconds",
+        "--exec-proxy-header-timeout-seconds",
+    ]
+    .map(|flag| (vec![flag.to_string(), u64::MAX.to_string()], "ten years"));
+    for (args, expected) in cases.into_iter().chain(durations) {
         let mut cmd = sandlet();
         base(&mut cmd);
         cmd.args(&args);

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval, sleep_until};
 
 use crate::container::{PlaceError, StartIn, TargetWatch, metadata_in, start_in};
+use crate::deadline;
 use crate::process::shim::{OutputMode, ShimSpec};
 use crate::process::{ExitRecord, ExitWatch, Launcher, PidFd, ShimEvent, Tree};
 
@@ -361,7 +362,7 @@ impl Driver {
             shim_pidfd: started.shim_pidfd,
             next_spec: started.next_spec,
             tree: started.tree,
-            deadline: timeout.map(|t| Instant::now() + t),
+            deadline: timeout.and_then(deadline::after),
             kill_at: None,
             interrupts,
             interrupts_open: true,
@@ -373,7 +374,7 @@ impl Driver {
     }
 
     pub async fn next(&mut self) -> Driven {
-        let far = Instant::now() + Duration::from_secs(86400 * 365);
+        let far = deadline::far();
         loop {
             let deadline = self.deadline.filter(|_| self.kill_at.is_none());
             tokio::select! {

@@ -18,6 +18,7 @@ use super::validate::check_task;
 use super::wire::{Process, Task};
 use crate::atomic_file::{self, Durability};
 use crate::container::{TargetWatch, start_in};
+use crate::deadline;
 use crate::process::shim::{OutputMode, ShimSpec};
 use crate::process::{
     self, ExitRecord, ExitWatch, Launcher, PidFd, ProcessIdentity, Reaper, RunRecord, Tree,
@@ -389,12 +390,7 @@ impl TaskManager {
                     shim: Some(launched.shim_pidfd),
                     shim_is_child: true,
                     exit: Some(launched.exit),
-                    deadline: (timeout > 0).then(|| {
-                        (
-                            tokio::time::Instant::now() + Duration::from_secs(timeout as u64),
-                            timeout,
-                        )
-                    }),
+                    deadline: task_deadline(timeout, Duration::ZERO),
                 };
                 let wire = entry.wire();
                 self.publish_task(&mut inner, wire);
@@ -626,6 +622,14 @@ impl TaskManager {
     }
 }
 
+/// When a task with `timeoutSeconds` that has run for `elapsed` times out, with its timeout;
+/// `None` without a timeout, or with one so long that its deadline never comes.
+fn task_deadline(timeout_seconds: i64, elapsed: Duration) -> Option<(tokio::time::Instant, i64)> {
+    let timeout = u64::try_from(timeout_seconds).ok().filter(|&s| s > 0)?;
+    let left = Duration::from_secs(timeout).saturating_sub(elapsed);
+    Some((deadline::after(left)?, timeout_seconds))
+}
+
 /// Marks a task as stopped because the container it was started in is gone, and asks its
 /// supervisor to stop it.
 fn stop_for_restart(entry: &mut Entry, started_in: ProcessIdentity) {
@@ -699,11 +703,8 @@ fn recover_one(
     match PidFd::open_identity(run.task) {
         Ok(task_fd) if run.task.is_alive() => {
             let timeout = record.process.timeout_seconds;
-            let deadline = (timeout > 0).then(|| {
-                let elapsed = (Utc::now() - run.started_at).to_std().unwrap_or_default();
-                let left = Duration::from_secs(timeout as u64).saturating_sub(elapsed);
-                (tokio::time::Instant::now() + left, timeout)
-            });
+            let elapsed = (Utc::now() - run.started_at).to_std().unwrap_or_default();
+            let deadline = task_deadline(timeout, elapsed);
             let exit = ExitWatch::Adopted {
                 task: task_fd,
                 shim: run.shim,

@@ -9,6 +9,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 use super::TaskManager;
+use crate::deadline;
 use crate::process::{ExitWatch, PidFd, Tree};
 
 /// After KILL, the tree is swept again at this interval until it is gone, so processes forked
@@ -45,7 +46,7 @@ pub(super) async fn supervise(
     let mut tree_gone = shim.is_none();
     let mut stop_open = true;
     let mut kill_at: Option<Instant> = None;
-    let far = Instant::now() + Duration::from_secs(86400 * 365);
+    let far = deadline::far();
     while exit.is_some() || !tree_gone {
         let timeout_at = deadline.filter(|_| exit.is_some() && kill_at.is_none());
         tokio::select! {
@@ -64,7 +65,7 @@ pub(super) async fn supervise(
                 Some(()) if kill_at.is_none() => {
                     let n = tree.signal(Signal::SIGTERM);
                     tracing::info!(task = %name, descendants = n, "stopping task: sent SIGTERM");
-                    kill_at = Some(Instant::now() + manager.stop_grace());
+                    kill_at = Some(deadline::after(manager.stop_grace()).unwrap_or(far));
                 }
                 Some(()) => {}
                 None => stop_open = false,
@@ -74,7 +75,7 @@ pub(super) async fn supervise(
                 manager.on_timeout(&name, seq, seconds);
                 let n = tree.signal(Signal::SIGTERM);
                 tracing::info!(task = %name, timeout_seconds = seconds, descendants = n, "task timed out: sent SIGTERM");
-                kill_at = Some(Instant::now() + manager.stop_grace());
+                kill_at = Some(deadline::after(manager.stop_grace()).unwrap_or(far));
             }
             _ = sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
                 let n = tree.signal(Signal::SIGKILL);
