@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Sandlet, pid_alive};
+use common::{Sandlet, pid_alive, wait_until};
 use serde_json::json;
 
 /// Defect 1: a timeout near the largest 64-bit integer overflowed `Instant + Duration`, which
@@ -42,4 +42,52 @@ fn a_timeout_beyond_the_clock_neither_crashes_sandlet_nor_its_restart() {
             "re-adopted after the restart, still running: {task}"
         );
     }
+}
+
+/// Defect 2: a task whose process ended while sandlet was down, and whose shim had not recorded
+/// the exit yet (it was stopped), was failed as `ProcessLost`; the shim then wrote the real exit
+/// code, which was never reported. A recovered task whose shim lives waits for its record.
+#[test]
+fn an_exit_recorded_late_by_a_stopped_shim_is_reported_after_a_restart() {
+    let mut s = Sandlet::start(&[]);
+    let dir = common::scratch();
+    let release = dir.path().join("release");
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.01; done; exit 42",
+        release.display()
+    );
+    let r = s.set_tasks(json!([{"name": "t", "process": {"command": ["sh", "-c", script]}}]));
+    assert_eq!(r.status, 200, "{}", r.text());
+    s.wait_state("t", "running");
+    let run = s.run_record("t");
+    let (shim, task) = (pid_of(&run, "shim"), pid_of(&run, "task"));
+
+    s.kill9();
+    signal(shim, libc::SIGSTOP);
+    std::fs::write(&release, "").unwrap();
+    wait_until("the task exited (unreaped: its shim is stopped)", || {
+        !pid_alive(task)
+    });
+    s.boot();
+    let t = s.task("t").unwrap();
+    assert!(
+        t["processStatus"]["running"].is_object(),
+        "while its shim lives, the task's ending is awaited, not guessed: {t}"
+    );
+    signal(shim, libc::SIGCONT);
+    let t = s.wait_state("t", "terminated");
+    assert_eq!(t["processStatus"]["terminated"]["exitCode"], 42, "{t}");
+    assert_eq!(t["processStatus"]["terminated"]["reason"], "Failed", "{t}");
+}
+
+fn pid_of(run: &serde_json::Value, process: &str) -> i32 {
+    run[process]["pid"].as_i64().unwrap() as i32
+}
+
+fn signal(pid: i32, signal: i32) {
+    assert_eq!(
+        unsafe { libc::kill(pid, signal) },
+        0,
+        "kill({pid}, {signal})"
+    );
 }

@@ -9,12 +9,6 @@ use std::path::Path;
 use common::{Sandlet, pid_alive, recv_until, scratch, wait_until};
 use serde_json::{Value, json};
 
-fn run_record(s: &Sandlet, task: &str) -> Value {
-    let path = s.data_dir().join(task).join("run.json");
-    wait_until("run.json written", || path.exists());
-    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
-}
-
 fn path_in(dir: &Path, name: &str) -> String {
     dir.join(name).to_string_lossy().into_owned()
 }
@@ -54,16 +48,19 @@ fn sigkill_and_restart_loses_nothing_and_reruns_nothing() {
     s.kill9();
     // While sandlet is down: one task ends normally, one loses its process and its shim.
     std::fs::write(&release_down, "").unwrap();
-    let down = run_record(&s, "ends-while-down");
+    let down = s.run_record("ends-while-down");
     wait_until("task ended while sandlet was down", || {
         !pid_alive(down["task"]["pid"].as_i64().unwrap() as i32)
     });
     wait_until("its shim recorded the exit", || {
         s.data_dir().join("ends-while-down/exit.json").exists()
     });
-    let lost = run_record(&s, "lost");
-    kill(lost["shim"]["pid"].as_i64().unwrap());
-    kill(lost["task"]["pid"].as_i64().unwrap());
+    let lost = s.run_record("lost");
+    for process in ["shim", "task"] {
+        let pid = lost[process]["pid"].as_i64().unwrap();
+        kill(pid);
+        wait_until("the killed process is gone", || !pid_alive(pid as i32));
+    }
     s.boot();
 
     let tasks = s.tasks();
@@ -126,7 +123,7 @@ fn timeout_is_still_enforced_after_a_restart() {
     );
     assert_eq!(r.status, 200);
     s.wait_state("t", "running");
-    let task_pid = run_record(&s, "t")["task"]["pid"].as_i64().unwrap() as i32;
+    let task_pid = s.run_record("t")["task"]["pid"].as_i64().unwrap() as i32;
     s.kill9();
     s.boot();
     let t = s.wait_state("t", "terminated");
@@ -139,7 +136,37 @@ fn timeout_is_still_enforced_after_a_restart() {
 }
 
 #[test]
-fn a_task_recorded_but_never_started_is_failed_not_run() {
+fn a_task_that_never_reached_a_shim_is_started_by_the_next_sandlet_once() {
+    let mut s = Sandlet::start(&[]);
+    let dir = scratch();
+    let runs = path_in(dir.path(), "runs");
+    let r = s.set_tasks(
+        json!([{"name": "t", "process": {"command": ["sh", "-c", format!("echo run >> {runs}")]}}]),
+    );
+    assert_eq!(r.status, 200);
+    s.wait_state("t", "terminated");
+    s.kill9();
+    // As if sandlet had died between writing the record and handing the task to a shim: no
+    // launch record, so the task provably never ran.
+    for f in ["launch.json", "claim", "run.json", "exit.json"] {
+        std::fs::remove_file(s.data_dir().join("t").join(f)).unwrap();
+    }
+    std::fs::remove_file(&runs).unwrap();
+    s.boot();
+    let t = s.wait_state("t", "terminated");
+    assert_eq!(t["processStatus"]["terminated"]["exitCode"], 0, "{t}");
+    s.kill9();
+    s.boot();
+    assert_eq!(s.task("t").unwrap()["processStatus"], t["processStatus"]);
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "run\n",
+        "started by the restarted sandlet, and only once"
+    );
+}
+
+#[test]
+fn a_task_whose_shim_vanished_before_recording_a_start_is_failed_not_run_again() {
     let mut s = Sandlet::start(&[]);
     let dir = scratch();
     let marker = dir.path().join("ran");
@@ -147,15 +174,16 @@ fn a_task_recorded_but_never_started_is_failed_not_run() {
     assert_eq!(r.status, 200);
     s.wait_state("t", "terminated");
     s.kill9();
-    // As if sandlet had died between writing the record and starting the shim.
+    // As if the shim sandlet handed the task to had died before it recorded anything: the
+    // launch record names a shim that is gone.
     for f in ["run.json", "exit.json"] {
         std::fs::remove_file(s.data_dir().join("t").join(f)).unwrap();
     }
     std::fs::remove_file(&marker).unwrap();
     s.boot();
-    let t = s.task("t").unwrap();
+    let t = s.wait_state("t", "terminated");
     assert_eq!(
-        t["processStatus"]["terminated"]["reason"], "NotStarted",
+        t["processStatus"]["terminated"]["reason"], "ShimLost",
         "{t}"
     );
     assert_eq!(t["processStatus"]["terminated"]["exitCode"], -1);
@@ -163,7 +191,10 @@ fn a_task_recorded_but_never_started_is_failed_not_run() {
     s.kill9();
     s.boot();
     assert_eq!(s.task("t").unwrap()["processStatus"], t["processStatus"]);
-    assert!(!marker.exists(), "recovery never runs a task");
+    assert!(
+        !marker.exists(),
+        "a task that may have run is never run again"
+    );
 }
 
 #[test]
@@ -175,7 +206,7 @@ fn sigterm_shuts_down_cleanly_and_leaves_tasks_running() {
         200
     );
     s.wait_state("t", "running");
-    let task_pid = run_record(&s, "t")["task"]["pid"].as_i64().unwrap() as i32;
+    let task_pid = s.run_record("t")["task"]["pid"].as_i64().unwrap() as i32;
     let feed = s.watch();
     recv_until(&feed, |e, _| e == "snapshot");
     let mut child = s.child.take().unwrap();

@@ -449,7 +449,7 @@ impl Driver {
             };
             match (idle, reports, next_spec) {
                 (true, Some(reports), Some(spec)) => {
-                    launcher.idle(shim_pidfd.pid(), shim_pidfd, spec, reports)
+                    launcher.idle(tree.shim, shim_pidfd, spec, reports)
                 }
                 _ => launcher.reaper().reap_owned(&shim_pidfd),
             }

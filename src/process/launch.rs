@@ -26,13 +26,18 @@ use tokio::net::unix::pipe;
 use tokio::time::Instant;
 
 use super::shim::{DRAIN_GRACE, OutputMode, ROLE, ShimSpec};
-use super::{EXIT_FILE, ExitRecord, Outcome, PidFd, ProcessIdentity, Reaper};
+use super::{
+    EXIT_FILE, ExitRecord, LAUNCH_FILE, LaunchRecord, Outcome, PidFd, ProcessIdentity, Reaper,
+};
 use crate::atomic_file;
 
 /// How long a shim may take to report that the task started.
 const START_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an exit may take to be recorded after the task's process is seen gone.
-const EXIT_RECORD_WAIT: Duration = Duration::from_secs(5);
+/// How often a re-adopted task's exit record is looked for while its shim lives: from the
+/// first to the last figure, doubling (a shim records an exit within a millisecond, unless it
+/// is stopped or starved; then there is no hurry).
+const EXIT_RECORD_POLL: (Duration, Duration) =
+    (Duration::from_millis(2), Duration::from_millis(200));
 /// Idle shims kept at most; more are let go (a burst of commands does not leave a crowd).
 const MAX_IDLE_SHIMS: usize = 4;
 
@@ -53,7 +58,7 @@ pub struct Launched {
 
 /// A started shim, idle until it is sent a spec.
 struct Shim {
-    pid: i32,
+    identity: ProcessIdentity,
     pidfd: PidFd,
     spec: pipe::Sender,
     reports: Reports,
@@ -196,23 +201,23 @@ impl Launcher {
         line.push(b'\n');
         let spare = self.idle_shims().pop_front();
         let (shim, was_idle) = match spare {
-            Some(mut shim) => match shim.spec.write_all(&line).await {
+            Some(mut shim) => match hand_over(&mut shim, &spec, &line).await {
                 Ok(()) => (shim, true),
                 // The shim died while idle (killed from outside): use a fresh one.
                 Err(e) => {
-                    tracing::warn!(pid = shim.pid, error = %e, "idle shim is gone; starting a fresh one");
+                    tracing::warn!(pid = shim.identity.pid, error = %e, "idle shim is gone; starting a fresh one");
                     self.discard(shim).await;
-                    (self.fresh_shim(&line).await?, false)
+                    (self.fresh_shim(&spec, &line).await?, false)
                 }
             },
-            None => (self.fresh_shim(&line).await?, false),
+            None => (self.fresh_shim(&spec, &line).await?, false),
         };
         let task_dir = spec.task_dir.clone();
         let mut started = self.await_start(shim).await;
         if was_idle && matches!(started, Err(StartFailure::NeverRead)) {
             // An idle shim that died before it read its spec started nothing: a fresh one can.
             tracing::warn!("idle shim died before it started anything; starting a fresh one");
-            started = self.await_start(self.fresh_shim(&line).await?).await;
+            started = self.await_start(self.fresh_shim(&spec, &line).await?).await;
         }
         let started = started.map_err(|e| e.to_string());
         // Refill off the critical path: the task has started (or failed) by now. The fork+exec
@@ -221,8 +226,7 @@ impl Launcher {
             let launcher = Arc::clone(self);
             tokio::task::spawn_blocking(move || launcher.refill());
         }
-        let (shim_pid, shim_pidfd, mut reports, spec_pipe, (task, shim_ticks, started_at)) =
-            started?;
+        let (shim, shim_pidfd, mut reports, spec_pipe, (task, started_at)) = started?;
         let (outputs, input) = match reports.take_passed(spec.output) {
             Ok(passed) => passed,
             Err(e) => {
@@ -236,10 +240,7 @@ impl Launcher {
             }
         };
         Ok(Launched {
-            shim: ProcessIdentity {
-                pid: shim_pid,
-                start_ticks: shim_ticks,
-            },
+            shim,
             shim_pidfd,
             task,
             started_at,
@@ -257,11 +258,11 @@ impl Launcher {
     }
 
     /// Takes back a reusable shim whose run is over: `reports` has just said it is idle.
-    pub fn idle(&self, pid: i32, pidfd: PidFd, spec: pipe::Sender, reports: Reports) {
+    pub fn idle(&self, shim: ProcessIdentity, pidfd: PidFd, spec: pipe::Sender, reports: Reports) {
         let mut idle = self.idle_shims();
         if idle.len() < MAX_IDLE_SHIMS {
             idle.push_back(Shim {
-                pid,
+                identity: shim,
                 pidfd,
                 spec,
                 reports,
@@ -282,11 +283,11 @@ impl Launcher {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn fresh_shim(&self, spec_line: &[u8]) -> Result<Shim, String> {
+    async fn fresh_shim(&self, spec: &ShimSpec, spec_line: &[u8]) -> Result<Shim, String> {
         let mut shim = self
             .start_shim()
             .map_err(|e| format!("cannot start the task's shim: {e}"))?;
-        if let Err(e) = shim.spec.write_all(spec_line).await {
+        if let Err(e) = hand_over(&mut shim, spec, spec_line).await {
             self.discard(shim).await;
             return Err(format!("the task's shim could not be reached: {e}"));
         }
@@ -300,18 +301,18 @@ impl Launcher {
         mut shim: Shim,
     ) -> Result<
         (
-            i32,
+            ProcessIdentity,
             PidFd,
             Reports,
             pipe::Sender,
-            (ProcessIdentity, u64, DateTime<Utc>),
+            (ProcessIdentity, DateTime<Utc>),
         ),
         StartFailure,
     > {
         let failure = match tokio::time::timeout(START_REPORT_TIMEOUT, shim.reports.line()).await {
             Ok(Ok(Some(line))) => match parse_start(&line) {
                 Ok(started) => {
-                    return Ok((shim.pid, shim.pidfd, shim.reports, shim.spec, started));
+                    return Ok((shim.identity, shim.pidfd, shim.reports, shim.spec, started));
                 }
                 Err(message) => StartFailure::Failed(message),
             },
@@ -360,13 +361,39 @@ impl Launcher {
         // Our copies of the shim's ends go now, so EOF on either pipe means the other side is gone.
         drop(command);
         let (child, pidfd) = spawned?;
+        // Named by pid and start time: that is how a task's launch record names its shim.
+        let identity = match ProcessIdentity::of(child.id() as i32) {
+            Ok(identity) => identity,
+            Err(e) => {
+                let _ = pidfd.send_signal(libc::SIGKILL);
+                return Err(e);
+            }
+        };
         Ok(Shim {
-            pid: child.id() as i32,
+            identity,
             pidfd,
             spec: pipe::Sender::from_owned_fd(spec_w)?,
             reports: Reports::new(UnixStream::from_std(report_r)?),
         })
     }
+}
+
+/// Gives a shim its spec. A task's launch record names the shim first, so a sandlet restarted
+/// after this point knows which shim may have the task (see [`LaunchRecord`]).
+async fn hand_over(shim: &mut Shim, spec: &ShimSpec, spec_line: &[u8]) -> io::Result<()> {
+    if spec.records
+        && let Some(dir) = &spec.task_dir
+    {
+        let record = LaunchRecord {
+            shim: shim.identity,
+        };
+        atomic_file::write_json(
+            &dir.join(LAUNCH_FILE),
+            &record,
+            atomic_file::Durability::Atomic,
+        )?;
+    }
+    shim.spec.write_all(spec_line).await
 }
 
 /// Why a shim did not report a start.
@@ -395,7 +422,7 @@ fn unread(pipe: &pipe::Sender) -> usize {
     if rc == 0 { n.max(0) as usize } else { 0 }
 }
 
-fn parse_start(line: &str) -> Result<(ProcessIdentity, u64, DateTime<Utc>), String> {
+fn parse_start(line: &str) -> Result<(ProcessIdentity, DateTime<Utc>), String> {
     if let Some(message) = line.strip_prefix("E ") {
         return Err(message.to_string());
     }
@@ -405,13 +432,12 @@ fn parse_start(line: &str) -> Result<(ProcessIdentity, u64, DateTime<Utc>), Stri
         .split(' ')
         .collect();
     let parsed = match fields[..] {
-        [pid, ticks, shim_ticks, nanos] => (|| {
+        [pid, ticks, nanos] => (|| {
             Some((
                 ProcessIdentity {
                     pid: pid.parse().ok()?,
                     start_ticks: ticks.parse().ok()?,
                 },
-                shim_ticks.parse().ok()?,
                 DateTime::from_timestamp_nanos(nanos.parse().ok()?),
             ))
         })(),
@@ -435,9 +461,10 @@ pub enum ExitWatch {
         /// The exit, once reported, and until when the pipes may still be drained.
         ending: Option<(ExitRecord, Instant)>,
     },
-    /// A task re-adopted after a restart: watched through its pidfd, read from the exit file.
+    /// A task re-adopted after a restart: watched through its pidfd while it still runs (`None`:
+    /// it had ended already), then read from the exit file its shim writes.
     Adopted {
-        task: PidFd,
+        task: Option<PidFd>,
         shim: ProcessIdentity,
         dir: PathBuf,
     },
@@ -585,22 +612,32 @@ async fn discard(outputs: Vec<Output>) {
 
 /// A re-adopted task ends when its process does; the shim records the exit right after reaping
 /// it, so the record is waited for while the shim lives.
-async fn adopted_end(task: PidFd, shim: ProcessIdentity, dir: PathBuf) -> ExitRecord {
-    let _ = task.exited().await;
-    let deadline = tokio::time::Instant::now() + EXIT_RECORD_WAIT;
+/// How a re-adopted task ended: as its shim records it. While the shim lives the record is
+/// awaited, however long that takes (a stopped shim records the exit once it is continued);
+/// only a shim gone without a record means the status is lost.
+async fn adopted_end(task: Option<PidFd>, shim: ProcessIdentity, dir: PathBuf) -> ExitRecord {
+    if let Some(task) = task {
+        let _ = task.exited().await;
+    }
+    let shim = PidFd::open_identity(shim).ok();
+    let mut shim_gone = shim.is_none();
+    let (mut pause, longest) = EXIT_RECORD_POLL;
     loop {
         if let Some(record) = read_exit_record(&dir) {
             return record;
         }
-        if !shim.is_alive() || tokio::time::Instant::now() >= deadline {
-            return read_exit_record(&dir).unwrap_or_else(|| {
-                lost(
-                    "ExitStatusLost",
-                    "the task's process ended but its shim did not record the exit status",
-                )
-            });
+        if shim_gone {
+            return lost(
+                "ExitStatusLost",
+                "the task's process ended but its shim did not record the exit status",
+            );
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        let shim = shim.as_ref().expect("not gone");
+        tokio::select! {
+            // Read once more: the record is written before the shim exits.
+            _ = shim.exited() => shim_gone = true,
+            _ = tokio::time::sleep(pause) => pause = (pause * 2).min(longest),
+        }
     }
 }
 

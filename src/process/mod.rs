@@ -59,6 +59,16 @@ pub struct RunRecord {
     pub target: Option<ProcessIdentity>,
 }
 
+/// `launch.json`, written by sandlet just before it hands a task to a shim: which shim has it.
+/// A restarted sandlet that finds none knows the task never reached a shim (and can start it);
+/// one that finds it waits for that shim while it lives, rather than guess what it did, and
+/// then knows from the shim's [`CLAIM_FILE`] whether it may have started the task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LaunchRecord {
+    pub shim: ProcessIdentity,
+}
+
 /// `exit.json`, written durably by the shim when the task's process has ended (or failed to start).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -76,5 +86,9 @@ pub fn grow_pipe(fd: &impl std::os::fd::AsFd) {
 /// How shims show up in `ps` (and how sidecar mode tells a task's ancestry from a container's).
 pub const SHIM_ARGV0: &str = "sandlet-shim";
 
+pub const LAUNCH_FILE: &str = "launch.json";
+/// Created (empty) by a task's shim once it has its spec, before it starts the task: a shim that
+/// is gone without it never started anything, so a restarted sandlet may start the task.
+pub const CLAIM_FILE: &str = "claim";
 pub const RUN_FILE: &str = "run.json";
 pub const EXIT_FILE: &str = "exit.json";

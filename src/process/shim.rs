@@ -5,7 +5,7 @@
 //! unix socket. Given the spec, the shim
 //! 1. is a child subreaper, so the task's whole tree stays below it;
 //! 2. starts the task in its own process group, stdout and stderr on pipes;
-//! 3. reports `S <pid> <start_ticks> <shim_start_ticks> <unix_nanos>`, then writes `run.json`;
+//! 3. reports `S <pid> <start_ticks> <unix_nanos>`, then writes `run.json`;
 //!    with [`OutputMode::Stream`] the pipes' read ends go to sandlet with that report
 //!    (`SCM_RIGHTS`) and the shim keeps none;
 //! 4. copies output into bounded log segments until the task is reaped and its pipes are drained
@@ -44,7 +44,9 @@ use serde::{Deserialize, Serialize};
 
 use super::enter::{ChildSetup, Credentials, Kernel, Placement, Step, start_failure};
 use super::output::SegmentWriter;
-use super::{EXIT_FILE, ExitRecord, Outcome, ProcessIdentity, RUN_FILE, RunRecord, Tree};
+use super::{
+    CLAIM_FILE, EXIT_FILE, ExitRecord, Outcome, ProcessIdentity, RUN_FILE, RunRecord, Tree,
+};
 use crate::atomic_file::{self, Durability};
 
 /// Bytes read from a task's pipe at a time (a pipe holds up to 1 MiB, see `grow_pipe`).
@@ -250,11 +252,23 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
         }
         _ => (None, None),
     };
-    let spawned = match ChildSetup::prepare(
-        spec.placement.as_ref(),
-        spec.credentials.as_ref(),
-        spec.working_dir.as_deref(),
-    ) {
+    // A task's shim claims it before starting it, so that a restarted sandlet can tell a shim
+    // that died before it started anything from one that may have (see `CLAIM_FILE`). Without
+    // the claim the task does not start: it could run twice.
+    let claimed = match (&spec.task_dir, spec.records) {
+        (Some(dir), true) => File::create(dir.join(CLAIM_FILE)).map(drop),
+        _ => Ok(()),
+    };
+    let setup = claimed
+        .map_err(|e| format!("cannot record the claim of the task: {e}"))
+        .and_then(|()| {
+            ChildSetup::prepare(
+                spec.placement.as_ref(),
+                spec.credentials.as_ref(),
+                spec.working_dir.as_deref(),
+            )
+        });
+    let spawned = match setup {
         Err(message) => Err(message),
         Ok(setup) if setup.is_empty() && !spec.output.interactive() => {
             let mut env: Vec<(OsString, OsString)> = if spec.clear_env {
@@ -359,10 +373,9 @@ fn supervise(spec: &ShimSpec, myself: ProcessIdentity, report: &mut impl Write) 
     };
     // One write per report: each write wakes sandlet.
     let started = format!(
-        "S {} {} {} {}\n",
+        "S {} {} {}\n",
         run.task.pid,
         run.task.start_ticks,
-        run.shim.start_ticks,
         started_at.timestamp_nanos_opt().unwrap_or(0)
     );
     let outputs_read_by_sandlet = spec.output.passed_to_sandlet();

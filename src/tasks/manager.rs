@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, mpsc};
 
 use super::TaskError;
 use super::state::{Outcome, StopCause, TaskState};
-use super::store::{Store, TaskRecord, Verdict};
+use super::store::{SetIntent, Store, TaskRecord, Verdict};
 use super::supervisor::{Watched, supervise};
 use super::validate::check_task;
 use super::wire::{Process, Task};
@@ -21,7 +21,8 @@ use crate::container::{TargetWatch, start_in};
 use crate::deadline;
 use crate::process::shim::{OutputMode, ShimSpec};
 use crate::process::{
-    self, ExitRecord, ExitWatch, Launcher, PidFd, ProcessIdentity, Reaper, RunRecord, Tree,
+    self, ExitRecord, ExitWatch, LaunchRecord, Launcher, PidFd, ProcessIdentity, Reaper, RunRecord,
+    Tree,
 };
 
 #[derive(Debug, Clone)]
@@ -113,7 +114,11 @@ impl TaskManager {
             }),
             feed,
         }));
-        manager.recover()?;
+        let never_launched = manager.recover()?;
+        if !never_launched.is_empty() {
+            let starter = manager.clone();
+            tokio::spawn(async move { starter.start_all(never_launched).await });
+        }
         Ok(manager)
     }
 
@@ -161,17 +166,7 @@ impl TaskManager {
         }
         let to_start = {
             let mut inner = self.lock();
-            let to_start = self.admit(&mut inner, &wanted, true)?;
-            let unwanted: Vec<String> = inner
-                .tasks
-                .keys()
-                .filter(|n| !wanted.contains_key(*n))
-                .cloned()
-                .collect();
-            for name in unwanted {
-                self.request_removal(&mut inner, &name);
-            }
-            to_start
+            self.apply(&mut inner, &wanted, true)?
         };
         self.start_all(to_start).await;
         Ok(self.list())
@@ -184,7 +179,7 @@ impl TaskManager {
         let wanted = IndexMap::from([(task.name.clone(), process)]);
         let to_start = {
             let mut inner = self.lock();
-            self.admit(&mut inner, &wanted, false)?
+            self.apply(&mut inner, &wanted, false)?
         };
         let created = !to_start.is_empty();
         self.start_all(to_start).await;
@@ -197,13 +192,22 @@ impl TaskManager {
     /// `DELETE /tasks/{name}`: stops the task's tree, then forgets it. Unknown names are fine.
     pub fn remove(&self, name: &str) {
         let mut inner = self.lock();
-        self.request_removal(&mut inner, name);
+        let Some(entry) = inner.tasks.get(name) else {
+            return;
+        };
+        if entry.record.removal_requested_at.is_some() {
+            return;
+        }
+        let marked = marked_for_removal(entry);
+        self.save(&marked, Durability::Atomic);
+        self.carry_out_removal(&mut inner, marked);
     }
 
-    /// Checks conflicts and limits for `wanted`, then records the new tasks. Nothing is changed
-    /// unless everything passes. With `replacing`, tasks missing from `wanted` are about to be
-    /// removed, and the finished ones among them no longer count as kept.
-    fn admit(
+    /// Checks conflicts and limits for `wanted`, then records the new tasks and, with
+    /// `replacing`, marks every task missing from `wanted` for removal. Nothing is changed unless
+    /// everything passes, and a change to several records is applied whole or not at all, also
+    /// if sandlet dies in the middle (see [`SetIntent`]). Returns the tasks to start.
+    fn apply(
         &self,
         inner: &mut Inner,
         wanted: &IndexMap<String, Process>,
@@ -226,55 +230,61 @@ impl TaskManager {
                 None => new.push((name, process)),
             }
         }
-        if new.is_empty() {
-            return Ok(Vec::new());
-        }
         let config = &self.0.config;
-        let active = inner
-            .tasks
-            .values()
-            .filter(|e| !e.state.is_terminal())
-            .count()
-            + new.len();
-        if active > config.max_active {
-            return Err(TaskError::Limit(format!(
-                "{active} tasks would be active; the limit is {} (--max-active-tasks)",
-                config.max_active
-            )));
+        if !new.is_empty() {
+            let active = inner
+                .tasks
+                .values()
+                .filter(|e| !e.state.is_terminal())
+                .count()
+                + new.len();
+            if active > config.max_active {
+                return Err(TaskError::Limit(format!(
+                    "{active} tasks would be active; the limit is {} (--max-active-tasks)",
+                    config.max_active
+                )));
+            }
+            let forgotten_now = |(name, e): &(&String, &Entry)| {
+                replacing
+                    && !wanted.contains_key(*name)
+                    && e.state.is_terminal()
+                    && e.control.is_none()
+            };
+            let kept = inner
+                .tasks
+                .iter()
+                .filter(|entry| !forgotten_now(entry))
+                .count()
+                + new.len();
+            if kept > config.max_tasks {
+                return Err(TaskError::Limit(format!(
+                    "{kept} tasks would be kept; the limit is {} (--max-tasks); remove finished tasks first",
+                    config.max_tasks
+                )));
+            }
         }
-        let forgotten_now = |(name, e): &(&String, &Entry)| {
-            replacing && !wanted.contains_key(*name) && e.state.is_terminal() && e.control.is_none()
-        };
-        let kept = inner
+        let created: Vec<TaskRecord> = new
+            .iter()
+            .zip(inner.next_seq..)
+            .map(|((name, process), seq)| TaskRecord::new(seq, (*name).clone(), (*process).clone()))
+            .collect();
+        let marked: Vec<TaskRecord> = inner
             .tasks
             .iter()
-            .filter(|entry| !forgotten_now(entry))
-            .count()
-            + new.len();
-        if kept > config.max_tasks {
-            return Err(TaskError::Limit(format!(
-                "{kept} tasks would be kept; the limit is {} (--max-tasks); remove finished tasks first",
-                config.max_tasks
-            )));
+            .filter(|(name, e)| {
+                replacing && !wanted.contains_key(*name) && e.record.removal_requested_at.is_none()
+            })
+            .map(|(_, e)| marked_for_removal(e))
+            .collect();
+        if created.is_empty() && marked.is_empty() {
+            return Ok(Vec::new());
         }
-        let mut records: Vec<TaskRecord> = Vec::new();
-        for (i, (name, process)) in new.iter().enumerate() {
-            let record = TaskRecord::new(
-                inner.next_seq + i as u64,
-                (*name).clone(),
-                (*process).clone(),
-            );
-            if let Err(e) = self.0.store.create(&record) {
-                for written in &records {
-                    let _ = self.0.store.delete(&written.name);
-                }
-                return Err(e.into());
-            }
-            records.push(record);
-        }
-        inner.next_seq += records.len() as u64;
+        self.write_change(&created, &marked)?;
+
+        // On disk in full: now the table, and only now any process.
+        inner.next_seq += created.len() as u64;
         let mut to_start = Vec::new();
-        for record in records {
+        for record in created {
             to_start.push(ToStart {
                 name: record.name.clone(),
                 seq: record.seq,
@@ -290,7 +300,48 @@ impl TaskManager {
             inner.tasks.insert(task.name.clone(), entry);
             self.publish_task(inner, task);
         }
+        for record in marked {
+            self.carry_out_removal(inner, record);
+        }
         Ok(to_start)
+    }
+
+    /// Writes new records and removal marks; more than one record change goes under a
+    /// [`SetIntent`], rolled back if any write fails.
+    fn write_change(&self, created: &[TaskRecord], marked: &[TaskRecord]) -> Result<(), TaskError> {
+        let store = &self.0.store;
+        let intent = (created.len() + marked.len() > 1).then(|| SetIntent {
+            created: created.iter().map(|r| r.name.clone()).collect(),
+            marked: marked.iter().map(|r| r.name.clone()).collect(),
+        });
+        if let Some(intent) = &intent {
+            store.begin(intent)?;
+        }
+        let written = created
+            .iter()
+            .try_for_each(|r| store.create(r))
+            .and_then(|()| {
+                marked
+                    .iter()
+                    .try_for_each(|r| store.save(r, Durability::Atomic))
+            })
+            .and_then(|()| match intent {
+                Some(_) => store.commit(),
+                None => Ok(()),
+            });
+        if let Err(e) = written {
+            if intent.is_some() {
+                if let Err(undo) = store.roll_back() {
+                    tracing::error!(error = %undo, "could not undo a partly written setTasks; the next start undoes it");
+                }
+            } else {
+                for record in created {
+                    let _ = store.delete(&record.name);
+                }
+            }
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// Starts the tasks in a task of their own: a client that disconnects (and so drops its
@@ -429,22 +480,18 @@ impl TaskManager {
         }
     }
 
-    fn request_removal(&self, inner: &mut Inner, name: &str) {
-        let Some(entry) = inner.tasks.get_mut(name) else {
+    /// Puts a task's removal mark (already on disk) into effect: a task whose tree is gone is
+    /// forgotten at once; otherwise its supervisor stops it, and it is forgotten when it ends.
+    fn carry_out_removal(&self, inner: &mut Inner, marked: TaskRecord) {
+        let name = marked.name.clone();
+        let Some(entry) = inner.tasks.get_mut(&name) else {
             return;
         };
-        if entry.record.removal_requested_at.is_some() {
-            return;
-        }
+        entry.record = marked;
         if entry.state.is_terminal() && entry.control.is_none() {
-            self.forget(inner, name);
+            self.forget(inner, &name);
             return;
         }
-        entry.record.removal_requested_at = Some(Utc::now());
-        if !entry.state.is_terminal() && entry.record.stop_cause.is_none() {
-            entry.record.stop_cause = Some(StopCause::Removed);
-        }
-        self.save(&entry.record, Durability::Atomic);
         if let Some(control) = &entry.control {
             let _ = control.send(());
         }
@@ -570,56 +617,239 @@ impl TaskManager {
 
     // --- recovery ---
 
-    /// Rebuilds the table from disk after a (re)start. Nothing is started or re-run:
+    /// Rebuilds the table from disk after a (re)start. Nothing that may have run is run again:
+    /// - a setTasks that was not applied whole is undone first (see [`SetIntent`]);
     /// - a task with a recorded ending keeps it (including an exit that happened while sandlet
     ///   was down, which its shim recorded);
     /// - a task whose process still runs (same pid *and* start time) is re-adopted: watched
     ///   through a pidfd, its timeout and stop requests enforced again;
-    /// - a task whose process is gone without a recorded exit is failed as `ProcessLost`;
-    /// - a task that was never started is failed as `NotStarted`.
-    fn recover(&self) -> Result<(), TaskError> {
+    /// - a task whose process ended while its shim lives waits for the shim's record;
+    /// - a task handed to a shim that has not recorded a start yet waits for it (see
+    ///   [`LaunchRecord`](crate::process::LaunchRecord));
+    /// - a task whose process and shim are gone without a record is failed with a reason;
+    /// - a task that never reached a shim is returned, to be started: it provably never ran.
+    fn recover(&self) -> Result<Vec<ToStart>, TaskError> {
+        self.0.store.roll_back()?;
         let records = self.0.store.load_all()?;
         let mut inner = self.lock();
+        let mut never_launched = Vec::new();
         for record in records {
             let name = record.name.clone();
             let seq = record.seq;
             let dir = self.0.store.task_dir(&name);
-            let run: Option<RunRecord> = atomic_file::read_json(&dir.join(process::RUN_FILE))
-                .unwrap_or_else(|e| {
-                    tracing::warn!(task = %name, error = %e, "unreadable run record");
-                    None
-                });
-            let (state, watched, verdict) = recover_one(&record, &dir, run.as_ref());
             inner.next_seq = inner.next_seq.max(seq + 1);
-            let mut entry = Entry {
-                record,
-                state,
-                control: None,
-                incarnation: run.as_ref().and_then(|r| r.target),
+            let found = Found::read(&record, &dir);
+            let shim_alive = found.launch.as_ref().and_then(|l| {
+                PidFd::open_identity(l.shim)
+                    .ok()
+                    .filter(|_| l.shim.is_alive())
+            });
+            let judged = if record.verdict.is_some() || found.ended || found.run.is_some() {
+                judge(&record, &dir, found.run)
+            } else if let Some(shim) = shim_alive {
+                tokio::spawn(await_launch(self.clone(), name.clone(), seq, shim, dir));
+                Judged::waiting()
+            } else if !found.claimed {
+                // No shim ever started it (none had it, or the one that had it never claimed it).
+                never_launched.push(ToStart {
+                    name: name.clone(),
+                    seq,
+                    process: record.process.clone(),
+                });
+                Judged::waiting()
+            } else {
+                judge(&record, &dir, None)
             };
-            if let Some(verdict) = verdict {
-                entry.record.verdict = Some(verdict);
-                self.save(&entry.record, Durability::Durable);
-            }
-            tracing::info!(task = %name, state = ?entry.state, watched = watched.is_some(), "recovered task");
-            if let Some(watched) = watched {
-                let (tx, rx) = mpsc::unbounded_channel();
-                if entry.record.removal_requested_at.is_some() {
-                    let _ = tx.send(());
-                }
-                entry.control = Some(tx);
-                tokio::spawn(supervise(self.clone(), name.clone(), seq, watched, rx));
-            }
-            let forget_now = entry.record.removal_requested_at.is_some()
-                && entry.state.is_terminal()
-                && entry.control.is_none();
-            inner.tasks.insert(name.clone(), entry);
-            if forget_now {
-                self.forget(&mut inner, &name);
-            }
+            inner.tasks.insert(
+                name.clone(),
+                Entry {
+                    record,
+                    state: TaskState::Waiting,
+                    control: None,
+                    incarnation: None,
+                },
+            );
+            self.take_over(&mut inner, &name, judged);
         }
-        Ok(())
+        Ok(never_launched)
     }
+
+    /// The shim a task was handed to has recorded its start (`run`), or is gone: judge the task
+    /// as recovery would have, and start it if that shim never claimed it.
+    async fn adopt(&self, name: &str, seq: u64, run: Option<RunRecord>) {
+        let dir = self.0.store.task_dir(name);
+        let start = {
+            let mut inner = self.lock();
+            let Some(entry) = inner.tasks.get(name).filter(|e| e.record.seq == seq) else {
+                return;
+            };
+            if run.is_none()
+                && !dir.join(process::CLAIM_FILE).exists()
+                && !dir.join(process::EXIT_FILE).exists()
+            {
+                Some(ToStart {
+                    name: name.to_string(),
+                    seq,
+                    process: entry.record.process.clone(),
+                })
+            } else {
+                let judged = judge(&entry.record, &dir, run);
+                self.take_over(&mut inner, name, judged);
+                None
+            }
+        };
+        if let Some(start) = start {
+            self.start_all(vec![start]).await;
+        }
+    }
+
+    /// Installs what recovery judged of a task: its state, a durable verdict, a supervisor for
+    /// what is left of it.
+    fn take_over(&self, inner: &mut Inner, name: &str, judged: Judged) {
+        let Some(entry) = inner.tasks.get_mut(name) else {
+            return;
+        };
+        entry.state = judged.state;
+        entry.incarnation = judged.incarnation;
+        if let Some(verdict) = judged.verdict {
+            entry.record.verdict = Some(verdict);
+            self.save(&entry.record, Durability::Durable);
+        }
+        tracing::info!(task = %name, state = ?entry.state, watched = judged.watched.is_some(), "recovered task");
+        if let Some(watched) = judged.watched {
+            let (tx, rx) = mpsc::unbounded_channel();
+            if entry.record.removal_requested_at.is_some() {
+                let _ = tx.send(());
+            }
+            entry.control = Some(tx);
+            let seq = entry.record.seq;
+            tokio::spawn(supervise(self.clone(), name.to_string(), seq, watched, rx));
+        }
+        if entry.record.removal_requested_at.is_some()
+            && entry.state.is_terminal()
+            && entry.control.is_none()
+        {
+            self.forget(inner, name);
+        } else {
+            let wire = entry.wire();
+            self.publish_task(inner, wire);
+        }
+    }
+}
+
+/// What a task's directory holds besides its record.
+struct Found {
+    launch: Option<LaunchRecord>,
+    run: Option<RunRecord>,
+    /// Whether its shim recorded an ending.
+    ended: bool,
+    /// Whether a shim claimed it (and so may have started it).
+    claimed: bool,
+}
+
+impl Found {
+    fn read(record: &TaskRecord, dir: &Path) -> Found {
+        fn read<T: serde::de::DeserializeOwned>(name: &str, path: PathBuf) -> Option<T> {
+            atomic_file::read_json(&path).unwrap_or_else(|e| {
+                tracing::warn!(task = name, path = %path.display(), error = %e, "unreadable record");
+                None
+            })
+        }
+        Found {
+            launch: read(&record.name, dir.join(process::LAUNCH_FILE)),
+            run: read(&record.name, dir.join(process::RUN_FILE)),
+            ended: dir.join(process::EXIT_FILE).exists(),
+            claimed: dir.join(process::CLAIM_FILE).exists(),
+        }
+    }
+}
+
+/// What recovery concluded about a task.
+struct Judged {
+    state: TaskState,
+    /// What is left to watch: the task, or the rest of its tree.
+    watched: Option<Watched>,
+    /// An ending sandlet decided, to be recorded.
+    verdict: Option<Verdict>,
+    /// The main container's process the task was started in (sidecar mode).
+    incarnation: Option<ProcessIdentity>,
+}
+
+impl Judged {
+    fn waiting() -> Judged {
+        Judged {
+            state: TaskState::Waiting,
+            watched: None,
+            verdict: None,
+            incarnation: None,
+        }
+    }
+
+    fn ended(
+        record: &TaskRecord,
+        started_at: Option<chrono::DateTime<Utc>>,
+        finished_at: chrono::DateTime<Utc>,
+        outcome: Outcome,
+    ) -> Judged {
+        Judged {
+            state: TaskState::Terminated {
+                started_at,
+                finished_at,
+                outcome,
+                stopped_by: record.stop_cause.clone(),
+            },
+            ..Judged::waiting()
+        }
+    }
+
+    /// An ending sandlet decides itself, recorded so that it reads the same after every restart.
+    fn decided(
+        record: &TaskRecord,
+        started_at: Option<chrono::DateTime<Utc>>,
+        outcome: Outcome,
+    ) -> Judged {
+        let verdict = Verdict {
+            started_at,
+            finished_at: Utc::now(),
+            outcome,
+        };
+        Judged {
+            verdict: Some(verdict.clone()),
+            ..Judged::ended(record, started_at, verdict.finished_at, verdict.outcome)
+        }
+    }
+}
+
+/// Waits for the shim a task was handed to (by a sandlet that died before it learnt the start)
+/// to record the start, or to end; then recovery's judgement applies.
+async fn await_launch(manager: TaskManager, name: String, seq: u64, shim: PidFd, dir: PathBuf) {
+    let run_record = || -> Option<RunRecord> {
+        atomic_file::read_json(&dir.join(process::RUN_FILE))
+            .ok()
+            .flatten()
+    };
+    let mut pause = Duration::from_millis(1);
+    let run = loop {
+        if let Some(run) = run_record() {
+            break Some(run);
+        }
+        tokio::select! {
+            _ = shim.exited() => break run_record(),
+            _ = tokio::time::sleep(pause) => pause = (pause * 2).min(Duration::from_millis(200)),
+        }
+    };
+    manager.adopt(&name, seq, run).await;
+}
+
+/// A task's record with its removal requested now; a task not yet ended is then stopped by
+/// sandlet (unless something else already is stopping it).
+fn marked_for_removal(entry: &Entry) -> TaskRecord {
+    let mut record = entry.record.clone();
+    record.removal_requested_at = Some(Utc::now());
+    if !entry.state.is_terminal() && record.stop_cause.is_none() {
+        record.stop_cause = Some(StopCause::Removed);
+    }
+    record
 }
 
 /// When a task with `timeoutSeconds` that has run for `elapsed` times out, with its timeout;
@@ -641,120 +871,96 @@ fn stop_for_restart(entry: &mut Entry, started_in: ProcessIdentity) {
     }
 }
 
-/// A recovered task's state, what is left to watch, and a verdict to record if sandlet decided one.
-fn recover_one(
-    record: &TaskRecord,
-    dir: &Path,
-    run: Option<&RunRecord>,
-) -> (TaskState, Option<Watched>, Option<Verdict>) {
-    let terminated = |started_at, finished_at, outcome| TaskState::Terminated {
-        started_at,
-        finished_at,
-        outcome,
-        stopped_by: record.stop_cause.clone(),
-    };
+/// What recovery makes of a task that has a recorded ending or a run record (or, from
+/// [`await_launch`], whose shim is gone): its ending if one is recorded, else whatever of it
+/// still runs, else a verdict saying what was lost.
+fn judge(record: &TaskRecord, dir: &Path, run: Option<RunRecord>) -> Judged {
+    let incarnation = run.as_ref().and_then(|r| r.target);
+    let started_at = run.as_ref().map(|r| r.started_at);
     // A shim still alive means part of the tree may be left to stop.
-    let leftover = |run: Option<&RunRecord>| {
-        let run = run?;
-        let shim = PidFd::open_identity(run.shim).ok()?;
-        let tree = Tree {
-            shim: run.shim,
-            pgid: run.task.pid,
-        };
+    let leftover = |run: &Option<RunRecord>| {
+        let run = run.as_ref()?;
         Some(Watched {
-            tree,
-            shim: Some(shim),
+            tree: Tree {
+                shim: run.shim,
+                pgid: run.task.pid,
+            },
+            shim: Some(PidFd::open_identity(run.shim).ok()?),
             shim_is_child: false,
             exit: None,
             deadline: None,
         })
     };
-
+    let ended = |started_at, ended: ExitRecord| Judged {
+        watched: leftover(&run),
+        incarnation,
+        ..Judged::ended(record, started_at, ended.finished_at, ended.outcome)
+    };
     if let Some(v) = &record.verdict {
-        return (
-            terminated(v.started_at, v.finished_at, v.outcome.clone()),
-            leftover(run),
-            None,
-        );
-    }
-    if let Some(ended) = process::read_exit_record(dir) {
-        return (
-            terminated(run.map(|r| r.started_at), ended.finished_at, ended.outcome),
-            leftover(run),
-            None,
-        );
-    }
-    let Some(run) = run else {
-        let verdict = Verdict {
-            started_at: None,
-            finished_at: Utc::now(),
-            outcome: Outcome::Lost {
-                reason: "NotStarted".into(),
-                message: "sandlet stopped before this task's process was started; it was not run"
-                    .into(),
-            },
+        let verdict = ExitRecord {
+            finished_at: v.finished_at,
+            outcome: v.outcome.clone(),
         };
-        return (
-            terminated(None, verdict.finished_at, verdict.outcome.clone()),
+        return ended(v.started_at, verdict);
+    }
+    if let Some(record) = process::read_exit_record(dir) {
+        return ended(started_at, record);
+    }
+    let Some(run) = &run else {
+        return Judged::decided(
+            record,
             None,
-            Some(verdict),
+            Outcome::Lost {
+                reason: "ShimLost".into(),
+                message: "the task's shim ended before it recorded a start; whether the task ran is not known".into(),
+            },
         );
     };
-    match PidFd::open_identity(run.task) {
-        Ok(task_fd) if run.task.is_alive() => {
-            let timeout = record.process.timeout_seconds;
-            let elapsed = (Utc::now() - run.started_at).to_std().unwrap_or_default();
-            let deadline = task_deadline(timeout, elapsed);
-            let exit = ExitWatch::Adopted {
-                task: task_fd,
-                shim: run.shim,
-                dir: dir.to_owned(),
-            };
-            let shim = PidFd::open_identity(run.shim).ok();
-            let watched = Watched {
-                tree: Tree {
-                    shim: run.shim,
-                    pgid: run.task.pid,
-                },
-                shim,
-                shim_is_child: false,
-                exit: Some(exit),
-                deadline,
-            };
-            (
-                TaskState::Running {
-                    started_at: run.started_at,
-                },
-                Some(watched),
-                None,
-            )
+    let task = PidFd::open_identity(run.task)
+        .ok()
+        .filter(|_| run.task.is_alive());
+    let shim = PidFd::open_identity(run.shim)
+        .ok()
+        .filter(|_| run.shim.is_alive());
+    if task.is_none() && shim.is_none() {
+        // The shim may have recorded the exit between the first look and now.
+        if let Some(record) = process::read_exit_record(dir) {
+            return ended(started_at, record);
         }
-        _ => {
-            // The shim may have recorded the exit between the first look and now.
-            if let Some(ended) = process::read_exit_record(dir) {
-                return (
-                    terminated(Some(run.started_at), ended.finished_at, ended.outcome),
-                    leftover(Some(run)),
-                    None,
-                );
-            }
-            let verdict = Verdict {
-                started_at: Some(run.started_at),
-                finished_at: Utc::now(),
-                outcome: Outcome::Lost {
+        return Judged {
+            incarnation,
+            ..Judged::decided(
+                record,
+                started_at,
+                Outcome::Lost {
                     reason: "ProcessLost".into(),
                     message: "the task's process ended while sandlet was not running and no exit status was recorded".into(),
                 },
-            };
-            (
-                terminated(
-                    Some(run.started_at),
-                    verdict.finished_at,
-                    verdict.outcome.clone(),
-                ),
-                leftover(Some(run)),
-                Some(verdict),
             )
-        }
+        };
+    }
+    // The task runs, or its shim lives to record how it ended: watch for that, however long it
+    // takes.
+    let elapsed = (Utc::now() - run.started_at).to_std().unwrap_or_default();
+    Judged {
+        state: TaskState::Running {
+            started_at: run.started_at,
+        },
+        watched: Some(Watched {
+            tree: Tree {
+                shim: run.shim,
+                pgid: run.task.pid,
+            },
+            shim,
+            shim_is_child: false,
+            exit: Some(ExitWatch::Adopted {
+                task,
+                shim: run.shim,
+                dir: dir.to_owned(),
+            }),
+            deadline: task_deadline(record.process.timeout_seconds, elapsed),
+        }),
+        verdict: None,
+        incarnation,
     }
 }

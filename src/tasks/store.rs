@@ -16,6 +16,8 @@ pub const RECORD_FILE: &str = "task.json";
 /// Bumped when the record's meaning changes; records of other formats are left alone.
 const FORMAT: u32 = 1;
 const TRASH_PREFIX: &str = ".deleted-";
+/// A change to several records (a `setTasks`) under way; see [`SetIntent`].
+const INTENT_FILE: &str = ".set-intent.json";
 
 /// What sandlet itself knows about a task; what the shim knows lives in its own files.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,6 +45,20 @@ pub struct Verdict {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: DateTime<Utc>,
     pub outcome: Outcome,
+}
+
+/// A change to several task records, written before any of them is touched and removed once all
+/// are written: a sandlet that dies in between finds it at the next start and undoes what was
+/// done, so a declared set is applied whole or not at all. Nothing of the change has started or
+/// stopped a process yet when the intent is removed (the caller acts only afterwards), so
+/// undoing it loses nothing.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SetIntent {
+    /// Tasks the change creates.
+    pub created: Vec<String>,
+    /// Tasks the change marks for removal.
+    pub marked: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -122,6 +138,41 @@ impl Store {
             Err(_) => remove(),
         }
         Ok(())
+    }
+
+    /// Records `intent` before the records it names change.
+    pub fn begin(&self, intent: &SetIntent) -> io::Result<()> {
+        atomic_file::write_json(&self.root.join(INTENT_FILE), intent, Durability::Atomic)
+    }
+
+    /// The change is whole: its intent goes.
+    pub fn commit(&self) -> io::Result<()> {
+        fs::remove_file(self.root.join(INTENT_FILE))
+    }
+
+    /// Undoes a change whose intent is still recorded (a failed write, or a sandlet that died
+    /// mid-change): its new tasks are deleted, its removal marks cleared, its intent removed.
+    pub fn roll_back(&self) -> io::Result<()> {
+        let Some(intent) = atomic_file::read_json::<SetIntent>(&self.root.join(INTENT_FILE))?
+        else {
+            return Ok(());
+        };
+        tracing::warn!(created = ?intent.created, marked = ?intent.marked, "undoing a setTasks that was not applied whole");
+        for name in &intent.created {
+            self.delete(name)?;
+        }
+        for name in &intent.marked {
+            let path = self.task_dir(name).join(RECORD_FILE);
+            let Some(mut record) = atomic_file::read_json::<TaskRecord>(&path)? else {
+                continue;
+            };
+            record.removal_requested_at = None;
+            if record.stop_cause == Some(StopCause::Removed) {
+                record.stop_cause = None;
+            }
+            self.save(&record, Durability::Atomic)?;
+        }
+        self.commit()
     }
 
     /// Every readable sandlet record, in creation order. Anything else is logged and skipped.

@@ -447,6 +447,13 @@ pub struct Snapshot {
 }
 
 impl Sandlet {
+    /// A task's `run.json` (its shim's and process's identities), once written.
+    pub fn run_record(&self, task: &str) -> Value {
+        let path = self.data_dir().join(task).join("run.json");
+        wait_until("run.json written", || path.exists());
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+    }
+
     /// The entries of the data dir, without the directories of forgotten tasks that sandlet has
     /// renamed aside (`.deleted-*`) and deletes in the background.
     pub fn task_dirs(&self) -> std::collections::BTreeSet<String> {
