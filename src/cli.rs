@@ -181,6 +181,10 @@ pub struct ServeArgs {
     pub log_max_backups: Option<String>,
     #[arg(long, hide = true)]
     pub log_max_age: Option<String>,
+    /// The exec API's token from `EXECD_ACCESS_TOKEN`, taken out of sandlet's environment at
+    /// start (see `main.rs`) so that no process sandlet starts inherits it.
+    #[arg(skip)]
+    pub exec_token_from_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -20,12 +20,16 @@ fn main() -> ExitCode {
         return ExitCode::from(shim::run() as u8);
     }
     let cli = Cli::parse_args();
-    let args = match cli.command {
+    let mut args = match cli.command {
         Some(Command::Serve(args)) => args,
         Some(Command::Target(args)) => return print_target(args),
         Some(Command::Install(args)) => return install(&args.destination),
         None => cli.serve,
     };
+    // Shims, tasks and commands inherit sandlet's environment: the token must not be in it.
+    // SAFETY: no other thread exists yet.
+    args.exec_token_from_env = std::env::var(sandlet::http::auth::EXEC_TOKEN_VAR).ok();
+    unsafe { std::env::remove_var(sandlet::http::auth::EXEC_TOKEN_VAR) };
     sandlet::telemetry::init(args.log_format, &args.log_level);
     // Streamed output passes through buffers of up to a few hundred KiB. With glibc's default
     // (dynamic) thresholds they are mapped and unmapped, or the heap trimmed, over and over:

@@ -203,14 +203,14 @@ fn exec_api(
             data_dir.display()
         ))
     })?;
-    let auth = match (&args.exec_token_file, std::env::var("EXECD_ACCESS_TOKEN")) {
+    let auth = match (&args.exec_token_file, &args.exec_token_from_env) {
         (Some(path), _) => Auth::from_file(path).map_err(|e| {
             Error::Config(format!(
                 "cannot read the exec token file {}: {e}",
                 path.display()
             ))
         })?,
-        (None, Ok(token)) if !token.trim().is_empty() => Auth::from_value(&token),
+        (None, Some(token)) if !token.trim().is_empty() => Auth::from_value(token),
         _ => {
             tracing::warn!(
                 "no exec API token (--exec-token-file / EXECD_ACCESS_TOKEN): the exec API accepts any caller that can reach it"

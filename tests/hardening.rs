@@ -91,3 +91,61 @@ fn signal(pid: i32, signal: i32) {
         "kill({pid}, {signal})"
     );
 }
+
+/// Defect 4: with the exec API's token in `EXECD_ACCESS_TOKEN`, every command and task saw it
+/// in its environment. Neither of sandlet's tokens reaches a process it starts.
+#[test]
+fn no_process_sandlet_starts_sees_its_tokens() {
+    const EXEC_TOKEN: &str = "exec-secret-4c1f";
+    const TASK_TOKEN: &str = "task-secret-9b2e";
+    let secrets = common::scratch();
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, format!("{TASK_TOKEN}\n")).unwrap();
+    let token_file_arg = token_file.to_string_lossy().into_owned();
+    let mut s = Sandlet::start_as(&["--token-file", &token_file_arg], || {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sandlet"));
+        command.env("EXECD_ACCESS_TOKEN", EXEC_TOKEN);
+        command
+    });
+    s.token = Some(TASK_TOKEN.into());
+    let exec_auth = [("X-EXECD-ACCESS-TOKEN", EXEC_TOKEN)];
+    let leaks = |what: &str, output: &str| {
+        for secret in [EXEC_TOKEN, TASK_TOKEN] {
+            assert!(!output.contains(secret), "{what} sees a token: {output}");
+        }
+        assert!(
+            output.contains("PATH="),
+            "{what} printed its environment: {output}"
+        );
+    };
+
+    let r = s.set_tasks(json!([{"name": "t", "process": {"command": ["env"]}}]));
+    assert_eq!(r.status, 200, "{}", r.text());
+    s.wait_state("t", "terminated");
+    leaks("a task", &s.get("/tasks/t/logs").text());
+
+    let r = s.exec(
+        "POST",
+        "/command",
+        Some(&json!({"command": "env"})),
+        &exec_auth,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    leaks("a command", &r.text());
+
+    let session = s.exec("POST", "/session", None, &exec_auth).json()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = s.exec(
+        "POST",
+        &format!("/session/{session}/run"),
+        Some(&json!({"command": "env"})),
+        &exec_auth,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    leaks("a bash session", &r.text());
+    // The token still works where it is meant to.
+    assert_eq!(s.exec("GET", "/ping", None, &exec_auth).status, 200);
+    assert_eq!(s.exec("GET", "/ping", None, &[]).status, 401);
+}

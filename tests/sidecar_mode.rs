@@ -420,7 +420,7 @@ fn exec_api_commands_and_sessions_run_in_the_main_container() {
     };
     let events = s.exec_events(
         "/command",
-        &json!({"command": "hostname; id -u; cat /etc/sandbox-rootfs; echo $MAIN_VAR $HOME; pwd"}),
+        &json!({"command": "hostname; id -u; cat /etc/sandbox-rootfs; echo $MAIN_VAR $HOME; pwd; echo token=$EXECD_ACCESS_TOKEN"}),
     );
     assert_eq!(
         texts(&events, "stdout"),
@@ -429,7 +429,10 @@ fn exec_api_commands_and_sessions_run_in_the_main_container() {
             "1000",
             "busybox-rootfs",
             "from-main /home/sandbox",
-            "/work"
+            "/work",
+            // The container's environment, without execd's token variable: an execd token
+            // is sandlet's credential, never a command's.
+            "token="
         ],
         "{events:?}"
     );

@@ -188,6 +188,7 @@ pub fn start_in(watch: Option<&TargetWatch>, user: &str) -> Result<StartIn, Plac
         (resolved.credentials, vars)
     };
     let mut env = located.environ.clone();
+    crate::http::auth::strip_credentials(&mut env);
     env.extend(account_vars);
     Ok(StartIn {
         clear_env: true,

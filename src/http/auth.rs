@@ -4,7 +4,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::{Request, State};
@@ -18,6 +18,27 @@ use super::error::ApiError;
 
 /// How often the token file is checked for a change, at most.
 const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where execd takes its token from; sandlet honours it too (see `serve`).
+pub const EXEC_TOKEN_VAR: &str = "EXECD_ACCESS_TOKEN";
+
+/// Every token sandlet checks requests against, so that none is handed to a process it starts.
+static IN_FORCE: Mutex<Vec<Auth>> = Mutex::new(Vec::new());
+
+/// Removes sandlet's own credentials from an environment given to a process it starts (the main
+/// container's, in sidecar mode): execd's token variable, and any variable holding a token in
+/// force, wherever that token came from.
+pub fn strip_credentials(env: &mut Vec<(String, String)>) {
+    let tokens: Vec<Arc<[u8]>> = IN_FORCE
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(Auth::token)
+        .collect();
+    env.retain(|(name, value)| {
+        name != EXEC_TOKEN_VAR && !tokens.iter().any(|t| t.as_ref() == value.trim().as_bytes())
+    });
+}
 
 #[derive(Clone)]
 pub struct Auth {
@@ -52,6 +73,7 @@ impl Auth {
             file: None,
             fixed: (!token.is_empty()).then(|| token.as_bytes().into()),
         }
+        .in_force()
     }
 
     /// Reads the token from `path`; surrounding whitespace (a trailing newline) is not part of it.
@@ -68,7 +90,25 @@ impl Auth {
                 loaded,
             })),
             fixed: None,
-        })
+        }
+        .in_force())
+    }
+
+    /// Registers the token for [`strip_credentials`].
+    fn in_force(self) -> Auth {
+        IN_FORCE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.clone());
+        self
+    }
+
+    /// The token in force, if any.
+    fn token(&self) -> Option<Arc<[u8]>> {
+        match (&self.file, &self.fixed) {
+            (Some(file), _) => Some(file.current()),
+            (None, fixed) => fixed.clone(),
+        }
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -76,10 +116,8 @@ impl Auth {
     }
 
     pub fn admits(&self, presented: Option<&[u8]>) -> bool {
-        let expected = match (&self.file, &self.fixed) {
-            (Some(file), _) => file.current(),
-            (None, Some(fixed)) => Arc::clone(fixed),
-            (None, None) => return true,
+        let Some(expected) = self.token() else {
+            return true;
         };
         presented.is_some_and(|p| bool::from(p.ct_eq(&expected)))
     }

@@ -332,6 +332,7 @@ umount -l /.oldroot
 hostname sandbox-main
 cd /work
 exec env -i SANDBOX_MAIN_CONTAINER=main MAIN_VAR=from-main PATH=/bin HOME=/home/sandbox POD_MARK="$POD_MARK" \
+  EXECD_ACCESS_TOKEN=main-container-execd-token \
   su -p -s /bin/sh sandbox -c "exec sleep 1000000"
 "#;
 
