@@ -163,6 +163,18 @@ pub struct ServeArgs {
     /// Largest request body accepted.
     #[arg(long, env = "SANDLET_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Seconds a client has to send a request's head, counted from when the server waits for
+    /// it: a connection that trickles its head or sits idle between requests is closed.
+    #[arg(
+        long,
+        env = "SANDLET_HTTP_HEADER_TIMEOUT_SECONDS",
+        default_value_t = 30,
+        value_parser = seconds
+    )]
+    pub http_header_timeout_seconds: u64,
+    /// Connections each API serves at once; more wait to be accepted.
+    #[arg(long, env = "SANDLET_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub http_max_connections: usize,
     /// Log format on stderr.
     #[arg(long, env = "SANDLET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

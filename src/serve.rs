@@ -37,6 +37,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
             "need 0 < --max-active-tasks <= --max-tasks".into(),
         ));
     }
+    if args.http_header_timeout_seconds == 0 || args.http_max_connections == 0 {
+        return Err(Error::Config(
+            "--http-header-timeout-seconds and --http-max-connections must be at least 1".into(),
+        ));
+    }
     if args.task_log_limit_bytes < 2 {
         return Err(Error::Config(
             "--task-log-limit-bytes must be at least 2".into(),
@@ -144,12 +149,17 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         },
         exec.auth,
         args.max_body_bytes,
+        args.exec_max_upload_bytes,
     );
+    let limits = http::ConnectionLimits {
+        header_timeout: Duration::from_secs(args.http_header_timeout_seconds),
+        max_connections: args.http_max_connections,
+    };
     let mut exec_shutdown = shutdown_rx.clone();
-    let exec_server = tokio::spawn(http::serve(exec_listener, exec_app, async move {
+    let exec_server = tokio::spawn(http::serve(exec_listener, exec_app, limits, async move {
         let _ = exec_shutdown.wait_for(|stop| *stop).await;
     }));
-    let mut server = tokio::spawn(http::serve(listener, app, async move {
+    let mut server = tokio::spawn(http::serve(listener, app, limits, async move {
         let _ = wait_for_signal().await;
     }));
     let mut stopping = shutdown_rx.clone();

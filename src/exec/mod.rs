@@ -145,6 +145,9 @@ pub fn expand_path(path: &str, envs: &[(String, String)]) -> Result<String, Stri
             .map(|(_, v)| v.clone())
             .or_else(|| std::env::var(name).ok())
     };
+    if path.contains('\0') {
+        return Err(format!("the directory {path:?} contains NUL"));
+    }
     let mut path = path.to_string();
     if path == "~" || path.starts_with("~/") {
         let home = lookup("HOME").ok_or("~ used but HOME is not set")?;

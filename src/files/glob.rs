@@ -11,6 +11,9 @@ pub struct Pattern {
 impl Pattern {
     pub fn parse(pattern: &str) -> Result<Pattern, String> {
         let bad = |why: &str| format!("invalid pattern {pattern:?}: {why}");
+        if pattern.contains('\0') {
+            return Err(bad("it contains NUL"));
+        }
         let (body, negated) = match pattern.strip_prefix('!') {
             Some(rest) => {
                 let inner = rest

@@ -80,6 +80,12 @@ pub fn check_task(task: &Task) -> Result<Process, String> {
             ));
         }
     }
+    if process.working_dir.contains('\0') {
+        return Err(format!(
+            "task {name:?}: workingDir {:?} contains NUL",
+            process.working_dir
+        ));
+    }
     if !process.working_dir.is_empty() && !process.working_dir.starts_with('/') {
         return Err(format!(
             "task {name:?}: workingDir {:?} must be an absolute path",
@@ -146,6 +152,7 @@ mod tests {
             r#"{"name":"t","process":{"command":["x"],"env":[{"name":"A=B","value":"1"}]}}"#,
             r#"{"name":"t","process":{"command":["x"],"env":[{"name":"A","valueFrom":{}}]}}"#,
             r#"{"name":"t","process":{"command":["x"],"workingDir":"rel"}}"#,
+            r#"{"name":"t","process":{"command":["x"],"workingDir":"/a\u0000b"}}"#,
             r#"{"name":"t","process":{"command":["x"],"timeoutSeconds":-1}}"#,
             r#"{"name":"t","podTemplateSpec":{}}"#,
             r#"{"name":"t","process":{"command":["x"],"user":"a:"}}"#,

@@ -29,7 +29,9 @@ const BOUNDARY: &str = "sandlet-byteranges-7d1c3e";
 
 struct Opened {
     file: File,
-    size: u64,
+    /// `None`: a file of a kernel pseudo filesystem (`/proc`, `/sys`, ...), whose size the
+    /// kernel does not know until it is read.
+    size: Option<u64>,
     etag: String,
     modified: DateTime<Utc>,
     name: String,
@@ -63,9 +65,10 @@ pub async fn download(
             let name = root::split(&path)
                 .map_or("download", |(_, n)| n)
                 .to_string();
+            let size = (!generated_on_read(&file)).then_some(st.st_size as u64);
             Ok(Opened {
                 file,
-                size: st.st_size as u64,
+                size,
                 etag: format!(
                     "\"{:x}-{:x}-{:x}.{:x}\"",
                     st.st_ino, st.st_size, st.st_mtime, st.st_mtime_nsec
@@ -81,8 +84,38 @@ pub async fn download(
     Ok(respond(opened, &headers))
 }
 
+/// Whether the file's content is made by the kernel as it is read: its `st_size` is 0 (`/proc`)
+/// or a page (`/sys`), never its length, so it is sent until its end without a declared length.
+fn generated_on_read(file: &File) -> bool {
+    use nix::sys::statfs::{
+        BPF_FS_MAGIC, CGROUP_SUPER_MAGIC, CGROUP2_SUPER_MAGIC, DEBUGFS_MAGIC, PROC_SUPER_MAGIC,
+        SECURITYFS_MAGIC, SYSFS_MAGIC, TRACEFS_MAGIC, fstatfs,
+    };
+    fstatfs(file).is_ok_and(|fs| {
+        [
+            PROC_SUPER_MAGIC,
+            SYSFS_MAGIC,
+            DEBUGFS_MAGIC,
+            TRACEFS_MAGIC,
+            SECURITYFS_MAGIC,
+            CGROUP_SUPER_MAGIC,
+            CGROUP2_SUPER_MAGIC,
+            BPF_FS_MAGIC,
+        ]
+        .contains(&fs.filesystem_type())
+    })
+}
+
 fn respond(opened: Opened, headers: &HeaderMap) -> Response {
-    let size = opened.size;
+    let Some(size) = opened.size else {
+        // No length, so no ranges and no validators: the content as it reads now.
+        let mut r = until_end(opened.file);
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        return r;
+    };
     let last_modified = opened
         .modified
         .format("%a, %d %b %Y %H:%M:%S GMT")
@@ -244,6 +277,33 @@ fn stream(file: File, pieces: Vec<(Vec<u8>, u64, u64)>, tail: Vec<u8>) -> Respon
         }
         if !tail.is_empty() {
             let _ = tx.blocking_send(Ok(tail.into()));
+        }
+    });
+    Response::new(Body::from_stream(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ))
+}
+
+/// The file read from its current offset until a read returns nothing, chunked.
+fn until_end(mut file: File) -> Response {
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(READ_AHEAD);
+    tokio::task::spawn_blocking(move || {
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            match std::io::Read::read(&mut file, &mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.blocking_send(Ok(buf.into())).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
         }
     });
     Response::new(Body::from_stream(

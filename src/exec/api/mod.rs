@@ -47,6 +47,7 @@ use super::{Commands, Metrics, Sessions};
 use crate::files::Files;
 use crate::http::auth::Auth;
 use crate::http::error::{self, ApiError};
+use crate::http::{BodyLimit, refuse_oversized};
 
 /// The header execd reads its access token from.
 pub const TOKEN_HEADER: &str = "X-EXECD-ACCESS-TOKEN";
@@ -66,7 +67,17 @@ pub struct ExecApi {
     pub proxy: proxy::Proxy,
 }
 
-pub fn router(api: ExecApi, auth: Auth, max_body_bytes: usize) -> Router {
+pub fn router(api: ExecApi, auth: Auth, max_body_bytes: usize, max_upload_bytes: u64) -> Router {
+    let body_limit = BodyLimit {
+        bytes: max_body_bytes as u64,
+        flag: "--max-body-bytes",
+        code: "LIMIT_EXCEEDED",
+    };
+    let upload_limit = BodyLimit {
+        bytes: max_upload_bytes,
+        flag: "--exec-max-upload-bytes",
+        ..body_limit
+    };
     Router::new()
         .route("/ping", get(ping::ping))
         .route(
@@ -95,11 +106,6 @@ pub fn router(api: ExecApi, auth: Auth, max_body_bytes: usize) -> Router {
         )
         .route("/files/search", get(files_search::search_files))
         .route("/files/replace", post(files_replace::replace_contents))
-        // Uploads stream to disk; their own limit (--exec-max-upload-bytes) applies instead.
-        .route(
-            "/files/upload",
-            post(files_upload::upload).layer(DefaultBodyLimit::disable()),
-        )
         .route("/files/download", get(files_download::download))
         .route("/directories/list", get(directories_list::list_directory))
         .route(
@@ -109,6 +115,18 @@ pub fn router(api: ExecApi, auth: Auth, max_body_bytes: usize) -> Router {
         )
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+        // The routes above, not the upload added after it.
+        .layer(middleware::from_fn_with_state(body_limit, refuse_oversized))
+        // Uploads stream to disk; their own limit (--exec-max-upload-bytes) applies instead.
+        .route(
+            "/files/upload",
+            post(files_upload::upload)
+                .route_layer(middleware::from_fn_with_state(
+                    upload_limit,
+                    refuse_oversized,
+                ))
+                .layer(DefaultBodyLimit::disable()),
+        )
         // Around every route and the fallback, so any method on any path under /proxy/ is
         // forwarded (no route matches there) before a 404 or 405 could be answered.
         .layer(middleware::from_fn_with_state(
@@ -144,7 +162,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ExecJson<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(req, state).await.map_err(|r| {
             let status = r.status();
-            ApiError::new(status, "INVALID_REQUEST_BODY", r.body_text())
+            let code = match status {
+                StatusCode::PAYLOAD_TOO_LARGE => "LIMIT_EXCEEDED",
+                _ => "INVALID_REQUEST_BODY",
+            };
+            ApiError::new(status, code, r.body_text())
         })?;
         serde_json::from_slice(&bytes).map(ExecJson).map_err(|e| {
             invalid(format!(
@@ -161,6 +183,20 @@ fn optional_json<T: DeserializeOwned + Default>(body: &[u8], prefix: &str) -> Re
         return Ok(T::default());
     }
     serde_json::from_slice(body).map_err(|e| invalid(format!("{prefix}{e}")))
+}
+
+/// A command line for the shell: the kernel takes it as a C string, so a NUL in it is the
+/// client's error (400), as it is in a directory or a path.
+fn command_line(command: &str, required: &str) -> Result<(), ApiError> {
+    if command.is_empty() {
+        return Err(invalid(required.to_string()));
+    }
+    if command.contains('\0') {
+        return Err(invalid(format!(
+            "invalid request, validation error the command {command:?} contains NUL"
+        )));
+    }
+    Ok(())
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {

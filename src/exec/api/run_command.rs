@@ -32,11 +32,10 @@ pub async fn run_command(
     State(api): State<ExecApi>,
     ExecJson(body): ExecJson<RunCommand>,
 ) -> Result<Response, ApiError> {
-    if body.command.is_empty() {
-        return Err(invalid(
-            "invalid request, validation error command is required",
-        ));
-    }
+    super::command_line(
+        &body.command,
+        "invalid request, validation error command is required",
+    )?;
     let envs: Vec<(String, String)> = body.envs.unwrap_or_default().into_iter().collect();
     if let Some((k, _)) = envs
         .iter()

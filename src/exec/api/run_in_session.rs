@@ -25,9 +25,7 @@ pub async fn run_in_session(
     Path(id): Path<String>,
     ExecJson(body): ExecJson<RunInSession>,
 ) -> Result<Response, ApiError> {
-    if body.command.is_empty() {
-        return Err(invalid("invalid request. command is required"));
-    }
+    super::command_line(&body.command, "invalid request. command is required")?;
     let cwd = match body.cwd.filter(|c| !c.is_empty()) {
         Some(cwd) => Some(crate::exec::expand_path(&cwd, &[]).map_err(invalid)?),
         None => None,

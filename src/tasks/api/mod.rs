@@ -23,6 +23,7 @@ use super::{TaskError, TaskManager};
 use crate::container::TargetWatch;
 use crate::http::auth::{Auth, require_token};
 use crate::http::error::{self, ApiError};
+use crate::http::{BodyLimit, refuse_oversized};
 
 #[derive(Clone)]
 pub struct TaskApi {
@@ -34,6 +35,13 @@ pub struct TaskApi {
 }
 
 pub fn router(api: TaskApi, auth: Auth, max_body_bytes: usize) -> Router {
+    let limit = BodyLimit {
+        bytes: max_body_bytes as u64,
+        flag: "--max-body-bytes",
+        code: "PayloadTooLarge",
+    };
+    // Everything but the probes is behind the token, unknown routes and wrong methods too: a
+    // caller without the token learns nothing about the API, not even which routes exist.
     let protected = Router::new()
         .route("/setTasks", post(set_tasks::set_tasks))
         .route("/getTasks", get(get_tasks::get_tasks))
@@ -44,12 +52,15 @@ pub fn router(api: TaskApi, auth: Auth, max_body_bytes: usize) -> Router {
         )
         .route("/tasks/{name}/logs", get(task_logs::task_logs))
         .route("/watchTasks", get(watch_tasks::watch_tasks))
-        .route_layer(middleware::from_fn_with_state(auth, require_token));
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(middleware::from_fn_with_state(limit, refuse_oversized))
+        .layer(middleware::from_fn_with_state(auth, require_token));
     Router::new()
         .route("/health", get(health::health))
         .route("/ready", get(health::ready))
         .merge(protected)
-        .fallback(error::not_found)
+        // The probes' own wrong methods (the protected routes have theirs behind the token).
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(api)
