@@ -12,9 +12,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(
     name = "sandlet",
     version,
-    about = "In-sandbox agent: OpenSandbox task executor (and exec API) in one binary"
+    about = "In-sandbox agent for OpenSandbox: the task executor's API (port 5758) and execd's exec API (port 44772) in one binary"
 )]
-#[command(args_conflicts_with_subcommands = true)]
+// A flag given twice takes its last value (a wrapper script can append to a Pool's arguments).
+#[command(args_conflicts_with_subcommands = true, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -26,7 +27,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Command {
-    /// Serve the task API (the default when no subcommand is given).
+    /// Serve the task API (5758) and the exec API (44772); the default without a subcommand.
+    #[command(args_override_self = true)]
     Serve(ServeArgs),
     /// Locate the pod's main container as sidecar mode would, print it as JSON, and exit:
     /// a check of a pod's setup (shareProcessNamespace, capabilities, the marker).
@@ -54,133 +56,210 @@ pub struct TargetArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    // --- the task API (OpenSandbox task-executor)
+    /// Address of the task API, or `off`.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:5758", value_parser = listen,
+          help_heading = "Task API (port 5758)")]
+    pub listen_addr: Listen,
     /// Where task records and output live.
-    #[arg(long, env = "DATA_DIR", default_value = "/var/lib/sandbox/tasks")]
-    pub data_dir: PathBuf,
-    /// Address of the task API.
-    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:5758")]
-    pub listen_addr: SocketAddr,
-    /// Run tasks inside the main container of the pod (sidecar placement).
-    #[arg(long, env = "ENABLE_SIDECAR_MODE", num_args = 0..=1, default_value = "false",
-          default_missing_value = "true", value_parser = parse_go_bool)]
-    pub enable_sidecar_mode: bool,
-    /// Value of the SANDBOX_MAIN_CONTAINER marker that identifies the main container.
-    #[arg(long, env = "MAIN_CONTAINER_NAME", default_value = "main")]
-    pub main_container_name: String,
-    /// Sidecar mode without the marker: the main container is the one container other than
-    /// sandlet's and the pause container.
-    #[arg(long, env = "SANDLET_OTHER_CONTAINER", num_args = 0..=1, default_value = "false",
-          default_missing_value = "true", value_parser = parse_go_bool)]
-    pub other_container: bool,
-    /// Address of the exec API (execd's wire protocol).
     #[arg(
         long,
-        env = "SANDLET_EXEC_LISTEN_ADDR",
-        default_value = "0.0.0.0:44772"
+        env = "DATA_DIR",
+        default_value = "/var/lib/sandbox/tasks",
+        help_heading = "Task API (port 5758)"
     )]
-    pub exec_listen_addr: SocketAddr,
-    /// Where commands keep their output and records (default: the data dir's path + `-exec`).
-    #[arg(long, env = "SANDLET_EXEC_DATA_DIR")]
-    pub exec_data_dir: Option<PathBuf>,
+    pub data_dir: PathBuf,
+    /// File holding the bearer token required on every task API route but /health and /ready.
+    #[arg(
+        long,
+        env = "SANDLET_TOKEN_FILE",
+        help_heading = "Task API (port 5758)"
+    )]
+    pub token_file: Option<PathBuf>,
+    /// Tasks not yet ended, at most.
+    #[arg(
+        long,
+        env = "SANDLET_MAX_ACTIVE_TASKS",
+        default_value_t = 64,
+        help_heading = "Task API (port 5758)"
+    )]
+    pub max_active_tasks: usize,
+    /// Tasks kept, ended ones included, at most.
+    #[arg(
+        long,
+        env = "SANDLET_MAX_TASKS",
+        default_value_t = 1024,
+        help_heading = "Task API (port 5758)"
+    )]
+    pub max_tasks: usize,
+    /// Seconds between SIGTERM and SIGKILL when a task's process tree is stopped.
+    #[arg(long, env = "SANDLET_STOP_GRACE_SECONDS", default_value_t = 10, value_parser = seconds,
+          help_heading = "Task API (port 5758)")]
+    pub stop_grace_seconds: u64,
+    /// Output kept per task and stream: the newest, between half and all of this.
+    #[arg(long, env = "SANDLET_TASK_LOG_LIMIT_BYTES", default_value = "16MiB", value_parser = bytes,
+          help_heading = "Task API (port 5758)")]
+    pub task_log_limit_bytes: u64,
+
+    // --- the exec API (OpenSandbox execd)
+    /// Address of the exec API (execd's wire protocol), or `off`.
+    #[arg(long, env = "SANDLET_EXEC_LISTEN_ADDR", default_value = "0.0.0.0:44772", value_parser = listen,
+          help_heading = "Exec API (port 44772)")]
+    pub exec_listen_addr: Listen,
     /// File holding the exec API's access token (`X-EXECD-ACCESS-TOKEN`), re-read when it
     /// changes. `EXECD_ACCESS_TOKEN` (a value) is honoured when no file is given.
-    #[arg(long, env = "SANDLET_EXEC_TOKEN_FILE")]
-    pub exec_token_file: Option<PathBuf>,
-    /// Commands and session runs running at once, at most.
-    #[arg(long, env = "SANDLET_EXEC_MAX_RUNNING", default_value_t = 256)]
-    pub exec_max_running: usize,
-    /// Finished command records (and background output) kept, at most.
-    #[arg(long, env = "SANDLET_EXEC_KEEP_FINISHED", default_value_t = 256)]
-    pub exec_keep_finished: usize,
-    /// How long a finished command's record and output are kept, in seconds.
-    #[arg(long, env = "SANDLET_EXEC_KEEP_SECONDS", default_value_t = 3600, value_parser = seconds)]
-    pub exec_keep_seconds: u64,
-    /// Bytes of a background command's output kept (the newest).
-    #[arg(long, env = "SANDLET_EXEC_LOG_LIMIT_BYTES", default_value_t = 16 << 20)]
-    pub exec_log_limit_bytes: u64,
-    /// Bash sessions at once, at most.
-    #[arg(long, env = "SANDLET_EXEC_MAX_SESSIONS", default_value_t = 64)]
-    pub exec_max_sessions: usize,
-    /// Seconds a bash session may sit unused before it is removed.
     #[arg(
         long,
-        env = "SANDLET_EXEC_SESSION_IDLE_SECONDS",
-        default_value_t = 86400,
-        value_parser = seconds)]
+        env = "SANDLET_EXEC_TOKEN_FILE",
+        help_heading = "Exec API (port 44772)"
+    )]
+    pub exec_token_file: Option<PathBuf>,
+    /// Where commands keep their output and records (default: the data dir's path + `-exec`).
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_DATA_DIR",
+        help_heading = "Exec API (port 44772)"
+    )]
+    pub exec_data_dir: Option<PathBuf>,
+    /// Commands and session runs running at once, at most.
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_MAX_RUNNING",
+        default_value_t = 256,
+        help_heading = "Exec API (port 44772)"
+    )]
+    pub exec_max_running: usize,
+    /// Finished command records (and background output) kept, at most.
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_KEEP_FINISHED",
+        default_value_t = 256,
+        help_heading = "Exec API (port 44772)"
+    )]
+    pub exec_keep_finished: usize,
+    /// Seconds a finished command's record and output are kept.
+    #[arg(long, env = "SANDLET_EXEC_KEEP_SECONDS", default_value_t = 3600, value_parser = seconds,
+          help_heading = "Exec API (port 44772)")]
+    pub exec_keep_seconds: u64,
+    /// A background command's output kept (the newest).
+    #[arg(long, env = "SANDLET_EXEC_LOG_LIMIT_BYTES", default_value = "16MiB", value_parser = bytes,
+          help_heading = "Exec API (port 44772)")]
+    pub exec_log_limit_bytes: u64,
+    /// Bash sessions at once, at most.
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_MAX_SESSIONS",
+        default_value_t = 64,
+        help_heading = "Exec API (port 44772)"
+    )]
+    pub exec_max_sessions: usize,
+    /// Seconds a bash session may sit unused before it is removed.
+    #[arg(long, env = "SANDLET_EXEC_SESSION_IDLE_SECONDS", default_value_t = 86400,
+          value_parser = seconds, help_heading = "Exec API (port 44772)")]
     pub exec_session_idle_seconds: u64,
-    /// Bytes one `/files/upload` request may carry (all its files together).
-    #[arg(long, env = "SANDLET_EXEC_MAX_UPLOAD_BYTES", default_value_t = 16 << 30)]
+    /// PTY sessions at once, at most (execd has no limit).
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_MAX_PTY_SESSIONS",
+        default_value_t = 32,
+        help_heading = "Exec API (port 44772)"
+    )]
+    pub exec_max_pty_sessions: usize,
+    /// Seconds a PTY session with no client attached may sit before it is removed, its shell
+    /// killed (one whose shell exited goes after at most 300 s).
+    #[arg(long, env = "SANDLET_EXEC_PTY_IDLE_SECONDS", default_value_t = 1800, value_parser = seconds,
+          help_heading = "Exec API (port 44772)")]
+    pub exec_pty_idle_seconds: u64,
+    /// Largest WebSocket message a PTY client may send (execd has no limit).
+    #[arg(long, env = "SANDLET_EXEC_PTY_MAX_MESSAGE_BYTES", default_value = "1MiB", value_parser = bytes,
+          help_heading = "Exec API (port 44772)")]
+    pub exec_pty_max_message_bytes: u64,
+    /// What one `/files/upload` request may carry (all its files together).
+    #[arg(long, env = "SANDLET_EXEC_MAX_UPLOAD_BYTES", default_value = "16GiB", value_parser = bytes,
+          help_heading = "Exec API (port 44772)")]
     pub exec_max_upload_bytes: u64,
     /// Entries one `/directories/list` or `/files/search` answer may hold.
-    #[arg(long, env = "SANDLET_EXEC_MAX_LISTED", default_value_t = 100_000)]
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_MAX_LISTED",
+        default_value_t = 100_000,
+        help_heading = "Exec API (port 44772)"
+    )]
     pub exec_max_listed: usize,
-    /// Largest file `/files/replace` rewrites (it is read into memory).
-    #[arg(long, env = "SANDLET_EXEC_MAX_REPLACE_BYTES", default_value_t = 64 << 20)]
+    /// Largest file `/files/replace` rewrites.
+    #[arg(long, env = "SANDLET_EXEC_MAX_REPLACE_BYTES", default_value = "64MiB", value_parser = bytes,
+          help_heading = "Exec API (port 44772)")]
     pub exec_max_replace_bytes: u64,
     /// `/proxy/{port}/`: seconds an idle upstream connection is kept in the shared pool.
-    #[arg(long, env = "SANDLET_EXEC_PROXY_IDLE_SECONDS", default_value_t = 90, value_parser = seconds)]
+    #[arg(long, env = "SANDLET_EXEC_PROXY_IDLE_SECONDS", default_value_t = 90, value_parser = seconds,
+          help_heading = "Exec API (port 44772)")]
     pub exec_proxy_idle_seconds: u64,
     /// `/proxy/{port}/`: idle upstream connections kept per port, at most.
     #[arg(
         long,
         env = "SANDLET_EXEC_PROXY_MAX_IDLE_PER_PORT",
-        default_value_t = 32
+        default_value_t = 32,
+        help_heading = "Exec API (port 44772)"
     )]
     pub exec_proxy_max_idle_per_port: usize,
     /// `/proxy/{port}/`: seconds an upstream has to answer with its response headers, counted
     /// from when the request body has been sent in full, before the client gets a 504.
+    #[arg(long, env = "SANDLET_EXEC_PROXY_HEADER_TIMEOUT_SECONDS", default_value_t = 300,
+          value_parser = seconds, help_heading = "Exec API (port 44772)")]
+    pub exec_proxy_header_timeout_seconds: u64,
+
+    // --- where processes run
+    /// Run tasks and commands inside the pod's main container (sidecar placement).
+    #[arg(long, env = "ENABLE_SIDECAR_MODE", num_args = 0..=1, default_value = "false",
+          default_missing_value = "true", value_parser = parse_go_bool, help_heading = "Sidecar mode")]
+    pub enable_sidecar_mode: bool,
+    /// Value of the SANDBOX_MAIN_CONTAINER marker that identifies the main container.
     #[arg(
         long,
-        env = "SANDLET_EXEC_PROXY_HEADER_TIMEOUT_SECONDS",
-        default_value_t = 300,
-        value_parser = seconds)]
-    pub exec_proxy_header_timeout_seconds: u64,
-    /// PTY sessions at once, at most (execd has no limit).
-    #[arg(long, env = "SANDLET_EXEC_MAX_PTY_SESSIONS", default_value_t = 32)]
-    pub exec_max_pty_sessions: usize,
-    /// Seconds a PTY session with no client attached may sit before it is removed, its shell
-    /// killed (one whose shell exited goes after at most 300 s).
-    #[arg(long, env = "SANDLET_EXEC_PTY_IDLE_SECONDS", default_value_t = 1800, value_parser = seconds)]
-    pub exec_pty_idle_seconds: u64,
-    /// Largest WebSocket message a PTY client may send, in bytes (execd has no limit).
-    #[arg(long, env = "SANDLET_EXEC_PTY_MAX_MESSAGE_BYTES", default_value_t = 1 << 20)]
-    pub exec_pty_max_message_bytes: usize,
-    /// File holding the bearer token required on every route but /health.
-    #[arg(long, env = "SANDLET_TOKEN_FILE")]
-    pub token_file: Option<PathBuf>,
-    /// Tasks not yet ended, at most.
-    #[arg(long, env = "SANDLET_MAX_ACTIVE_TASKS", default_value_t = 64)]
-    pub max_active_tasks: usize,
-    /// Tasks kept, ended ones included, at most.
-    #[arg(long, env = "SANDLET_MAX_TASKS", default_value_t = 1024)]
-    pub max_tasks: usize,
-    /// Seconds between SIGTERM and SIGKILL when a task's process tree is stopped.
-    #[arg(long, env = "SANDLET_STOP_GRACE_SECONDS", default_value_t = 10, value_parser = seconds)]
-    pub stop_grace_seconds: u64,
-    /// Bytes of stdout (and of stderr) kept per task: the newest output, between half and all of this.
-    #[arg(long, env = "SANDLET_TASK_LOG_LIMIT_BYTES", default_value_t = 16 << 20)]
-    pub task_log_limit_bytes: u64,
-    /// Largest request body accepted.
-    #[arg(long, env = "SANDLET_MAX_BODY_BYTES", default_value_t = 1 << 20)]
-    pub max_body_bytes: usize,
+        env = "MAIN_CONTAINER_NAME",
+        default_value = "main",
+        help_heading = "Sidecar mode"
+    )]
+    pub main_container_name: String,
+    /// Sidecar mode without the marker: the main container is the one container other than
+    /// sandlet's and the pause container.
+    #[arg(long, env = "SANDLET_OTHER_CONTAINER", num_args = 0..=1, default_value = "false",
+          default_missing_value = "true", value_parser = parse_go_bool, help_heading = "Sidecar mode")]
+    pub other_container: bool,
+
+    // --- both APIs
+    /// Largest request body accepted (uploads have their own limit).
+    #[arg(long, env = "SANDLET_MAX_BODY_BYTES", default_value = "1MiB", value_parser = bytes,
+          help_heading = "HTTP (both APIs)")]
+    pub max_body_bytes: u64,
     /// Seconds a client has to send a request's head, counted from when the server waits for
     /// it: a connection that trickles its head or sits idle between requests is closed.
-    #[arg(
-        long,
-        env = "SANDLET_HTTP_HEADER_TIMEOUT_SECONDS",
-        default_value_t = 30,
-        value_parser = seconds
-    )]
+    #[arg(long, env = "SANDLET_HTTP_HEADER_TIMEOUT_SECONDS", default_value_t = 30,
+          value_parser = seconds, help_heading = "HTTP (both APIs)")]
     pub http_header_timeout_seconds: u64,
     /// Connections each API serves at once; more wait to be accepted.
-    #[arg(long, env = "SANDLET_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    #[arg(
+        long,
+        env = "SANDLET_HTTP_MAX_CONNECTIONS",
+        default_value_t = 1024,
+        help_heading = "HTTP (both APIs)"
+    )]
     pub http_max_connections: usize,
+
+    // --- logs
     /// Log format on stderr.
-    #[arg(long, env = "SANDLET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "SANDLET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text,
+          help_heading = "Logging")]
     pub log_format: LogFormat,
-    /// Log filter, in RUST_LOG syntax.
-    #[arg(long, env = "SANDLET_LOG", default_value = "info")]
+    /// Log filter, in RUST_LOG syntax (e.g. `sandlet=debug`).
+    #[arg(
+        long,
+        env = "SANDLET_LOG",
+        default_value = "info",
+        help_heading = "Logging"
+    )]
     pub log_level: String,
+
     /// Accepted for compatibility with the Go executor; unused (container mode does not exist).
     #[arg(long, env = "CRI_SOCKET", hide = true)]
     pub cri_socket: Option<String>,
@@ -197,6 +276,52 @@ pub struct ServeArgs {
     /// start (see `main.rs`) so that no process sandlet starts inherits it.
     #[arg(skip)]
     pub exec_token_from_env: Option<String>,
+}
+
+/// Where an API listens: an address, or `off` (the API is not served).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen(pub Option<SocketAddr>);
+
+fn listen(s: &str) -> Result<Listen, String> {
+    match s {
+        "off" | "none" => Ok(Listen(None)),
+        _ => s
+            .parse()
+            .map(|a| Listen(Some(a)))
+            .map_err(|e| format!("{s:?} is neither an address (host:port) nor `off`: {e}")),
+    }
+}
+
+/// A size: a number of bytes, or with a unit: `KiB`, `MiB`, `GiB`, `TiB` (also `K`, `M`, `G`,
+/// `T`: powers of 1024), or `KB`, `MB`, `GB`, `TB` (powers of 1000).
+pub fn bytes(s: &str) -> Result<u64, String> {
+    let text = s.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 1048576, 512KiB, 16MiB, 2GiB)"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (use KiB, MiB, GiB, TiB)"
+            ));
+        }
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -287,7 +412,7 @@ mod tests {
             "/d",
             "-enable-sidecar-mode",
         ]);
-        assert_eq!(a.listen_addr.to_string(), "127.0.0.1:9");
+        assert_eq!(a.listen_addr, Listen(Some("127.0.0.1:9".parse().unwrap())));
         assert_eq!(a.data_dir, PathBuf::from("/d"));
         assert!(a.enable_sidecar_mode);
         let b = parse(&[
@@ -299,5 +424,20 @@ mod tests {
         ]);
         assert!(!b.enable_sidecar_mode);
         assert_eq!(b.max_active_tasks, 3);
+    }
+
+    #[test]
+    fn sizes_and_switched_off_apis() {
+        assert_eq!(bytes("1048576"), Ok(1 << 20));
+        assert_eq!(bytes("16MiB"), Ok(16 << 20));
+        assert_eq!(bytes("16m"), Ok(16 << 20));
+        assert_eq!(bytes("2 GiB"), Ok(2 << 30));
+        assert_eq!(bytes("5KB"), Ok(5000));
+        for bad in ["", "MiB", "1.5MiB", "-1", "12 parsecs", "99999999999TiB"] {
+            assert!(bytes(bad).is_err(), "{bad}");
+        }
+        let a = parse(&["sandlet", "serve", "--exec-listen-addr", "off"]);
+        assert_eq!(a.exec_listen_addr, Listen(None));
+        assert!(a.listen_addr.0.is_some());
     }
 }

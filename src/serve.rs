@@ -7,7 +7,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-use crate::cli::ServeArgs;
+use crate::cli::{Listen, ServeArgs};
 use crate::container::{Locator, TargetWatch};
 use crate::error::Error;
 use crate::exec::api::{ExecApi, proxy};
@@ -32,14 +32,96 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
             "--other-container only applies with --enable-sidecar-mode".into(),
         ));
     }
-    if args.max_active_tasks == 0 || args.max_tasks < args.max_active_tasks {
-        return Err(Error::Config(
-            "need 0 < --max-active-tasks <= --max-tasks".into(),
-        ));
-    }
     if args.http_header_timeout_seconds == 0 || args.http_max_connections == 0 {
         return Err(Error::Config(
             "--http-header-timeout-seconds and --http-max-connections must be at least 1".into(),
+        ));
+    }
+    let (Listen(task_addr), Listen(exec_addr)) = (args.listen_addr, args.exec_listen_addr);
+    if task_addr.is_none() && exec_addr.is_none() {
+        return Err(Error::Config(
+            "--listen-addr and --exec-listen-addr are both off: nothing to serve".into(),
+        ));
+    }
+
+    let reaper = Reaper::install()
+        .map_err(|e| Error::Setup(format!("cannot become a child subreaper: {e}")))?;
+    let target = args.enable_sidecar_mode.then(|| {
+        TargetWatch::new(if args.other_container {
+            Locator::OtherContainer
+        } else {
+            Locator::Marker(args.main_container_name.clone())
+        })
+    });
+    let launcher = Launcher::new(reaper);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let limits = http::ConnectionLimits {
+        header_timeout: Duration::from_secs(args.http_header_timeout_seconds),
+        max_connections: args.http_max_connections,
+    };
+    // Each API's router, on its listener: both are bound before either serves, so a port that
+    // is taken stops sandlet before it accepts anything.
+    let mut apis = Vec::new();
+    if let Some(addr) = task_addr {
+        let app = task_api(&args, &launcher, target.as_ref(), shutdown.clone())?;
+        apis.push(("task", bind(addr, "task API").await?, app));
+    }
+    if let Some(addr) = exec_addr {
+        let app = exec_api(&args, &launcher, target.as_ref(), shutdown.clone())?;
+        apis.push(("exec", bind(addr, "exec API").await?, app));
+    }
+    if let Some(target) = &target {
+        tracing::info!(main_container = ?target.current().map(|l| l.target.process).ok(), "sidecar mode");
+    }
+    let mut servers = tokio::task::JoinSet::new();
+    for (api, listener, app) in apis {
+        tracing::info!(
+            api,
+            listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            "serving"
+        );
+        let mut stop = shutdown.clone();
+        servers.spawn(http::serve(listener, app, limits, async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        }));
+    }
+    tokio::select! {
+        Some(ended) = servers.join_next() => {
+            // A server ends only at shutdown: this one failed.
+            ended.map_err(|e| Error::Setup(e.to_string()))??;
+        }
+        _ = wait_for_signal() => {}
+    }
+    tracing::info!(
+        "shutting down: tasks keep running under their shims and are re-adopted at the next start"
+    );
+    let _ = shutdown_tx.send(true);
+    if tokio::time::timeout(SHUTDOWN_GRACE, servers.join_all())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; exiting anyway");
+    }
+    Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Setup(format!("cannot listen on {addr} ({what}): {e}")))
+}
+
+/// The task API: its token, its tasks recovered from the data dir, and in sidecar mode a
+/// watch on the main container that stops the tasks of a container that restarted.
+fn task_api(
+    args: &ServeArgs,
+    launcher: &Arc<Launcher>,
+    target: Option<&Arc<TargetWatch>>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<axum::Router, Error> {
+    if args.max_active_tasks == 0 || args.max_tasks < args.max_active_tasks {
+        return Err(Error::Config(
+            "need 0 < --max-active-tasks <= --max-tasks".into(),
         ));
     }
     if args.task_log_limit_bytes < 2 {
@@ -72,16 +154,6 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
             );
         }
     }
-
-    let reaper = Reaper::install()
-        .map_err(|e| Error::Setup(format!("cannot become a child subreaper: {e}")))?;
-    let target = args.enable_sidecar_mode.then(|| {
-        TargetWatch::new(if args.other_container {
-            Locator::OtherContainer
-        } else {
-            Locator::Marker(args.main_container_name.clone())
-        })
-    });
     let config = TaskConfig {
         data_dir: args.data_dir.clone(),
         max_active: args.max_active_tasks,
@@ -89,118 +161,41 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         stop_grace: Duration::from_secs(args.stop_grace_seconds),
         log_limit: args.task_log_limit_bytes,
     };
-    let launcher = Launcher::new(reaper);
-    let tasks = TaskManager::open(config, Arc::clone(&launcher), target.clone()).map_err(|e| {
+    let tasks = TaskManager::open(config, Arc::clone(launcher), target.cloned()).map_err(|e| {
         Error::Setup(format!(
             "cannot open the data dir {}: {e}",
             args.data_dir.display()
         ))
     })?;
-    if let Some(target) = &target {
+    if let Some(target) = target {
         let tasks = tasks.clone();
         tokio::spawn(Arc::clone(target).run(move |incarnation| tasks.on_target(incarnation)));
     }
-    let exec = exec_api(&args, &launcher, target.as_ref())?;
-    let listener = TcpListener::bind(args.listen_addr)
-        .await
-        .map_err(|e| Error::Setup(format!("cannot listen on {}: {e}", args.listen_addr)))?;
-    let exec_listener = TcpListener::bind(args.exec_listen_addr)
-        .await
-        .map_err(|e| {
-            Error::Setup(format!(
-                "cannot listen on {} (exec API): {e}",
-                args.exec_listen_addr
-            ))
-        })?;
     tracing::info!(
-        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         data_dir = %args.data_dir.display(),
         token = auth.is_enabled(),
-        sidecar = args.enable_sidecar_mode,
         tasks = tasks.list().len(),
-        "sandlet task API ready"
+        "task API ready"
     );
-    tracing::info!(
-        listen = %exec_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        token = exec.auth.is_enabled(),
-        "sandlet exec API ready"
-    );
-
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let app = router(
+    Ok(router(
         TaskApi {
             tasks,
-            target,
-            shutdown: shutdown_rx.clone(),
+            target: target.cloned(),
+            shutdown,
         },
         auth,
         args.max_body_bytes,
-    );
-    let exec_app = exec::api::router(
-        ExecApi {
-            commands: exec.commands,
-            sessions: exec.sessions,
-            metrics: exec.metrics,
-            files: exec.files,
-            ptys: exec.ptys,
-            pty_max_message: args.exec_pty_max_message_bytes,
-            shutdown: shutdown_rx.clone(),
-            proxy: exec.proxy,
-        },
-        exec.auth,
-        args.max_body_bytes,
-        args.exec_max_upload_bytes,
-    );
-    let limits = http::ConnectionLimits {
-        header_timeout: Duration::from_secs(args.http_header_timeout_seconds),
-        max_connections: args.http_max_connections,
-    };
-    let mut exec_shutdown = shutdown_rx.clone();
-    let exec_server = tokio::spawn(http::serve(exec_listener, exec_app, limits, async move {
-        let _ = exec_shutdown.wait_for(|stop| *stop).await;
-    }));
-    let mut server = tokio::spawn(http::serve(listener, app, limits, async move {
-        let _ = wait_for_signal().await;
-    }));
-    let mut stopping = shutdown_rx.clone();
-    tokio::select! {
-        result = &mut server => return result.map_err(|e| Error::Setup(e.to_string()))?.map_err(Error::from),
-        _ = wait_for_signal() => {}
-    }
-    let _ = stopping.borrow_and_update();
-    tracing::info!(
-        "shutting down: tasks keep running under their shims and are re-adopted at the next start"
-    );
-    let _ = shutdown_tx.send(true);
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, exec_server).await;
-    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
-        Ok(joined) => joined
-            .map_err(|e| Error::Setup(e.to_string()))?
-            .map_err(Error::from),
-        Err(_) => {
-            tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; exiting anyway");
-            Ok(())
-        }
-    }
+    ))
 }
 
-struct ExecParts {
-    commands: Arc<exec::Commands>,
-    sessions: Arc<exec::Sessions>,
-    metrics: Arc<exec::Metrics>,
-    files: Arc<crate::files::Files>,
-    proxy: proxy::Proxy,
-    ptys: Arc<exec::Ptys>,
-    auth: Auth,
-}
-
-/// The exec API's parts: its directory cleaned of an earlier run's commands, its token, and a
-/// sweeper that applies the retention limits.
+/// The exec API: its directory cleaned of an earlier run's commands, its token, and a sweeper
+/// that applies the retention limits.
 fn exec_api(
     args: &ServeArgs,
     launcher: &Arc<Launcher>,
     target: Option<&Arc<TargetWatch>>,
-) -> Result<ExecParts, Error> {
+    shutdown: watch::Receiver<bool>,
+) -> Result<axum::Router, Error> {
     let data_dir = args.exec_data_dir.clone().unwrap_or_else(|| {
         let mut dir = args.data_dir.clone().into_os_string();
         dir.push("-exec");
@@ -294,15 +289,22 @@ fn exec_api(
             p.evict_idle();
         }
     });
-    Ok(ExecParts {
-        commands,
-        sessions,
-        ptys,
-        metrics: exec::Metrics::new(target.cloned()),
-        files,
-        proxy,
+    tracing::info!(token = auth.is_enabled(), "exec API ready");
+    Ok(exec::api::router(
+        ExecApi {
+            commands,
+            sessions,
+            metrics: exec::Metrics::new(target.cloned()),
+            files,
+            ptys,
+            pty_max_message: args.exec_pty_max_message_bytes as usize,
+            shutdown,
+            proxy,
+        },
         auth,
-    })
+        args.max_body_bytes,
+        args.exec_max_upload_bytes,
+    ))
 }
 
 async fn wait_for_signal() -> std::io::Result<()> {

@@ -210,6 +210,8 @@ fn sandlet_is_not_dumpable() {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--data-dir")
             .arg(dir.path().join("tasks"))
+            // Not needed here; left on, it would take the default port 44772.
+            .args(["--exec-listen-addr", "off"])
             .uid(NOBODY)
             .gid(NOBODY)
             .stdout(Stdio::null())

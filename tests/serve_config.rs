@@ -57,9 +57,7 @@ fn go_environment_variables_and_json_logs() {
         })
         .collect();
     assert!(
-        lines
-            .iter()
-            .any(|l| l["message"] == "sandlet task API ready"),
+        lines.iter().any(|l| l["message"] == "task API ready"),
         "{stderr}"
     );
     assert!(
@@ -180,4 +178,51 @@ fn install_copies_the_static_binary_for_an_init_container() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing/sandlet"));
+}
+
+#[test]
+fn either_api_can_be_switched_off() {
+    // Only the task API: nothing listens where the exec API would.
+    let s = common::Sandlet::start(&["--exec-listen-addr", "off"]);
+    assert_eq!(s.get("/getTasks").status, 200);
+    let exec = s.exec_base.trim_start_matches("http://").to_string();
+    assert!(
+        std::net::TcpStream::connect(&exec).is_err(),
+        "{exec} answers"
+    );
+
+    // Only the exec API (execd's place): the task API's data dir is not even created.
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = sandlet()
+        .args(["--listen-addr", "off", "--data-dir"])
+        .arg(data.path().join("tasks"))
+        .env("SANDLET_EXEC_LISTEN_ADDR", format!("127.0.0.1:{port}"))
+        .spawn()
+        .unwrap();
+    wait_until("the exec API answers", || {
+        ureq::get(format!("http://127.0.0.1:{port}/ping"))
+            .call()
+            .is_ok()
+    });
+    assert!(!data.path().join("tasks").exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Both off is a configuration error, not a process that serves nothing.
+    let out = refused(sandlet().args(["--listen-addr", "off", "--exec-listen-addr", "off"]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("both off"));
+}
+
+#[test]
+fn logs_written_to_a_file_carry_no_colour_codes() {
+    let s = common::Sandlet::start(&[]);
+    assert_eq!(s.get("/getTasks").status, 200);
+    let log = s.stderr();
+    assert!(log.contains("task API ready"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a log file: {log:?}"
+    );
 }

@@ -67,9 +67,9 @@ pub struct ExecApi {
     pub proxy: proxy::Proxy,
 }
 
-pub fn router(api: ExecApi, auth: Auth, max_body_bytes: usize, max_upload_bytes: u64) -> Router {
+pub fn router(api: ExecApi, auth: Auth, max_body_bytes: u64, max_upload_bytes: u64) -> Router {
     let body_limit = BodyLimit {
-        bytes: max_body_bytes as u64,
+        bytes: max_body_bytes,
         flag: "--max-body-bytes",
         code: "LIMIT_EXCEEDED",
     };
@@ -135,7 +135,9 @@ pub fn router(api: ExecApi, auth: Auth, max_body_bytes: usize, max_upload_bytes:
         ))
         // Every route, /ping and /proxy/ included, as with execd; the 404s too.
         .layer(middleware::from_fn_with_state(auth, require_execd_token))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::max(
+            usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
+        ))
         .with_state(api)
 }
 

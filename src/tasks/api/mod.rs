@@ -34,9 +34,9 @@ pub struct TaskApi {
     pub shutdown: watch::Receiver<bool>,
 }
 
-pub fn router(api: TaskApi, auth: Auth, max_body_bytes: usize) -> Router {
+pub fn router(api: TaskApi, auth: Auth, max_body_bytes: u64) -> Router {
     let limit = BodyLimit {
-        bytes: max_body_bytes as u64,
+        bytes: max_body_bytes,
         flag: "--max-body-bytes",
         code: "PayloadTooLarge",
     };
@@ -62,7 +62,9 @@ pub fn router(api: TaskApi, auth: Auth, max_body_bytes: usize) -> Router {
         .merge(protected)
         // The probes' own wrong methods (the protected routes have theirs behind the token).
         .method_not_allowed_fallback(error::method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(DefaultBodyLimit::max(
+            usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
+        ))
         .with_state(api)
 }
 
