@@ -169,8 +169,7 @@ fn proc_uid_line(pid: u32) -> String {
 
 #[test]
 fn sandlet_is_not_dumpable() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root to start sandlet as another user");
+    if !common::root_or_skip("sandlet started as another user") {
         return;
     }
     let dir = tempfile::Builder::new()

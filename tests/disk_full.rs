@@ -32,8 +32,7 @@ impl Drop for SmallDisk {
 
 #[test]
 fn a_full_disk_costs_output_not_the_task_or_its_exit() {
-    if !nix_is_root() {
-        eprintln!("skipped: needs root to mount a small tmpfs (CI runs as root)");
+    if !common::root_or_skip("a small tmpfs as the data dir") {
         return;
     }
     let mut disk = None;
@@ -74,12 +73,4 @@ fn a_full_disk_costs_output_not_the_task_or_its_exit() {
         s.wait_state("after", "terminated")["processStatus"]["terminated"]["exitCode"],
         0
     );
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .is_some_and(|uids| uids.split_whitespace().next() == Some("0"))
 }

@@ -416,18 +416,9 @@ fn finished_commands_are_kept_by_count_and_their_output_removed() {
 }
 
 #[test]
+#[ignore = "needs the OpenSandbox SDK from PyPI: `./test` installs it and runs every test"]
 fn the_real_opensandbox_sdk_drives_the_exec_api() {
-    let python = std::env::var("SANDLET_SDK_PYTHON").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/sdkvenv/bin/python").to_string()
-    });
-    if !std::path::Path::new(&python).exists() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must install the opensandbox SDK ({python} is missing)"
-        );
-        eprintln!("skipped: no opensandbox SDK at {python} (.ci/run installs it)");
-        return;
-    }
+    let python = common::sdk_python();
     let s = Sandlet::start(&["--exec-token-file", &write_token("sdk-token")]);
     let dir = scratch();
     let out = std::process::Command::new(&python)
@@ -468,8 +459,7 @@ unsafe extern "C" {
 
 #[test]
 fn uid_and_gid_are_applied_with_the_users_home() {
-    if !common::pod::is_root() {
-        eprintln!("skipped: changing user needs root; CI runs as root");
+    if !common::root_or_skip("a command as another user") {
         return;
     }
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap();

@@ -277,9 +277,7 @@ fn p50_and_max(sorted: &[f64]) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let Some(env) = kube_env::KubeEnv::start_with(NS).await else {
-        return;
-    };
+    let env = kube_env::KubeEnv::start_with(NS).await;
     let client = env.client();
     let kubelet = kube_env::FakeKubelet::start(client.clone(), NS, TOKEN).await;
     let controller = tokio::spawn(sandlet_controller::run::run(

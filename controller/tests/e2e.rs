@@ -108,10 +108,9 @@ async fn counters_reach(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs kube-apiserver and etcd: `./test` builds them and runs every test"]
 async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
-    let Some(env) = KubeEnv::start_with(NS).await else {
-        return;
-    };
+    let env = KubeEnv::start_with(NS).await;
     let client = env.client();
     let kubelet = FakeKubelet::start(client.clone(), NS, TOKEN).await;
     let mut controller = start_controller(client.clone());
@@ -312,10 +311,9 @@ async fn pool_and_batchsandbox_run_tasks_through_sandlet() {
 /// merged in), runs a task in each, recreates a pod deleted under it, and at deletion stops the
 /// tasks and then deletes its pods.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs kube-apiserver and etcd: `./test` builds them and runs every test"]
 async fn a_batchsandbox_with_its_own_template_creates_runs_and_deletes_its_pods() {
-    let Some(env) = KubeEnv::start_with(NS).await else {
-        return;
-    };
+    let env = KubeEnv::start_with(NS).await;
     let client = env.client();
     let kubelet = FakeKubelet::start(client.clone(), NS, TOKEN).await;
     let controller = start_controller(client.clone());

@@ -491,6 +491,33 @@ pub fn sse_events(body: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The Python of the venv that holds the real OpenSandbox SDKs from PyPI (`.ci/setup` makes it;
+/// `SANDLET_SDK_PYTHON` points elsewhere). Tests that use it are `#[ignore]`d with the reason.
+pub fn sdk_python() -> String {
+    let python = std::env::var("SANDLET_SDK_PYTHON").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/sdkvenv/bin/python").to_string()
+    });
+    assert!(
+        Path::new(&python).exists(),
+        "no OpenSandbox SDK venv at {python}: `./test` installs it and runs every test"
+    );
+    python
+}
+
+/// Whether the tests run as root. A test that needs root and finds it missing skips with a
+/// line saying so, outside CI; under CI (`./test` sets `CI`) it fails instead.
+pub fn root_or_skip(why: &str) -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{why}: needs root, and CI runs as root"
+        );
+        eprintln!("skipped ({why}): needs root; `sudo ./test` runs every test");
+    }
+    root
+}
+
 pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + DEADLINE;
     while Instant::now() < deadline {

@@ -75,18 +75,13 @@ pub struct Pod {
 
 impl Pod {
     pub fn start() -> Option<Pod> {
-        if !is_root() {
-            eprintln!(
-                "skipped: a simulated pod needs root (namespaces, pivot_root); CI runs as root"
-            );
+        if !super::root_or_skip("a simulated pod: namespaces, pivot_root") {
             return None;
         }
-        if !Path::new(BUSYBOX).exists() {
-            eprintln!(
-                "skipped: {BUSYBOX} is missing (Debian package busybox-static; .ci/run installs it)"
-            );
-            return None;
-        }
+        assert!(
+            Path::new(BUSYBOX).exists(),
+            "{BUSYBOX} is missing (Debian package busybox-static): `./test` installs it"
+        );
         let dir = tempfile::Builder::new()
             .prefix("sandlet-pod-")
             .tempdir()
@@ -437,10 +432,6 @@ pub fn uid_of(pid: i32) -> Option<u32> {
         .next()?
         .parse()
         .ok()
-}
-
-pub fn is_root() -> bool {
-    uid_of(std::process::id() as i32) == Some(0)
 }
 
 /// Waits until no process of the pod is left.
