@@ -273,6 +273,14 @@ fn a_nul_byte_is_a_400_on_every_route() {
     }
     s.exec("GET", "/files/search?path=/tmp&pattern=a%00", None, &[])
         .assert_error(400, "INVALID_REQUEST_BODY");
+    // Likewise (uid_t)-1, which the kernel reads as "no user" (it was a 200 with an error event).
+    s.exec(
+        "POST",
+        "/command",
+        Some(&json!({"command": "id", "uid": u32::MAX})),
+        &[],
+    )
+    .assert_error(400, "INVALID_REQUEST_BODY");
 
     let before = s.snapshot();
     let r = s.set_tasks(

@@ -116,6 +116,14 @@ impl UserDb {
         if user.is_empty() || group.is_some_and(str::is_empty) {
             return Err(format!("user {spec:?} is not of the form user[:group]"));
         }
+        // (uid_t)-1 means "no change" to setuid and friends, never a user or a group.
+        if [Some(user), group]
+            .into_iter()
+            .flatten()
+            .any(|id| id == u32::MAX.to_string())
+        {
+            return Err(format!("{spec:?}: {} is not a user or group id", u32::MAX));
+        }
         let account = match user.parse::<u32>() {
             Ok(uid) => self.by_uid(uid).cloned().ok_or(uid),
             Err(_) => Ok(self
