@@ -209,11 +209,14 @@ pub struct ServeArgs {
     pub exec_proxy_header_timeout_seconds: u64,
 
     // --- where processes run
-    /// Run tasks and commands inside the pod's main container (sidecar placement).
-    #[arg(long, env = "ENABLE_SIDECAR_MODE", num_args = 0..=1, default_value = "false",
-          default_missing_value = "true", value_parser = parse_go_bool, help_heading = "Sidecar mode")]
-    pub enable_sidecar_mode: bool,
-    /// Value of the SANDBOX_MAIN_CONTAINER marker that identifies the main container.
+    /// Run tasks and commands inside the pod's main container (sidecar placement): `true`,
+    /// `false`, or unset: sidecar mode when sandlet shares its PID namespace with other
+    /// containers (shareProcessNamespace), else next to sandlet.
+    #[arg(long, env = "ENABLE_SIDECAR_MODE", num_args = 0..=1, default_missing_value = "true",
+          value_parser = parse_go_bool, help_heading = "Sidecar mode")]
+    pub enable_sidecar_mode: Option<bool>,
+    /// Value of the SANDBOX_MAIN_CONTAINER marker that identifies the main container (when
+    /// sidecar mode is not set explicitly, a container without the marker is found too).
     #[arg(
         long,
         env = "MAIN_CONTAINER_NAME",
@@ -414,7 +417,7 @@ mod tests {
         ]);
         assert_eq!(a.listen_addr, Listen(Some("127.0.0.1:9".parse().unwrap())));
         assert_eq!(a.data_dir, PathBuf::from("/d"));
-        assert!(a.enable_sidecar_mode);
+        assert_eq!(a.enable_sidecar_mode, Some(true));
         let b = parse(&[
             "sandlet",
             "serve",
@@ -422,7 +425,7 @@ mod tests {
             "--max-active-tasks",
             "3",
         ]);
-        assert!(!b.enable_sidecar_mode);
+        assert_eq!(b.enable_sidecar_mode, Some(false));
         assert_eq!(b.max_active_tasks, 3);
     }
 

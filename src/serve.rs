@@ -27,9 +27,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     // Same-uid code in the sandbox must not read our memory (the token) through ptrace or /proc.
     nix::sys::prctl::set_dumpable(false)
         .map_err(|e| Error::Setup(format!("cannot mark sandlet non-dumpable: {e}")))?;
-    if args.other_container && !args.enable_sidecar_mode {
+    if args.other_container && args.enable_sidecar_mode == Some(false) {
         return Err(Error::Config(
-            "--other-container only applies with --enable-sidecar-mode".into(),
+            "--other-container only applies in sidecar mode, which --enable-sidecar-mode=false switches off".into(),
         ));
     }
     if args.http_header_timeout_seconds == 0 || args.http_max_connections == 0 {
@@ -46,13 +46,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
 
     let reaper = Reaper::install()
         .map_err(|e| Error::Setup(format!("cannot become a child subreaper: {e}")))?;
-    let target = args.enable_sidecar_mode.then(|| {
-        TargetWatch::new(if args.other_container {
-            Locator::OtherContainer
-        } else {
-            Locator::Marker(args.main_container_name.clone())
-        })
-    });
+    let target = placement(&args).map(TargetWatch::new);
     let launcher = Launcher::new(reaper);
     let (shutdown_tx, shutdown) = watch::channel(false);
     let limits = http::ConnectionLimits {
@@ -103,6 +97,23 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
         tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; exiting anyway");
     }
     Ok(())
+}
+
+/// Where processes run: in the main container, found by the returned [`Locator`], or (`None`)
+/// next to sandlet. Explicit settings win; with none, sandlet is a sidecar exactly when it
+/// shares its PID namespace with other containers, and takes the marked container, else the one
+/// other container. (The Go executor runs tasks in its own container unless
+/// ENABLE_SIDECAR_MODE is set.)
+fn placement(args: &ServeArgs) -> Option<Locator> {
+    let sidecar = args
+        .enable_sidecar_mode
+        .unwrap_or_else(crate::container::shares_pid_namespace);
+    let locator = match (args.other_container, args.enable_sidecar_mode) {
+        (true, _) => Locator::OtherContainer,
+        (false, Some(true)) => Locator::Marker(args.main_container_name.clone()),
+        (false, _) => Locator::MarkedOrOther(args.main_container_name.clone()),
+    };
+    sidecar.then_some(locator)
 }
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> Result<TcpListener, Error> {

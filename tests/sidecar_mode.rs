@@ -364,7 +364,7 @@ fn without_the_capabilities_to_enter_sandlet_is_not_ready_and_says_which() {
     let s = sidecar(
         &pod,
         "",
-        "-all,+sys_ptrace,+dac_read_search,+sys_chroot,+setuid,+setgid,+setpcap,+kill",
+        "-all,+sys_ptrace,+dac_read_search,+setuid,+setgid,+setpcap,+kill",
     );
     let mut body = Value::Null;
     wait_until("/ready explains itself", || {
@@ -373,7 +373,7 @@ fn without_the_capabilities_to_enter_sandlet_is_not_ready_and_says_which() {
         r.status == 503
             && body["reason"]
                 .as_str()
-                .is_some_and(|m| m.contains("CAP_SYS_ADMIN"))
+                .is_some_and(|m| m.contains("CAP_SYS_CHROOT"))
     });
     assert_eq!(body["ready"], false);
     let r = s.set_tasks(json!([{"name": "t", "process": {"command": ["true"]}}]));
@@ -381,7 +381,7 @@ fn without_the_capabilities_to_enter_sandlet_is_not_ready_and_says_which() {
     let t = terminated(&s, "t");
     assert_eq!(t["reason"], "StartFailed", "{t}");
     assert!(
-        t["message"].as_str().unwrap().contains("CAP_SYS_ADMIN"),
+        t["message"].as_str().unwrap().contains("CAP_SYS_CHROOT"),
         "{t}"
     );
     // /health stays 200: restarting sandlet would not help.
@@ -471,4 +471,54 @@ fn exec_api_commands_and_sessions_run_in_the_main_container() {
     );
     let metrics = s.exec("GET", "/metrics", None, &[]).json();
     assert!(metrics["mem_used_mib"].as_f64().unwrap() > 0.0, "{metrics}");
+}
+
+/// A container runtime's default capabilities (containerd's, as of 2.x) plus the one the
+/// OpenSandbox Pool template adds.
+const RUNTIME_DEFAULTS_AND_SYS_PTRACE: &str = "-all,+chown,+dac_override,+fsetid,+fowner,+mknod,\
+     +net_raw,+setgid,+setuid,+setfcap,+setpcap,+net_bind_service,+sys_chroot,+kill,\
+     +audit_write,+sys_ptrace";
+
+#[test]
+fn the_template_users_have_works_as_it_is_no_flags_and_only_sys_ptrace_added() {
+    let Some(pod) = Pod::start() else { return };
+    // No flag, no environment: sandlet sees it shares the pod's PID namespace, finds the main
+    // container, and enters it by chroot, the only way the capabilities allow.
+    let s = pod.sidecar_sandlet_unconfigured(RUNTIME_DEFAULTS_AND_SYS_PTRACE);
+    let ready = wait_ready(&s);
+    assert_eq!(ready["target"]["pid"], pod_pid(pod.main_pid), "{ready}");
+    let health = s.get("/health").json();
+    assert_eq!(health["sidecar"]["method"], "chroot", "{health}");
+    let not_joined = health["sidecar"]["namespacesNotJoined"].as_array().unwrap();
+    assert!(
+        not_joined.iter().any(|n| n == "mnt"),
+        "/health says what chroot leaves out: {health}"
+    );
+
+    let r = s.set_tasks(json!([{"name": "t", "process": {"command": ["sh", "-c",
+        "cat /etc/sandbox-rootfs; id -u; echo $MAIN_VAR; pwd; test -e /usr/bin || echo no-host-usr; exit 5"]}}]));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let t = terminated(&s, "t");
+    assert_eq!(t["exitCode"], 5, "{t}");
+    assert_eq!(
+        stdout(&s, "t").lines().collect::<Vec<_>>(),
+        [
+            "busybox-rootfs",
+            "1000",
+            "from-main",
+            "/work",
+            "no-host-usr"
+        ],
+        "the main container's files, user, environment and directory"
+    );
+    let events = s.exec_events(
+        "/command",
+        &json!({"command": "cat /etc/sandbox-rootfs; id -u"}),
+    );
+    let out: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(out, ["busybox-rootfs", "1000"], "{events:?}");
 }

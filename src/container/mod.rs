@@ -1,12 +1,14 @@
 //! Where sidecar-mode processes will run: the pod's main container, found among the processes
 //! of the shared PID namespace.
 //!
-//! Two ways to find it:
+//! Three ways to find it:
 //! - by the `SANDBOX_MAIN_CONTAINER=<name>` environment marker, as the Go executor and existing
 //!   Pool templates do (reading another process's environment needs CAP_SYS_PTRACE);
 //! - with no marker, as the one other container: the processes whose mount namespace is
 //!   neither sandlet's nor that of the pod's PID 1 (the pause container). More than one such
-//!   mount namespace is ambiguous and refused.
+//!   mount namespace is ambiguous and refused;
+//! - when nothing is configured: the marked container if there is one, else the one other
+//!   container (see [`Locator::MarkedOrOther`] and [`shares_pid_namespace`]).
 //!
 //! Either way, sandlet's own descendants never count, nor anything under a sandlet shim (tasks of
 //! a previous sandlet instance, orphaned to the pause container by a restart): tasks run inside
@@ -36,6 +38,19 @@ pub enum Locator {
     Marker(String),
     /// The one container other than sandlet's and the pause container.
     OtherContainer,
+    /// The container carrying the marker with this value if one does, else the one other
+    /// container: what sandlet does when nothing says which (the OpenSandbox Pool templates
+    /// set no environment on their containers).
+    MarkedOrOther(String),
+}
+
+/// Whether sandlet shares its PID namespace with other containers (`shareProcessNamespace`):
+/// then PID 1 is the pod's pause container, in a mount namespace not sandlet's. In a container
+/// of its own (or inside the main container without a shared PID namespace) PID 1 is that
+/// container's own first process. A PID 1 sandlet cannot look at (no CAP_SYS_PTRACE) counts as
+/// not shared: without that capability sandlet could not enter another container anyway.
+pub fn shares_pid_namespace() -> bool {
+    crate::process::enter::same_namespace(1, "mnt") == Some(false)
 }
 
 /// The main container, as located.
@@ -78,9 +93,12 @@ pub fn locate(locator: &Locator) -> Result<Target, TargetError> {
         let Ok(mnt) = mount_namespace(pid) else {
             continue;
         };
+        let other = mnt != own_mnt && Some(mnt) != pause_mnt;
         let matches = match locator {
             Locator::Marker(value) => has_marker(pid, value),
-            Locator::OtherContainer => mnt != own_mnt && Some(mnt) != pause_mnt,
+            Locator::OtherContainer => other,
+            // Marked processes are sorted out below; here, any other container's.
+            Locator::MarkedOrOther(_) => other,
         };
         // The parent-chain walk (a /proc read per ancestor) only for processes that match.
         if !matches || started_by_sandlet(pid, me) {
@@ -102,7 +120,14 @@ pub fn locate(locator: &Locator) -> Result<Target, TargetError> {
             stat.identity.start_ticks,
         ));
     }
-    if *locator == Locator::OtherContainer {
+    if let Locator::MarkedOrOther(value) = locator
+        && candidates
+            .iter()
+            .any(|(t, _)| has_marker(t.process.pid, value))
+    {
+        candidates.retain(|(t, _)| has_marker(t.process.pid, value));
+    }
+    if matches!(locator, Locator::OtherContainer | Locator::MarkedOrOther(_)) {
         let mut namespaces: Vec<u64> = candidates.iter().map(|(t, _)| t.mount_namespace).collect();
         namespaces.sort_unstable();
         namespaces.dedup();
@@ -116,7 +141,7 @@ pub fn locate(locator: &Locator) -> Result<Target, TargetError> {
         .map(|(t, _)| t)
         .ok_or(match locator {
             Locator::Marker(value) => TargetError::MarkerNotFound(value.clone()),
-            Locator::OtherContainer => TargetError::NoOtherContainer,
+            Locator::OtherContainer | Locator::MarkedOrOther(_) => TargetError::NoOtherContainer,
         })
 }
 
@@ -195,6 +220,7 @@ pub fn start_in(watch: Option<&TargetWatch>, user: &str) -> Result<StartIn, Plac
         env,
         placement: Some(Placement {
             target: located.target.process,
+            method: located.method,
             cgroups: located
                 .cgroups
                 .iter()

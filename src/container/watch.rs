@@ -9,19 +9,24 @@ use tokio::sync::watch;
 
 use super::cgroup::{self, CgroupJoin};
 use super::{Locator, Target, locate};
-use crate::process::enter::capability_set;
+use crate::process::enter::{Method, capability_set, differs, namespace_names};
 use crate::process::{PidFd, ProcessIdentity};
 
 /// How often a missing main container is looked for again.
 const RELOCATE_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Capabilities setns into a mount namespace needs (CAP_SYS_CHROOT, CAP_SYS_ADMIN).
-const ENTER_CAPABILITIES: [(u32, &str); 2] = [(18, "CAP_SYS_CHROOT"), (21, "CAP_SYS_ADMIN")];
+const CAP_SYS_CHROOT: u32 = 18;
+const CAP_SYS_ADMIN: u32 = 21;
 
 /// A located main container and everything a start in it needs.
 #[derive(Debug)]
 pub struct Located {
     pub target: Target,
+    /// How tasks enter it, by the capabilities sandlet holds.
+    pub method: Method,
+    /// Its namespaces that differ from sandlet's and that tasks do not join (with
+    /// [`Method::Chroot`]).
+    pub not_joined: Vec<&'static str>,
     /// Its environment, the base of every task's.
     pub environ: Vec<(String, String)>,
     /// Its supplementary groups (those the runtime gave it: `supplementalGroups`, `fsGroup`).
@@ -78,6 +83,8 @@ impl TargetWatch {
                         "uid": l.target.uid,
                         "gid": l.target.gid,
                     },
+                    "method": l.method,
+                    "namespacesNotJoined": l.not_joined,
                     "cgroups": l.cgroups,
                 }),
             ),
@@ -113,6 +120,8 @@ impl TargetWatch {
             tracing::info!(
                 pid = process.pid,
                 uid = located.target.uid,
+                method = ?located.method,
+                namespaces_not_joined = ?located.not_joined,
                 cgroups_joined = ?moved,
                 "main container found; tasks start inside it"
             );
@@ -140,13 +149,21 @@ impl TargetWatch {
         let pid = target.process.pid;
         let own_caps = capability_set(std::process::id() as i32, "CapEff:")
             .map_err(|e| format!("cannot read sandlet's capabilities: {e}"))?;
-        for (bit, name) in ENTER_CAPABILITIES {
-            if own_caps & (1 << bit) == 0 {
-                return Err(format!(
-                    "sandlet lacks {name}, needed to enter the main container (see the README's capability set)"
-                ));
+        let has = |bit: u32| own_caps & (1 << bit) != 0;
+        let method = match (has(CAP_SYS_ADMIN), has(CAP_SYS_CHROOT)) {
+            (true, true) => Method::Namespaces,
+            (false, true) => Method::Chroot,
+            (_, false) => {
+                return Err(
+                    "sandlet lacks CAP_SYS_CHROOT, needed to enter the main container (docs/sidecar-mode.md lists the capabilities)"
+                        .into(),
+                );
             }
-        }
+        };
+        let not_joined = match method {
+            Method::Namespaces => Vec::new(),
+            Method::Chroot => namespace_names().filter(|ns| differs(pid, ns)).collect(),
+        };
         let user_ns = |p: &str| {
             std::fs::metadata(format!("/proc/{p}/ns/user")).map(|m| {
                 use std::os::unix::fs::MetadataExt;
@@ -191,6 +208,8 @@ impl TargetWatch {
         let located = Located {
             cgroups: cgroup::plan(pid),
             target,
+            method,
+            not_joined,
             environ,
             groups,
             bounding_set,

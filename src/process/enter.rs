@@ -5,7 +5,10 @@
 //! allocated), because between fork and exec the child may only make plain syscalls. The steps
 //! run in a fixed order, each one possible only after the one before:
 //! 1. join the main container's cgroups (from sandlet's cgroup namespace, where both are visible);
-//! 2. join its namespaces: cgroup, IPC, UTS, net, then mount last (it resets root and cwd);
+//! 2. enter it, by one of two [`Method`]s: join its namespaces (cgroup, IPC, UTS, net, then mount
+//!    last: it resets root and cwd), or, where sandlet may not join namespaces (no
+//!    CAP_SYS_ADMIN, as with a container runtime's default capabilities), change root to its
+//!    filesystem (`/proc/<pid>/root`, CAP_SYS_CHROOT);
 //! 3. go to its working directory (the fd of `/proc/<pid>/cwd`, opened before);
 //! 4. drop the capabilities its bounding set lacks, so a root task never holds more than the
 //!    container could (needs CAP_SETPCAP, so before the uid changes);
@@ -29,6 +32,19 @@ use serde::{Deserialize, Serialize};
 
 use super::ProcessIdentity;
 
+/// How a task enters the main container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Method {
+    /// setns into each of its namespaces that differs from sandlet's: the task is in the
+    /// container in every respect (needs CAP_SYS_ADMIN and CAP_SYS_CHROOT).
+    Namespaces,
+    /// chroot into its filesystem as its process sees it: its files, mounts and users, but
+    /// sandlet's namespaces (in a pod, net, IPC and UTS are the pod's anyway; the mount and
+    /// cgroup namespaces stay sandlet's). Needs only CAP_SYS_CHROOT, a runtime default.
+    Chroot,
+}
+
 /// Where a task goes when sandlet runs as a sidecar: sandlet resolves it, the shim applies it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -36,6 +52,7 @@ pub struct Placement {
     /// The main container's process whose namespaces are joined. The shim checks it is still the
     /// same process after opening them, so a reused pid is never entered.
     pub target: ProcessIdentity,
+    pub method: Method,
     /// `cgroup.procs` files of the main container's cgroups that sandlet can write.
     pub cgroups: Vec<PathBuf>,
     /// The main container's capability bounding set (a bit per capability).
@@ -71,6 +88,7 @@ const LAST_CAPABILITY: u32 = 63;
 pub enum Step {
     JoinCgroup = 1,
     JoinNamespace = 2,
+    ChangeRoot = 11,
     ContainerDir = 3,
     DropCapabilities = 4,
     Groups = 5,
@@ -88,6 +106,7 @@ impl Step {
         [
             JoinCgroup,
             JoinNamespace,
+            ChangeRoot,
             ContainerDir,
             DropCapabilities,
             Groups,
@@ -105,6 +124,7 @@ impl Step {
         match self {
             Step::JoinCgroup => "join the main container's cgroup",
             Step::JoinNamespace => "enter the main container's namespaces",
+            Step::ChangeRoot => "change root to the main container's filesystem",
             Step::ContainerDir => "enter the main container's working directory",
             Step::DropCapabilities => "limit capabilities to the main container's",
             Step::Groups => "set the supplementary groups",
@@ -122,6 +142,8 @@ impl Step {
 pub trait Syscalls {
     fn join_cgroup(&self, procs: RawFd) -> Result<(), Errno>;
     fn setns(&self, ns: RawFd, kind: CloneFlags) -> Result<(), Errno>;
+    /// Makes the directory `dir` the root.
+    fn chroot_to(&self, dir: RawFd) -> Result<(), Errno>;
     fn fchdir(&self, dir: RawFd) -> Result<(), Errno>;
     fn drop_bounding(&self, capability: u32) -> Result<(), Errno>;
     fn setgroups(&self, groups: &[libc::gid_t]) -> Result<(), Errno>;
@@ -136,6 +158,8 @@ pub trait Syscalls {
 pub struct ChildSetup {
     cgroups: Vec<OwnedFd>,
     namespaces: Vec<(OwnedFd, CloneFlags)>,
+    /// The container's root, for [`Method::Chroot`].
+    root: Option<OwnedFd>,
     container_dir: Option<OwnedFd>,
     drop_capabilities: Vec<u32>,
     credentials: Option<(Vec<libc::gid_t>, u32, u32)>,
@@ -159,19 +183,33 @@ impl ChildSetup {
                     .map_err(|e| format!("cannot open {}: {e}", procs.display()))?;
                 setup.cgroups.push(fd);
             }
-            for (name, kind) in NAMESPACES {
-                let theirs = format!("/proc/{pid}/ns/{name}");
-                let ours = format!("/proc/self/ns/{name}");
-                if same_file(&theirs, &ours) {
-                    continue;
+            match p.method {
+                Method::Namespaces => {
+                    for (name, kind) in NAMESPACES {
+                        if !differs(pid, name) {
+                            continue;
+                        }
+                        let theirs = format!("/proc/{pid}/ns/{name}");
+                        let fd = open(
+                            theirs.as_str(),
+                            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                            Mode::empty(),
+                        )
+                        .map_err(|e| format!("cannot open {theirs}: {e}"))?;
+                        setup.namespaces.push((fd, kind));
+                    }
                 }
-                let fd = open(
-                    theirs.as_str(),
-                    OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| format!("cannot open {theirs}: {e}"))?;
-                setup.namespaces.push((fd, kind));
+                Method::Chroot => {
+                    let root = format!("/proc/{pid}/root");
+                    setup.root = Some(
+                        open(
+                            root.as_str(),
+                            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                            Mode::empty(),
+                        )
+                        .map_err(|e| format!("cannot open {root}: {e}"))?,
+                    );
+                }
             }
             let cwd = format!("/proc/{pid}/cwd");
             setup.container_dir = Some(
@@ -217,6 +255,10 @@ impl ChildSetup {
             sys.setns(fd.as_raw_fd(), *kind)
                 .map_err(|e| (Step::JoinNamespace, e))?;
         }
+        if let Some(root) = &self.root {
+            sys.chroot_to(root.as_raw_fd())
+                .map_err(|e| (Step::ChangeRoot, e))?;
+        }
         if let Some(dir) = &self.container_dir {
             sys.fchdir(dir.as_raw_fd())
                 .map_err(|e| (Step::ContainerDir, e))?;
@@ -245,6 +287,7 @@ impl ChildSetup {
     pub fn is_empty(&self) -> bool {
         self.cgroups.is_empty()
             && self.namespaces.is_empty()
+            && self.root.is_none()
             && self.container_dir.is_none()
             && self.credentials.is_none()
             && !self.no_new_privs
@@ -277,6 +320,10 @@ impl Syscalls for Kernel {
     fn setns(&self, ns: RawFd, kind: CloneFlags) -> Result<(), Errno> {
         Errno::result(unsafe { libc::setns(ns, kind.bits()) }).map(drop)
     }
+    fn chroot_to(&self, dir: RawFd) -> Result<(), Errno> {
+        Errno::result(unsafe { libc::fchdir(dir) })?;
+        Errno::result(unsafe { libc::chroot(c".".as_ptr()) }).map(drop)
+    }
     fn fchdir(&self, dir: RawFd) -> Result<(), Errno> {
         Errno::result(unsafe { libc::fchdir(dir) }).map(drop)
     }
@@ -304,12 +351,22 @@ impl Syscalls for Kernel {
     }
 }
 
-fn same_file(a: &str, b: &str) -> bool {
+/// Whether process `pid` is in the same namespace of kind `name` (`mnt`, `net`, ...) as this
+/// process; `None` when that cannot be read (no such process, or no ptrace access to it).
+pub fn same_namespace(pid: i32, name: &str) -> Option<bool> {
     use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
+    let id = |p: String| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    Some(id(format!("/proc/{pid}/ns/{name}"))? == id(format!("/proc/self/ns/{name}"))?)
+}
+
+/// Whether process `pid` is (or may be) in another namespace of kind `name` than this process.
+pub fn differs(pid: i32, name: &str) -> bool {
+    same_namespace(pid, name) != Some(true)
+}
+
+/// The namespaces a sidecar can join, in the order they are joined.
+pub fn namespace_names() -> impl Iterator<Item = &'static str> {
+    NAMESPACES.iter().map(|(name, _)| *name)
 }
 
 /// This process's capability bounding set.
@@ -358,6 +415,9 @@ mod tests {
             let name = NAMESPACES.iter().find(|(_, k)| *k == kind).unwrap().0;
             self.call("setns", name.into())
         }
+        fn chroot_to(&self, _: RawFd) -> Result<(), Errno> {
+            self.call("chroot", String::new())
+        }
         fn fchdir(&self, _: RawFd) -> Result<(), Errno> {
             self.call("fchdir", String::new())
         }
@@ -386,6 +446,7 @@ mod tests {
         ChildSetup {
             cgroups: vec![fd(), fd()],
             namespaces: NAMESPACES.iter().map(|(_, k)| (fd(), *k)).collect(),
+            root: None,
             container_dir: Some(fd()),
             drop_capabilities: vec![19, 21],
             credentials: Some((vec![1000, 2000], 1000, 1000)),
@@ -418,6 +479,20 @@ mod tests {
                 "chdir /work",
             ]
         );
+    }
+
+    #[test]
+    fn the_chroot_method_changes_root_before_the_container_directory() {
+        let sys = Recorder::default();
+        let setup = ChildSetup {
+            namespaces: Vec::new(),
+            root: Some(open("/", OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()).unwrap()),
+            ..full_setup()
+        };
+        setup.apply(&sys).unwrap();
+        let calls = sys.calls.borrow();
+        assert_eq!(calls[..4], ["cgroup ", "cgroup ", "chroot ", "fchdir "]);
+        assert!(!calls.iter().any(|c| c.starts_with("setns")));
     }
 
     #[test]

@@ -199,6 +199,21 @@ impl Pod {
         })
     }
 
+    /// sandlet in the sidecar's place with nothing configured (no flag, no environment), as a
+    /// Pool template that only swaps the image would run it, holding `capabilities`.
+    pub fn sidecar_sandlet_unconfigured(&self, capabilities: &'static str) -> Sandlet {
+        let pid1 = self.pid1;
+        Sandlet::start_as(&[], move || {
+            let mut cmd = sidecar_command(pid1, "", "setpriv");
+            cmd.arg(format!("--bounding-set={capabilities}")).args([
+                "--inh-caps=-all",
+                "--",
+                env!("CARGO_BIN_EXE_sandlet"),
+            ]);
+            cmd
+        })
+    }
+
     /// A name unique to this pod, for things it creates outside its directory.
     pub fn mark(&self) -> &str {
         &self.mark
