@@ -100,14 +100,15 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
 }
 
 /// Where processes run: in the main container, found by the returned [`Locator`], or (`None`)
-/// next to sandlet. Explicit settings win; with none, sandlet is a sidecar exactly when it
+/// next to sandlet. Explicit settings win (`--other-container` means sidecar mode too); with
+/// none, sandlet is a sidecar exactly when it
 /// shares its PID namespace with other containers, and takes the marked container, else the one
 /// other container. (The Go executor runs tasks in its own container unless
 /// ENABLE_SIDECAR_MODE is set.)
 fn placement(args: &ServeArgs) -> Option<Locator> {
     let sidecar = args
         .enable_sidecar_mode
-        .unwrap_or_else(crate::container::shares_pid_namespace);
+        .unwrap_or_else(|| args.other_container || crate::container::shares_pid_namespace());
     let locator = match (args.other_container, args.enable_sidecar_mode) {
         (true, _) => Locator::OtherContainer,
         (false, Some(true)) => Locator::Marker(args.main_container_name.clone()),

@@ -77,7 +77,13 @@ fn configurations_it_cannot_honour_are_refused_with_a_reason() {
         cmd.arg("--data-dir").arg(data.path().join("tasks"));
     };
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--other-container".into()], "--enable-sidecar-mode"),
+        (
+            vec![
+                "--other-container".into(),
+                "--enable-sidecar-mode=false".into(),
+            ],
+            "--enable-sidecar-mode",
+        ),
         (
             vec!["--token-file".into(), "/nonexistent/token".into()],
             "token file",
@@ -125,11 +131,12 @@ fn configurations_it_cannot_honour_are_refused_with_a_reason() {
     }
     let mut cmd = sandlet();
     cmd.env("SANDLET_OTHER_CONTAINER", "true")
+        .env("ENABLE_SIDECAR_MODE", "false")
         .arg("--data-dir")
         .arg(data.path().join("tasks"));
     assert!(
         !refused(&mut cmd).status.success(),
-        "SANDLET_OTHER_CONTAINER=true without sidecar mode is refused too"
+        "SANDLET_OTHER_CONTAINER=true with sidecar mode switched off is refused too"
     );
 }
 
