@@ -12,27 +12,12 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use kube_env::{FakeKubelet, KubeEnv};
+use kube_env::{FakeKubelet, KubeEnv, eventually};
 use sandlet_controller::crd::{BatchSandbox, POOL_NAME, Pool};
 use serde_json::json;
 
 const NS: &str = "e2e";
 const TOKEN: &str = "e2e-executor-token";
-
-async fn eventually<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// A file the test's tasks wait for: they run until the test opens the gate.
 struct Gate {
@@ -64,20 +49,7 @@ impl Gate {
 }
 
 fn start_controller(client: kube::Client) -> tokio::task::JoinHandle<()> {
-    // The controller's log goes to the test's captured output, shown when a test fails.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("sandlet_controller=debug,kube_runtime=info")
-        .with_test_writer()
-        .try_init();
-    tokio::spawn(sandlet_controller::run::run(
-        client,
-        sandlet_controller::run::Settings {
-            namespace: Some(NS.into()),
-            executor_token: Some(TOKEN.into()),
-            executor_port: 5758,
-            max_feeds: 64,
-        },
-    ))
+    kube_env::start_controller(client, NS, TOKEN)
 }
 
 /// (allocated, tasks running, succeeded, failed, unknown)

@@ -177,7 +177,7 @@ openssl pkey -in sa.key -pubout -out sa.pub
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         eprintln!("kube-apiserver ready in {:?}", started.elapsed());
-        Some(env)
+        env
     }
 
     pub fn client(&self) -> Client {
@@ -238,6 +238,45 @@ impl Drop for KubeEnv {
             let _ = process.wait();
         }
     }
+}
+
+/// Waits until `check` gives a value, polling every 50 ms; fails the test with `what` after
+/// `timeout`.
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// sandlet-controller for `namespace`, in this process, sending `token` to the executors (a
+/// [`FakeKubelet`]'s). Its log goes to the test's captured output, shown when a test fails.
+pub fn start_controller(
+    client: Client,
+    namespace: &str,
+    token: &str,
+) -> tokio::task::JoinHandle<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("sandlet_controller=debug,kube_runtime=info")
+        .with_test_writer()
+        .try_init();
+    tokio::spawn(sandlet_controller::run::run(
+        client,
+        sandlet_controller::run::Settings {
+            namespace: Some(namespace.into()),
+            executor_token: Some(token.into()),
+            executor_port: 5758,
+            max_feeds: 64,
+        },
+    ))
 }
 
 /// One pod's executor: a real sandlet process on the pod's address.
