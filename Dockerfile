@@ -1,6 +1,7 @@
-# sandlet: one static binary on an empty base image (the default target), and the controller:
-#   docker build -t sandlet .
-#   docker build --target controller -t sandlet-controller .
+# sandlet: one static binary on an empty base image (the default target), and the controller.
+# The names and tags deploy/ uses (docs/kubernetes.md says how to load them into a cluster):
+#   docker build -t sandlet:dev .
+#   docker build --target controller -t sandlet-controller:dev .
 # The build is static glibc (crt-static, non-PIE; see .cargo/config.toml), so the runtime image
 # needs nothing but the binary.
 FROM rust:1.95-bookworm AS build
