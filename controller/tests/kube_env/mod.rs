@@ -329,7 +329,7 @@ fn sandlet_binary() -> PathBuf {
 }
 
 fn start_executor(binary: &Path, nice: i32, ip: &str, dir: &Path, token_file: &Path) -> Child {
-    let child = Command::new("nice")
+    let mut child = Command::new("nice")
         .args(["-n", &nice.to_string()])
         .arg(binary)
         .args([
@@ -353,6 +353,10 @@ fn start_executor(binary: &Path, nice: i32, ip: &str, dir: &Path, token_file: &P
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(format!("{ip}:5758")).is_err() {
+        // An executor that exited (its address taken after all) is not the one that answers.
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("sandlet on {ip} exited ({status}) before it served");
+        }
         assert!(Instant::now() < deadline, "sandlet on {ip} did not come up");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -361,6 +365,20 @@ fn start_executor(binary: &Path, nice: i32, ip: &str, dir: &Path, token_file: &P
 
 /// Executor addresses, unique in the process (tests run kubelets side by side).
 static NEXT_IP: AtomicU32 = AtomicU32::new(2);
+
+/// The next executor address whose ports nobody holds: another process on the machine (another
+/// test binary, or executors a killed test left behind) may use the same addresses, and the
+/// controller would then talk to its sandlet.
+fn next_free_ip() -> String {
+    loop {
+        let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
+        let ip = format!("127.0.{}.{}", n / 250, n % 250 + 2);
+        let free = |port: u16| TcpListener::bind((ip.as_str(), port)).is_ok();
+        if free(5758) && free(44772) {
+            return ip;
+        }
+    }
+}
 
 impl FakeKubelet {
     pub async fn start(client: Client, namespace: &str, token: &str) -> FakeKubelet {
@@ -406,8 +424,7 @@ impl FakeKubelet {
                     {
                         continue;
                     }
-                    let n = NEXT_IP.fetch_add(1, Ordering::Relaxed);
-                    let ip = format!("127.0.{}.{}", n / 250, n % 250 + 2);
+                    let ip = next_free_ip();
                     let data = base.join(&name);
                     let (bin, ipc, datac, tokenc) = (
                         executor_binary.clone(),
