@@ -429,6 +429,13 @@ impl Driver {
         }
     }
 
+    /// After the ending of a process that must not leave anything behind (a Jupyter server's
+    /// kernels): kills the rest of its tree, and [`Driver::finish`] sweeps until it is gone.
+    pub fn kill_leftovers(&mut self) {
+        self.tree.signal(Signal::SIGKILL);
+        self.kill_at = Some(Instant::now());
+    }
+
     /// After the ending: once the tree is gone, gives the shim back to the launcher (or reaps
     /// it, if it ended), and meanwhile keeps killing the tree if a deadline or interrupt had
     /// started to, so nothing of it is left behind.

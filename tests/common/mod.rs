@@ -561,7 +561,7 @@ pub fn pid_alive(pid: i32) -> bool {
 }
 
 /// Set on each sandlet under test; its shims and tasks inherit it.
-const MARKER_VAR: &str = "SANDLET_TEST_INSTANCE";
+pub const MARKER_VAR: &str = "SANDLET_TEST_INSTANCE";
 
 /// SIGKILLs every process that carries this instance's marker, and all their descendants.
 pub fn kill_trees_marked(data_dir: &Path) {

@@ -167,11 +167,12 @@ impl Code {
 
     /// `POST /code/context`: a context with its kernel started.
     pub async fn create_context(
-        &self,
+        self: &Arc<Self>,
         language: &str,
         cwd: Option<String>,
     ) -> Result<Arc<Context>, CodeError> {
         self.check_language(language).await?;
+        self.evict_idle();
         let context = self.add(language, cwd, false)?;
         let mut kernel = context.kernel.lock().await;
         if let Err(e) = self.ensure_kernel(&context, &mut kernel).await {
@@ -180,6 +181,7 @@ impl Code {
             return Err(e);
         }
         drop(kernel);
+        context.touch();
         Ok(context)
     }
 
@@ -195,6 +197,7 @@ impl Code {
                 .ok_or_else(|| CodeError::ContextNotFound(id.clone()))?,
             None => {
                 self.check_language(&request.language).await?;
+                self.evict_idle();
                 self.default_context(&request.language)?
             }
         };
@@ -356,7 +359,8 @@ impl Code {
     }
 
     /// Every context (explicit and default), or those of one language, oldest first.
-    pub fn list(&self, language: Option<&str>) -> Vec<Arc<Context>> {
+    pub fn list(self: &Arc<Self>, language: Option<&str>) -> Vec<Arc<Context>> {
+        self.evict_idle();
         self.lock()
             .contexts
             .values()
@@ -374,7 +378,7 @@ impl Code {
     }
 
     /// `DELETE /code/contexts?language=`: every context of the language.
-    pub async fn delete_language(&self, language: &str) -> Result<(), CodeError> {
+    pub async fn delete_language(self: &Arc<Self>, language: &str) -> Result<(), CodeError> {
         let ids: Vec<String> = self
             .list(Some(language))
             .iter()

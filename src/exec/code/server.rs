@@ -251,6 +251,8 @@ impl Managed {
                 break record;
             }
         };
+        // Its kernels would live on as orphans: they go with it.
+        driver.kill_leftovers();
         driver.finish(Arc::clone(&self.launcher));
         let how = match record.outcome {
             Outcome::Exited { code } => format!("exited with code {code}"),

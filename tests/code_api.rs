@@ -1,0 +1,459 @@
+//! Code interpreting (`/code*`) on a real Jupyter server with real kernels (ipykernel,
+//! bash_kernel, matplotlib from PyPI in `.ci/jupytervenv`, which `.ci/run` makes), driven by the
+//! real code-interpreter SDK and over plain HTTP: contexts, events, interrupts, deadlines,
+//! limits, a Jupyter or a kernel that dies, Jupyter not installed, and an external
+//! `JUPYTER_HOST`.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{MARKER_VAR, Sandlet, free_port, scratch, wait_until};
+use serde_json::{Value, json};
+
+const JUPYTER_VENV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/jupytervenv");
+/// Starting Jupyter and a kernel takes seconds on a busy machine.
+const JUPYTER_DEADLINE: Duration = Duration::from_secs(90);
+
+/// `jupyter-server` of the test venv, or `None` (printing why) where it is missing; under CI
+/// its absence fails the test.
+fn jupyter_server() -> Option<String> {
+    let bin = format!("{JUPYTER_VENV}/bin/jupyter-server");
+    if std::path::Path::new(&bin).exists() {
+        return Some(bin);
+    }
+    assert!(
+        std::env::var("CI").is_err(),
+        "CI must install Jupyter ({bin} is missing; .ci/run makes it)"
+    );
+    eprintln!(
+        "skipped: no Jupyter at {bin}; make it with: python3 -m venv .ci/jupytervenv && .ci/jupytervenv/bin/pip install jupyter_server ipykernel bash_kernel matplotlib && .ci/jupytervenv/bin/python -m bash_kernel.install --sys-prefix"
+    );
+    None
+}
+
+/// sandlet managing a Jupyter of `jupyter` on a free port, which its commands see as
+/// `JUPYTER_PORT` (so the SDK's health check looks there).
+fn sandlet_with_jupyter(jupyter: &str, args: &[&str]) -> (Sandlet, u16) {
+    let port = free_port();
+    let mut all = vec!["--jupyter-command", jupyter];
+    all.extend_from_slice(args);
+    let s = Sandlet::start_as(&all, move || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandlet"));
+        cmd.env("JUPYTER_PORT", port.to_string());
+        cmd
+    });
+    (s, port)
+}
+
+fn kinds(events: &[Value]) -> Vec<&str> {
+    events.iter().map(|e| e["type"].as_str().unwrap()).collect()
+}
+
+fn run(s: &Sandlet, body: Value) -> Vec<Value> {
+    s.exec_events("/code", &body)
+}
+
+fn python(s: &Sandlet, code: &str, context: &str) -> Vec<Value> {
+    run(
+        s,
+        json!({"code": code, "context": {"language": "python", "id": context}}),
+    )
+}
+
+fn create_context(s: &Sandlet, language: &str) -> String {
+    let r = s.exec(
+        "POST",
+        "/code/context",
+        Some(&json!({"language": language})),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["id"].as_str().unwrap().to_string()
+}
+
+fn result_text(events: &[Value]) -> Option<&str> {
+    events
+        .iter()
+        .find(|e| e["type"] == "result")
+        .and_then(|e| e["results"]["text"].as_str())
+}
+
+fn error_of(events: &[Value]) -> Option<&Value> {
+    events
+        .iter()
+        .find(|e| e["type"] == "error")
+        .map(|e| &e["error"])
+}
+
+/// Runs `code` until a run gives `want` as its result, up to the Jupyter deadline; returns
+/// the runs that did not.
+fn run_until_result(s: &Sandlet, body: &Value, want: &str) -> Vec<Vec<Value>> {
+    let deadline = Instant::now() + JUPYTER_DEADLINE;
+    let mut failed = Vec::new();
+    loop {
+        let events = run(s, body.clone());
+        if result_text(&events) == Some(want) {
+            return failed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no run gave {want} within {JUPYTER_DEADLINE:?}; the runs: {failed:?} {events:?}"
+        );
+        failed.push(events);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn pids_with_cmdline(part: &str) -> Vec<i32> {
+    common::pod::pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(part)
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn the_code_interpreter_sdk_drives_contexts_runs_and_interrupts() {
+    let Some(jupyter) = jupyter_server() else {
+        return;
+    };
+    let python = std::env::var("SANDLET_SDK_PYTHON").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/sdkvenv/bin/python").to_string()
+    });
+    if !std::path::Path::new(&python).exists() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must install the code-interpreter SDK ({python} is missing)"
+        );
+        eprintln!("skipped: no SDK at {python} (.ci/run installs it)");
+        return;
+    }
+    let (s, _) = sandlet_with_jupyter(&jupyter, &[]);
+    let out = Command::new(&python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/sdk/code_checks.py"
+        ))
+        .env(
+            "SANDLET_EXEC_ADDR",
+            s.exec_base.trim_start_matches("http://"),
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(" 0 failed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_jupyter_that_dies_is_an_error_event_and_the_next_runs_start_a_new_one() {
+    let Some(jupyter) = jupyter_server() else {
+        return;
+    };
+    let (s, port) = sandlet_with_jupyter(&jupyter, &[]);
+    let context = create_context(&s, "python");
+    let events = python(&s, "x = 6\nx * 7", &context);
+    assert_eq!(result_text(&events), Some("42"), "{events:?}");
+    let server = pids_with_cmdline(&format!("--ServerApp.port={port}"));
+    assert_eq!(server.len(), 1, "one managed Jupyter: {server:?}");
+    let kernels_before = pids_with_cmdline("ipykernel_launcher");
+    unsafe { kill(server[0], 9) };
+
+    let failed = run_until_result(
+        &s,
+        &json!({"code": "1 + 1", "context": {"language": "python", "id": context}}),
+        "2",
+    );
+    let first = failed
+        .first()
+        .expect("the first run after the death failed");
+    assert_eq!(&kinds(first)[..2], ["init", "ping"]);
+    let error = error_of(first).unwrap_or_else(|| panic!("an error event: {first:?}"));
+    assert!(
+        ["JupyterUnavailable", "KernelConnectionLost"].contains(&error["ename"].as_str().unwrap()),
+        "{error}"
+    );
+    assert!(
+        !error["evalue"].as_str().unwrap().is_empty(),
+        "the error says what happened: {error}"
+    );
+    // A new kernel: the old state is gone, as the error said.
+    let events = python(&s, "x", &context);
+    assert_eq!(
+        error_of(&events).unwrap()["ename"],
+        "NameError",
+        "{events:?}"
+    );
+    // The old kernel went with its server, not left behind as an orphan.
+    for pid in kernels_before {
+        wait_until("the dead server's kernel is gone", || {
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        });
+    }
+}
+
+#[test]
+fn a_kernel_that_dies_is_an_error_event_and_the_next_run_gets_a_fresh_kernel() {
+    let Some(jupyter) = jupyter_server() else {
+        return;
+    };
+    let (s, _) = sandlet_with_jupyter(&jupyter, &[]);
+    let context = create_context(&s, "python");
+    let events = python(&s, "import os\nos._exit(1)", &context);
+    let error = error_of(&events).unwrap_or_else(|| panic!("an error event: {events:?}"));
+    assert!(
+        ["KernelDied", "KernelConnectionLost"].contains(&error["ename"].as_str().unwrap()),
+        "{error}"
+    );
+    let events = python(&s, "y = 5\ny * 2", &context);
+    assert_eq!(result_text(&events), Some("10"), "{events:?}");
+    assert_eq!(
+        kinds(&events).last(),
+        Some(&"execution_complete"),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn runs_have_deadlines_contexts_run_at_once_within_a_limit_and_idle_ones_go() {
+    let Some(jupyter) = jupyter_server() else {
+        return;
+    };
+    let (s, _) = sandlet_with_jupyter(
+        &jupyter,
+        &[
+            "--code-max-contexts",
+            "2",
+            "--code-context-idle-seconds",
+            "5",
+        ],
+    );
+    let a = create_context(&s, "python");
+    let b = create_context(&s, "python");
+    let refused = s.exec(
+        "POST",
+        "/code/context",
+        Some(&json!({"language": "python"})),
+        &[],
+    );
+    refused.assert_error(429, "LIMIT_EXCEEDED");
+
+    // A waits for a file that only B creates: both end only if they run at once.
+    let dir = scratch();
+    let flag = dir.path().join("flag");
+    let wait = format!(
+        "import os, time\nwhile not os.path.exists({flag:?}): time.sleep(0.01)\n'seen'",
+        flag = flag.display().to_string()
+    );
+    let exec_base = s.exec_base.clone();
+    let a2 = a.clone();
+    let waiter = std::thread::spawn(move || {
+        let body =
+            json!({"code": wait, "context": {"language": "python", "id": a2}, "timeout": 60000});
+        ureq::post(format!("{exec_base}/code"))
+            .send_json(&body)
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap()
+    });
+    let events = python(
+        &s,
+        &format!("open({:?}, 'w').close()", flag.display().to_string()),
+        &b,
+    );
+    assert_eq!(kinds(&events).last(), Some(&"execution_complete"));
+    let waited = common::sse_events(&waiter.join().unwrap());
+    assert_eq!(result_text(&waited), Some("'seen'"), "{waited:?}");
+
+    // A run past its deadline is interrupted, and says so; the context goes on.
+    let events = run(
+        &s,
+        json!({"code": "while True: pass", "context": {"language": "python", "id": a}, "timeout": 500}),
+    );
+    let error = error_of(&events).unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(error["ename"], "TimeoutError", "{error}");
+    assert!(
+        !kinds(&events).contains(&"execution_complete"),
+        "{events:?}"
+    );
+    assert_eq!(result_text(&python(&s, "3 * 3", &a)), Some("9"));
+
+    wait_until("idle contexts are removed", || {
+        let r = s.exec("GET", "/code/contexts", None, &[]);
+        r.json() == json!([])
+    });
+    let gone = s.exec("GET", &format!("/code/contexts/{a}"), None, &[]);
+    gone.assert_error(404, "CONTEXT_NOT_FOUND");
+}
+
+#[test]
+fn without_jupyter_installed_runs_end_with_an_error_event_saying_so() {
+    let port = free_port();
+    let s = Sandlet::start_as(
+        &["--jupyter-command", "/nonexistent/jupyter-server"],
+        move || {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandlet"));
+            cmd.env("JUPYTER_PORT", port.to_string());
+            cmd
+        },
+    );
+    let events = run(
+        &s,
+        json!({"code": "1 + 1", "context": {"language": "python"}}),
+    );
+    assert_eq!(kinds(&events), ["init", "ping", "error"], "{events:?}");
+    let error = &events[2]["error"];
+    assert_eq!(error["ename"], "JupyterNotInstalled", "{error}");
+    assert!(
+        error["evalue"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/jupyter-server"),
+        "{error}"
+    );
+    let r = s.exec(
+        "POST",
+        "/code/context",
+        Some(&json!({"language": "bash"})),
+        &[],
+    );
+    r.assert_error(503, "UNAVAILABLE");
+    // Nothing pretends to be Jupyter on its port, so the SDK's health check tells the truth.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+
+    // Bad input gets its answer without Jupyter too.
+    let r = s.exec(
+        "POST",
+        "/code",
+        Some(&json!({"code": "1", "context": {"language": "cobol"}})),
+        &[],
+    );
+    r.assert_error(400, "INVALID_REQUEST_BODY");
+    let r = s.exec(
+        "POST",
+        "/code",
+        Some(&json!({"code": "1", "context": {"language": "python", "id": "nope"}})),
+        &[],
+    );
+    r.assert_error(404, "CONTEXT_NOT_FOUND");
+    let r = s.exec(
+        "POST",
+        "/code",
+        Some(&json!({"context": {"language": "python"}})),
+        &[],
+    );
+    r.assert_error(400, "INVALID_REQUEST_BODY");
+    let r = s.exec("DELETE", "/code/contexts", None, &[]);
+    r.assert_error(400, "MISSING_QUERY");
+    let r = s.exec("GET", "/code/contexts?language=command", None, &[]);
+    r.assert_error(400, "INVALID_REQUEST_BODY");
+    s.exec("DELETE", "/code/contexts/nope", None, &[])
+        .assert_error(404, "CONTEXT_NOT_FOUND");
+    // An empty language is a shell command, as in execd.
+    let events = run(&s, json!({"code": "echo from-shell", "context": {}}));
+    assert_eq!(
+        events.iter().find(|e| e["type"] == "stdout").unwrap()["text"],
+        "from-shell"
+    );
+}
+
+/// A Jupyter server the test runs itself, killed with the sandlet whose marker it carries.
+struct ExternalJupyter {
+    child: Child,
+    _root: tempfile::TempDir,
+}
+
+impl ExternalJupyter {
+    fn start(jupyter: &str, port: u16, token: &str, marker: &std::path::Path) -> ExternalJupyter {
+        let root = scratch();
+        let child = Command::new(jupyter)
+            .args([
+                "--allow-root",
+                "--ServerApp.ip=127.0.0.1",
+                &format!("--ServerApp.port={port}"),
+                "--ServerApp.port_retries=0",
+                "--ServerApp.open_browser=False",
+                &format!("--ServerApp.root_dir={}", root.path().display()),
+            ])
+            .env("JUPYTER_TOKEN", token)
+            .env(MARKER_VAR, marker)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + JUPYTER_DEADLINE;
+        while ureq::get(format!("http://127.0.0.1:{port}/api"))
+            .header("Authorization", format!("Token {token}"))
+            .call()
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the external Jupyter did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ExternalJupyter { child, _root: root }
+    }
+}
+
+impl Drop for ExternalJupyter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_external_jupyter_host_is_used_and_its_restart_is_an_error_event() {
+    let Some(jupyter) = jupyter_server() else {
+        return;
+    };
+    let port = free_port();
+    let token = "external-token";
+    let host = format!("http://127.0.0.1:{port}");
+    let s = Sandlet::start_as(&[], {
+        let host = host.clone();
+        move || {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandlet"));
+            cmd.env("JUPYTER_HOST", &host).env("JUPYTER_TOKEN", token);
+            cmd
+        }
+    });
+    let marker = s.data_dir();
+    let server = ExternalJupyter::start(&jupyter, port, token, &marker);
+    let events = run(
+        &s,
+        json!({"code": "v = 20\nv + 1", "context": {"language": "python"}}),
+    );
+    assert_eq!(result_text(&events), Some("21"), "{events:?}");
+    drop(server);
+
+    let events = run(&s, json!({"code": "v", "context": {"language": "python"}}));
+    let error = error_of(&events).unwrap_or_else(|| panic!("an error event: {events:?}"));
+    assert!(
+        ["JupyterUnavailable", "KernelConnectionLost"].contains(&error["ename"].as_str().unwrap()),
+        "{error}"
+    );
+    let _server = ExternalJupyter::start(&jupyter, port, token, &marker);
+    run_until_result(
+        &s,
+        &json!({"code": "v = 1\nv + 1", "context": {"language": "python"}}),
+        "2",
+    );
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
