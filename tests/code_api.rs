@@ -457,3 +457,97 @@ fn an_external_jupyter_host_is_used_and_its_restart_is_an_error_event() {
 unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
+
+/// The main container's image for the sidecar test: busybox, plus the host's `/usr` (bash and
+/// the libraries), the Python the test venv was made from and the venv itself, read-only at
+/// the same paths, and `JUPYTER_PORT` in its environment (where the SDK's check looks).
+fn python_image(port: u16) -> common::pod::Image {
+    let cfg = std::fs::read_to_string(format!("{JUPYTER_VENV}/pyvenv.cfg")).unwrap();
+    let home = cfg
+        .lines()
+        .find_map(|l| l.strip_prefix("home = "))
+        .expect("pyvenv.cfg names its Python");
+    let prefix = std::path::Path::new(home.trim())
+        .parent()
+        .unwrap()
+        .to_owned();
+    let mut image = common::pod::Image {
+        binds: vec!["/usr".into(), JUPYTER_VENV.into()],
+        links: vec![("/bin/bash".into(), "/usr/bin/bash".into())],
+        env: vec![("JUPYTER_PORT".into(), port.to_string())],
+    };
+    if !prefix.starts_with("/usr") {
+        image.binds.push(prefix);
+    }
+    // Merged /usr: /lib and /lib64 are links into it, as on the host.
+    for dir in ["/lib", "/lib64"] {
+        match std::fs::read_link(dir) {
+            Ok(target) => image.links.push((dir.into(), target)),
+            Err(_) if std::path::Path::new(dir).is_dir() => image.binds.push(dir.into()),
+            Err(_) => {}
+        }
+    }
+    image
+}
+
+#[test]
+fn in_sidecar_mode_jupyter_and_its_kernels_run_inside_the_main_container() {
+    let Some(jupyter) = jupyter_server() else {
+        return;
+    };
+    let port = free_port();
+    let Some(pod) = common::pod::Pod::start_with(python_image(port)) else {
+        return;
+    };
+    let port_arg = port.to_string();
+    let s = pod.sidecar_sandlet(
+        "",
+        common::pod::SIDECAR_CAPABILITIES,
+        &["--jupyter-command", &jupyter, "--jupyter-port", &port_arg],
+    );
+    let events = run(
+        &s,
+        json!({"code": "import os\nprint(open('/etc/sandbox-rootfs').read().strip(), os.getuid(), os.getcwd())", "context": {"language": "python"}}),
+    );
+    let out: String = events
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        out,
+        format!("busybox-rootfs {} /work\n", common::pod::MAIN_UID),
+        "{events:?}"
+    );
+    // The server too: a process of the main container's user in its mount namespace.
+    let server = pids_with_cmdline(&format!("--ServerApp.port={port}"));
+    assert_eq!(server.len(), 1, "{server:?}");
+    assert_eq!(common::pod::uid_of(server[0]), Some(common::pod::MAIN_UID));
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    assert_eq!(ns(server[0]), ns(pod.main_pid));
+
+    // The SDK, its health check included (the main container's JUPYTER_PORT).
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/sdkvenv/bin/python");
+    if !std::path::Path::new(python).exists() {
+        assert!(std::env::var("CI").is_err(), "CI must install the SDK");
+        eprintln!("skipped the SDK part: no SDK at {python} (.ci/run installs it)");
+        return;
+    }
+    let out = Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/sdk/code_checks.py"
+        ))
+        .env(
+            "SANDLET_EXEC_ADDR",
+            s.exec_base.trim_start_matches("http://"),
+        )
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(" 0 failed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
