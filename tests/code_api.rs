@@ -6,32 +6,12 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{MARKER_VAR, Sandlet, free_port, scratch, wait_until};
+use common::jupyter::{self, DEADLINE as JUPYTER_DEADLINE};
+use common::{Sandlet, free_port, scratch, wait_until};
 use serde_json::{Value, json};
-
-const JUPYTER_VENV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/jupytervenv");
-/// Starting Jupyter and a kernel takes seconds on a busy machine.
-const JUPYTER_DEADLINE: Duration = Duration::from_secs(90);
-
-/// `jupyter-server` of the test venv, or `None` (printing why) where it is missing; under CI
-/// its absence fails the test.
-fn jupyter_server() -> Option<String> {
-    let bin = format!("{JUPYTER_VENV}/bin/jupyter-server");
-    if std::path::Path::new(&bin).exists() {
-        return Some(bin);
-    }
-    assert!(
-        std::env::var("CI").is_err(),
-        "CI must install Jupyter ({bin} is missing; .ci/run makes it)"
-    );
-    eprintln!(
-        "skipped: no Jupyter at {bin}; make it with: python3 -m venv .ci/jupytervenv && .ci/jupytervenv/bin/pip install jupyter_server ipykernel bash_kernel matplotlib && .ci/jupytervenv/bin/python -m bash_kernel.install --sys-prefix"
-    );
-    None
-}
 
 /// sandlet managing a Jupyter of `jupyter` on a free port, which its commands see as
 /// `JUPYTER_PORT` (so the SDK's health check looks there).
@@ -121,43 +101,19 @@ fn pids_with_cmdline(part: &str) -> Vec<i32> {
 
 #[test]
 fn the_code_interpreter_sdk_drives_contexts_runs_and_interrupts() {
-    let Some(jupyter) = jupyter_server() else {
+    let Some(jupyter) = jupyter::server_program() else {
         return;
     };
-    let python = std::env::var("SANDLET_SDK_PYTHON").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/sdkvenv/bin/python").to_string()
-    });
-    if !std::path::Path::new(&python).exists() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must install the code-interpreter SDK ({python} is missing)"
-        );
-        eprintln!("skipped: no SDK at {python} (.ci/run installs it)");
+    let Some(python) = common::sdk::python() else {
         return;
-    }
+    };
     let (s, _) = sandlet_with_jupyter(&jupyter, &[]);
-    let out = Command::new(&python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/sdk/code_checks.py"
-        ))
-        .env(
-            "SANDLET_EXEC_ADDR",
-            s.exec_base.trim_start_matches("http://"),
-        )
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains(" 0 failed"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::sdk::run_checks(&python, "code_checks.py", &s.exec_base, &[]);
 }
 
 #[test]
 fn a_jupyter_that_dies_is_an_error_event_and_the_next_runs_start_a_new_one() {
-    let Some(jupyter) = jupyter_server() else {
+    let Some(jupyter) = jupyter::server_program() else {
         return;
     };
     let (s, port) = sandlet_with_jupyter(&jupyter, &[]);
@@ -204,7 +160,7 @@ fn a_jupyter_that_dies_is_an_error_event_and_the_next_runs_start_a_new_one() {
 
 #[test]
 fn a_kernel_that_dies_is_an_error_event_and_the_next_run_gets_a_fresh_kernel() {
-    let Some(jupyter) = jupyter_server() else {
+    let Some(jupyter) = jupyter::server_program() else {
         return;
     };
     let (s, _) = sandlet_with_jupyter(&jupyter, &[]);
@@ -226,7 +182,7 @@ fn a_kernel_that_dies_is_an_error_event_and_the_next_run_gets_a_fresh_kernel() {
 
 #[test]
 fn runs_have_deadlines_contexts_run_at_once_within_a_limit_and_idle_ones_go() {
-    let Some(jupyter) = jupyter_server() else {
+    let Some(jupyter) = jupyter::server_program() else {
         return;
     };
     let (s, _) = sandlet_with_jupyter(
@@ -368,56 +324,9 @@ fn without_jupyter_installed_runs_end_with_an_error_event_saying_so() {
     );
 }
 
-/// A Jupyter server the test runs itself, killed with the sandlet whose marker it carries.
-struct ExternalJupyter {
-    child: Child,
-    _root: tempfile::TempDir,
-}
-
-impl ExternalJupyter {
-    fn start(jupyter: &str, port: u16, token: &str, marker: &std::path::Path) -> ExternalJupyter {
-        let root = scratch();
-        let child = Command::new(jupyter)
-            .args([
-                "--allow-root",
-                "--ServerApp.ip=127.0.0.1",
-                &format!("--ServerApp.port={port}"),
-                "--ServerApp.port_retries=0",
-                "--ServerApp.open_browser=False",
-                &format!("--ServerApp.root_dir={}", root.path().display()),
-            ])
-            .env("JUPYTER_TOKEN", token)
-            .env(MARKER_VAR, marker)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + JUPYTER_DEADLINE;
-        while ureq::get(format!("http://127.0.0.1:{port}/api"))
-            .header("Authorization", format!("Token {token}"))
-            .call()
-            .is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the external Jupyter did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        ExternalJupyter { child, _root: root }
-    }
-}
-
-impl Drop for ExternalJupyter {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn an_external_jupyter_host_is_used_and_its_restart_is_an_error_event() {
-    let Some(jupyter) = jupyter_server() else {
+    let Some(jupyter) = jupyter::server_program() else {
         return;
     };
     let port = free_port();
@@ -432,7 +341,7 @@ fn an_external_jupyter_host_is_used_and_its_restart_is_an_error_event() {
         }
     });
     let marker = s.data_dir();
-    let server = ExternalJupyter::start(&jupyter, port, token, &marker);
+    let server = jupyter::External::start(&jupyter, port, token, &marker);
     let events = run(
         &s,
         json!({"code": "v = 20\nv + 1", "context": {"language": "python"}}),
@@ -446,7 +355,7 @@ fn an_external_jupyter_host_is_used_and_its_restart_is_an_error_event() {
         ["JupyterUnavailable", "KernelConnectionLost"].contains(&error["ename"].as_str().unwrap()),
         "{error}"
     );
-    let _server = ExternalJupyter::start(&jupyter, port, token, &marker);
+    let _server = jupyter::External::start(&jupyter, port, token, &marker);
     run_until_result(
         &s,
         &json!({"code": "v = 1\nv + 1", "context": {"language": "python"}}),
@@ -462,7 +371,7 @@ unsafe extern "C" {
 /// the libraries), the Python the test venv was made from and the venv itself, read-only at
 /// the same paths, and `JUPYTER_PORT` in its environment (where the SDK's check looks).
 fn python_image(port: u16) -> common::pod::Image {
-    let cfg = std::fs::read_to_string(format!("{JUPYTER_VENV}/pyvenv.cfg")).unwrap();
+    let cfg = std::fs::read_to_string(format!("{}/pyvenv.cfg", jupyter::VENV)).unwrap();
     let home = cfg
         .lines()
         .find_map(|l| l.strip_prefix("home = "))
@@ -472,7 +381,7 @@ fn python_image(port: u16) -> common::pod::Image {
         .unwrap()
         .to_owned();
     let mut image = common::pod::Image {
-        binds: vec!["/usr".into(), JUPYTER_VENV.into()],
+        binds: vec!["/usr".into(), jupyter::VENV.into()],
         links: vec![("/bin/bash".into(), "/usr/bin/bash".into())],
         env: vec![("JUPYTER_PORT".into(), port.to_string())],
     };
@@ -492,7 +401,7 @@ fn python_image(port: u16) -> common::pod::Image {
 
 #[test]
 fn in_sidecar_mode_jupyter_and_its_kernels_run_inside_the_main_container() {
-    let Some(jupyter) = jupyter_server() else {
+    let Some(jupyter) = jupyter::server_program() else {
         return;
     };
     let port = free_port();
@@ -527,27 +436,8 @@ fn in_sidecar_mode_jupyter_and_its_kernels_run_inside_the_main_container() {
     assert_eq!(ns(server[0]), ns(pod.main_pid));
 
     // The SDK, its health check included (the main container's JUPYTER_PORT).
-    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/sdkvenv/bin/python");
-    if !std::path::Path::new(python).exists() {
-        assert!(std::env::var("CI").is_err(), "CI must install the SDK");
-        eprintln!("skipped the SDK part: no SDK at {python} (.ci/run installs it)");
+    let Some(python) = common::sdk::python() else {
         return;
-    }
-    let out = Command::new(python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/sdk/code_checks.py"
-        ))
-        .env(
-            "SANDLET_EXEC_ADDR",
-            s.exec_base.trim_start_matches("http://"),
-        )
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains(" 0 failed"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    };
+    common::sdk::run_checks(&python, "code_checks.py", &s.exec_base, &[]);
 }

@@ -4,8 +4,10 @@
 
 #![allow(dead_code)]
 
+pub mod jupyter;
 pub mod pod;
 pub mod schemas;
+pub mod sdk;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};

@@ -7,23 +7,22 @@ backed by a Jupyter server with the python and bash kernels and matplotlib:
 
 `CodeInterpreterSync.create` runs the SDK's strict health check (GET /ping, then a command
 that connects to 127.0.0.1:${JUPYTER_PORT:-44771}) unless SANDLET_SKIP_HEALTH_CHECK is set.
-The lifecycle server is the stand-in of `lifecycle_stub`. Output as in sdk_checks.py: one
-`ok:` line per check, the first failure prints `FAIL:`, the last line is `N passed, M failed`.
+The lifecycle server is the stand-in of `lifecycle_stub`; `check_runner` runs the checks
+(one `ok:` line each, `FAIL:` at the first failure, `N passed, M failed` last).
 """
 
 import base64
 import json
 import os
 import re
-import signal
 import sys
 import threading
 import time
-import traceback
 from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import check_runner
 import httpx
 import lifecycle_stub
 from code_interpreter.models.code_sync import CodeContextSync
@@ -36,14 +35,6 @@ from opensandbox.sync import SandboxSync
 TOKEN = os.environ.get("SANDLET_EXEC_TOKEN", "")
 CHECK_DEADLINE_S = float(os.environ.get("SANDLET_SDK_CHECK_DEADLINE", "60"))  # kernels start slowly
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-class CheckTimeout(Exception):
-    pass
-
-
-def _on_alarm(signum, frame):
-    raise CheckTimeout(f"check did not finish within {CHECK_DEADLINE_S:.0f} s")
 
 
 def describe(ex):
@@ -227,61 +218,25 @@ CHECKS = [
 
 
 def main(argv):
-    if not os.environ.get("SANDLET_EXEC_ADDR"):
-        print("FAIL: set SANDLET_EXEC_ADDR=host:port of sandlet's exec API", flush=True)
-        return 2
-    names = [n for n, _ in CHECKS]
-    unknown = [a for a in argv if a not in names]
-    if unknown:
-        print(f"unknown checks {unknown}; known: {' '.join(names)}", flush=True)
-        return 2
-    selected = [(n, f) for n, f in CHECKS if not argv or n in argv]
     port = lifecycle_stub.start()
     config = ConnectionConfigSync(
         domain=f"127.0.0.1:{port}", protocol="http", request_timeout=timedelta(seconds=60)
     )
-    signal.signal(signal.SIGALRM, _on_alarm)
-    passed = 0
-    current = "create"
-    ctx = {}
-    try:
-        signal.setitimer(signal.ITIMER_REAL, CHECK_DEADLINE_S)
-        try:
-            sandbox = SandboxSync.connect(lifecycle_stub.SANDBOX_ID, connection_config=config)
-            ctx["sandbox"] = sandbox
-            t0 = time.monotonic()
-            ctx["ci"] = CodeInterpreterSync.create(
-                sandbox, skip_health_check=bool(os.environ.get("SANDLET_SKIP_HEALTH_CHECK"))
-            )
-            print(f"ok: create [{time.monotonic() - t0:.2f} s]", flush=True)
-            passed += 1
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        for name, fn in selected:
-            current = name
-            t0 = time.monotonic()
-            signal.setitimer(signal.ITIMER_REAL, CHECK_DEADLINE_S)
-            try:
-                note = fn(ctx)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            passed += 1
-            extra = f" ({note})" if note else ""
-            print(f"ok: {name} [{time.monotonic() - t0:.2f} s]{extra}", flush=True)
-    except Exception as e:
-        if not isinstance(e, (AssertionError, CheckTimeout)):
-            traceback.print_exc()
-        print(f"FAIL: {current}: {type(e).__name__}: {e}", flush=True)
-        print(f"{passed} passed, 1 failed", flush=True)
-        return 1
-    finally:
+
+    def setup(ctx):
+        ctx["sandbox"] = SandboxSync.connect(lifecycle_stub.SANDBOX_ID, connection_config=config)
+        ctx["ci"] = CodeInterpreterSync.create(
+            ctx["sandbox"], skip_health_check=bool(os.environ.get("SANDLET_SKIP_HEALTH_CHECK"))
+        )
+
+    def teardown(ctx):
         if "ci" in ctx:
             ctx["ci"].close()
         if "sandbox" in ctx:
             ctx["sandbox"].close()
         lifecycle_stub.stop()
-    print(f"{passed} passed, 0 failed", flush=True)
-    return 0
+
+    return check_runner.run(CHECKS, argv, setup, teardown, CHECK_DEADLINE_S)
 
 
 if __name__ == "__main__":
