@@ -441,3 +441,38 @@ fn in_sidecar_mode_jupyter_and_its_kernels_run_inside_the_main_container() {
     };
     common::sdk::run_checks(&python, "code_checks.py", &s.exec_base, &[]);
 }
+
+#[test]
+fn in_sidecar_mode_a_jupyter_host_in_the_main_containers_environment_is_used() {
+    let Some(jupyter) = jupyter::server_program() else {
+        return;
+    };
+    let port = free_port();
+    let token = "image-token";
+    // As the code-interpreter image does: its environment names the server it starts itself.
+    let image = common::pod::Image {
+        env: vec![
+            ("JUPYTER_HOST".into(), format!("http://127.0.0.1:{port}")),
+            ("JUPYTER_TOKEN".into(), token.into()),
+        ],
+        ..Default::default()
+    };
+    let Some(pod) = common::pod::Pod::start_with(image) else {
+        return;
+    };
+    let s = pod.sidecar_sandlet(
+        "",
+        common::pod::SIDECAR_CAPABILITIES,
+        &["--jupyter-command", &jupyter],
+    );
+    let _server = jupyter::External::start(&jupyter, port, token, &s.data_dir());
+    let events = run(
+        &s,
+        json!({"code": "import os\nos.environ['JUPYTER_TOKEN']", "context": {"language": "python"}}),
+    );
+    assert_eq!(result_text(&events), Some("'image-token'"), "{events:?}");
+    // sandlet started no server of its own (it would log into its exec data dir).
+    let mut exec_dir = s.data_dir().into_os_string();
+    exec_dir.push("-exec/jupyter");
+    assert!(!std::path::Path::new(&exec_dir).exists());
+}

@@ -9,6 +9,10 @@
 //! (socket activation), because the code-interpreter SDK checks that something accepts
 //! connections on the port before its first call. When the server ends, its kernels are gone;
 //! sandlet listens on the port again and starts a new server on the next demand.
+//!
+//! In sidecar mode, a main container whose environment names `JUPYTER_HOST` (the
+//! code-interpreter image's, which starts its own server) gets that server used, as execd
+//! inside it would: sandlet then starts nothing and leaves the port alone.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -76,6 +80,8 @@ pub struct Managed {
     running: AtomicU64,
     incarnations: AtomicU64,
     activation: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// `named_by_container`'s last answer: host, token and the client made for them.
+    named: std::sync::Mutex<Option<(String, String, Jupyter)>>,
 }
 
 enum State {
@@ -97,21 +103,71 @@ impl Managed {
             running: AtomicU64::new(0),
             incarnations: AtomicU64::new(0),
             activation: std::sync::Mutex::new(None),
+            named: std::sync::Mutex::new(None),
         });
-        // Where Jupyter is known to be missing, nothing listens on its port: the SDK's check
-        // then tells the truth. (In sidecar mode before the main container is found, it is
-        // not known yet: the first start says so.)
-        match locate_program(managed.target.as_deref(), &managed.config.command) {
-            Ok(None) => tracing::info!(
-                command = %managed.config.command,
-                "Jupyter is not installed; /code answers that it is not, and nothing listens on the Jupyter port"
-            ),
-            Ok(Some(_)) | Err(_) => managed.listen_for_activation(),
+        // Listening on the port only where a server would start: where Jupyter is missing the
+        // SDK's check then tells the truth, and a server the main container starts itself
+        // finds its port free. In sidecar mode that is known once the container is found.
+        match managed.target.clone() {
+            None => managed.listen_if_installed(),
+            Some(target) => {
+                let managed = Arc::downgrade(&managed);
+                tokio::spawn(async move {
+                    target.located().await;
+                    if let Some(managed) = managed.upgrade()
+                        && managed.named_by_container().is_none()
+                    {
+                        managed.listen_if_installed();
+                    }
+                });
+            }
         }
         managed
     }
 
+    fn listen_if_installed(self: &Arc<Self>) {
+        match locate_program(self.target.as_deref(), &self.config.command) {
+            Ok(None) => tracing::info!(
+                command = %self.config.command,
+                "Jupyter is not installed; /code answers that it is not, and nothing listens on the Jupyter port"
+            ),
+            Ok(Some(_)) | Err(_) => self.listen_for_activation(),
+        }
+    }
+
+    /// The server the main container's environment names (sidecar mode), if it names one.
+    fn named_by_container(&self) -> Option<Jupyter> {
+        let located = self.target.as_deref()?.current().ok()?;
+        let var = |name: &str| {
+            located
+                .environ
+                .iter()
+                .rev()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let host = var("JUPYTER_HOST").filter(|h| !h.is_empty())?;
+        let token = var("JUPYTER_TOKEN").unwrap_or_default();
+        let mut named = self.named.lock().unwrap_or_else(|e| e.into_inner());
+        match &*named {
+            Some((h, t, jupyter)) if *h == host && *t == token => Some(jupyter.clone()),
+            _ => match Jupyter::new(&host, &token) {
+                Ok(jupyter) => {
+                    *named = Some((host, token, jupyter.clone()));
+                    Some(jupyter)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the main container's JUPYTER_HOST is not usable; ignored");
+                    None
+                }
+            },
+        }
+    }
+
     fn running_incarnation(&self) -> Option<u64> {
+        if self.named_by_container().is_some() {
+            return Some(0);
+        }
         match self.running.load(Ordering::Acquire) {
             0 => None,
             n => Some(n),
@@ -119,6 +175,9 @@ impl Managed {
     }
 
     async fn endpoint(self: &Arc<Self>) -> Result<(Jupyter, u64), CodeError> {
+        if let Some(jupyter) = self.named_by_container() {
+            return Ok((jupyter, 0));
+        }
         let mut state = self.state.lock().await;
         if let State::Running {
             jupyter,
