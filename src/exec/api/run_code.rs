@@ -40,6 +40,10 @@ pub async fn run_code(
     let language = body.context.language.unwrap_or_default();
     let timeout = millis(body.timeout)?;
     if matches!(language.as_str(), "" | "command" | "background-command") {
+        super::command_line(
+            &body.code,
+            "invalid request, validation error code is required",
+        )?;
         let request = Request {
             command: body.code,
             cwd: None,
