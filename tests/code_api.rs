@@ -476,3 +476,60 @@ fn in_sidecar_mode_a_jupyter_host_in_the_main_containers_environment_is_used() {
     exec_dir.push("-exec/jupyter");
     assert!(!std::path::Path::new(&exec_dir).exists());
 }
+
+/// Output of a run's `stdout` or `stderr` events, joined.
+fn output(events: &[Value], stream: &str) -> String {
+    events
+        .iter()
+        .filter(|e| e["type"] == stream)
+        .map(|e| e["text"].as_str().unwrap())
+        .collect()
+}
+
+#[test]
+fn javascript_and_typescript_run_in_tslab_kernels() {
+    let Some(jupyter) = jupyter::server_program() else {
+        return;
+    };
+    let specs = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/.ci/tslab/jupyter/share/jupyter"
+    );
+    if !std::path::Path::new(specs).join("kernels/jslab").exists() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must install tslab ({specs} is missing; .ci/run makes it)"
+        );
+        eprintln!("skipped: no tslab kernels in {specs} (.ci/run installs tslab from npm)");
+        return;
+    }
+    let port = free_port();
+    let s = Sandlet::start_as(&["--jupyter-command", &jupyter], move || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandlet"));
+        cmd.env("JUPYTER_PORT", port.to_string())
+            .env("JUPYTER_PATH", specs);
+        cmd
+    });
+    // tslab shows a cell's value on stdout.
+    let js = |code: &str| {
+        run(
+            &s,
+            json!({"code": code, "context": {"language": "javascript"}}),
+        )
+    };
+    assert_eq!(output(&js("let n = 20;\nn + 1"), "stdout"), "21\n");
+    assert_eq!(output(&js("n * 2"), "stdout"), "40\n", "state kept");
+    let ts = |code: &str| {
+        run(
+            &s,
+            json!({"code": code, "context": {"language": "typescript"}}),
+        )
+    };
+    let events = ts("const t: string = 'typed';\nt.toUpperCase()");
+    assert_eq!(output(&events, "stdout"), "TYPED\n", "{events:?}");
+    let events = ts("const u: number = 'no';");
+    assert!(
+        output(&events, "stderr").contains("not assignable to type 'number'"),
+        "{events:?}"
+    );
+}
