@@ -533,3 +533,67 @@ fn javascript_and_typescript_run_in_tslab_kernels() {
         "{events:?}"
     );
 }
+
+#[test]
+fn a_run_that_ignores_interrupts_is_stopped_by_its_deadline_and_by_deleting_its_context() {
+    let Some(jupyter) = jupyter::server_program() else {
+        return;
+    };
+    let (s, _) = sandlet_with_jupyter(&jupyter, &[]);
+    let stubborn = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('ignoring', flush=True)\ntime.sleep(1000)";
+    let context = create_context(&s, "python");
+    python(&s, "kept = 1", &context);
+
+    // Past its deadline the kernel is interrupted; that does nothing, so it is shut down.
+    let events = run(
+        &s,
+        json!({"code": stubborn, "context": {"language": "python", "id": context}, "timeout": 1000}),
+    );
+    let error = error_of(&events).unwrap_or_else(|| panic!("{events:?}"));
+    assert_eq!(error["ename"], "TimeoutError", "{error}");
+    assert!(
+        error["evalue"].as_str().unwrap().contains("shut down"),
+        "{error}"
+    );
+    let events = python(&s, "kept", &context);
+    assert_eq!(
+        error_of(&events).unwrap()["ename"],
+        "NameError",
+        "a fresh kernel, as the error said: {events:?}"
+    );
+
+    // Deleting the context stops such a run too: its kernel is shut down after the grace.
+    let exec_base = s.exec_base.clone();
+    let body = json!({"code": stubborn, "context": {"language": "python", "id": context}});
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut response = ureq::post(format!("{exec_base}/code"))
+            .send_json(&body)
+            .unwrap();
+        let mut lines = std::io::BufReader::new(response.body_mut().as_reader()).lines();
+        let mut events = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(json) = line.strip_prefix("data: ") {
+                let event: Value = serde_json::from_str(json).unwrap();
+                if event["text"] == "ignoring\n" {
+                    started_tx.send(()).unwrap();
+                }
+                events.push(event);
+            }
+        }
+        events
+    });
+    started
+        .recv_timeout(JUPYTER_DEADLINE)
+        .expect("the run started");
+    let deleted = s.exec("DELETE", &format!("/code/contexts/{context}"), None, &[]);
+    assert_eq!(deleted.status, 200, "{}", deleted.text());
+    let events = runner.join().unwrap();
+    assert_eq!(
+        kinds(&events).last(),
+        Some(&"error"),
+        "the run ended, saying why: {events:?}"
+    );
+}

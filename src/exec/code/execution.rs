@@ -33,6 +33,20 @@ impl Sink {
             self.connected = false;
         }
     }
+
+    /// Awaits `work` (waiting for the context's turn, starting Jupyter or a kernel: seconds),
+    /// pinging meanwhile as during the run, so the stream never goes quiet.
+    pub async fn pinging<T>(&mut self, work: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(work);
+        let mut pings =
+            tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = pings.tick() => self.send(Event::ping()).await,
+            }
+        }
+    }
 }
 
 /// How a run ended, for the kernel it ran in.
@@ -53,6 +67,8 @@ pub struct Run<'a> {
     /// When the request came in (execution times count from it, as execd's).
     pub received: Instant,
     pub timeout: Option<Duration>,
+    /// Told when the context is deleted while the run would not stop on an interrupt.
+    pub stop: &'a tokio::sync::Notify,
 }
 
 impl Run<'_> {
@@ -64,6 +80,7 @@ impl Run<'_> {
             code,
             received,
             timeout,
+            stop,
         } = self;
         let msg_id = match channel.execute(code).await {
             Ok(id) => id,
@@ -72,7 +89,9 @@ impl Run<'_> {
                 return Ended::ChannelLost;
             }
         };
-        let start = tokio::time::Instant::from_std(received);
+        // The deadline counts the code's own time, from when the kernel was sent it (not the
+        // wait for the context's turn or for the kernel to start).
+        let start = tokio::time::Instant::now();
         let mut pings =
             tokio::time::interval_at(tokio::time::Instant::now() + PING_INTERVAL, PING_INTERVAL);
         let far = start + Duration::from_secs(86400 * 365);
@@ -87,6 +106,14 @@ impl Run<'_> {
                     sink.send(Event::ping()).await;
                     continue;
                 }
+                _ = stop.notified() => {
+                    sink.send(Event::error_with(
+                        "ContextDeleted",
+                        "the context was deleted while this ran, and the run did not stop on an interrupt; its kernel is shut down".into(),
+                        Vec::new(),
+                    )).await;
+                    return Ended::KernelLost;
+                }
                 _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() && interrupted_at.is_none() => {
                     interrupted_at = Some(tokio::time::Instant::now());
                     if let Err(e) = jupyter.interrupt(kernel_id).await {
@@ -95,16 +122,13 @@ impl Run<'_> {
                     continue;
                 }
                 _ = tokio::time::sleep_until(give_up.unwrap_or(far)), if give_up.is_some() => {
-                    // It did not stop on the interrupt: a restart stops it, and loses its state.
-                    let restarted = jupyter.restart(kernel_id).await;
+                    // It did not stop on the interrupt: the kernel is shut down (by the caller,
+                    // once this stream has ended), and its state with it.
                     let timeout = timeout.unwrap_or_default();
-                    sink.send(Event::error(
+                    sink.send(Event::error_with(
                         "TimeoutError",
-                        format!("the run did not end within its timeout of {} ms and did not stop on an interrupt; the kernel was restarted, its state is lost", timeout.as_millis()),
-                        match restarted {
-                            Ok(()) => "kernel restarted".into(),
-                            Err(e) => format!("restarting the kernel failed: {e}"),
-                        },
+                        format!("the run did not end within its timeout of {} ms and did not stop on an interrupt; its kernel is shut down (the next run starts a fresh one) and its state is lost", timeout.as_millis()),
+                        Vec::new(),
                     )).await;
                     return Ended::KernelLost;
                 }

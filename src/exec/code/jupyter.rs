@@ -1,6 +1,6 @@
 //! Jupyter's REST API, the calls execd makes (`GET /api/kernelspecs`, `POST /api/sessions`,
 //! `DELETE /api/sessions/{id}`, `POST /api/kernels/{id}/interrupt`) and the few sandlet adds
-//! (`GET /api` to see the server up, `GET /api/kernels/{id}`, `POST .../restart`). Every call
+//! (`GET /api` to see the server up, `GET /api/kernels/{id}`). Every call
 //! carries `Authorization: Token <token>`.
 
 use std::time::Duration;
@@ -178,17 +178,6 @@ impl Jupyter {
         self.call(
             Method::POST,
             &format!("/api/kernels/{kernel_id}/interrupt"),
-            Some(json!({})),
-        )
-        .await
-        .map(drop)
-    }
-
-    /// Restarts a kernel in place (same id, fresh state).
-    pub async fn restart(&self, kernel_id: &str) -> Result<(), JupyterError> {
-        self.call(
-            Method::POST,
-            &format!("/api/kernels/{kernel_id}/restart"),
             Some(json!({})),
         )
         .await

@@ -29,6 +29,7 @@ use self::execution::{Ended, Run, Sink};
 use self::jupyter::{Jupyter, JupyterError, choose_spec};
 pub use self::server::{Backend, Managed, ManagedConfig};
 use super::events::Event;
+use super::run::INTERRUPT_GRACE;
 use crate::container::TargetWatch;
 
 /// The languages execd sends to Jupyter; others are accepted when a kernel for them is
@@ -105,6 +106,8 @@ pub struct Context {
     interrupt_to: Mutex<Option<(Jupyter, String)>>,
     last_used: Mutex<Instant>,
     deleted: AtomicBool,
+    /// Ends a run that a deletion's interrupt did not end.
+    stop: tokio::sync::Notify,
 }
 
 struct Kernel {
@@ -209,7 +212,7 @@ impl Code {
         sink.send(Event::ping()).await;
         let code = Arc::clone(self);
         tokio::spawn(async move {
-            let mut kernel = context.kernel.lock().await;
+            let mut kernel = sink.pinging(context.kernel.lock()).await;
             if context.deleted.load(Ordering::Acquire) {
                 sink.send(Event::error_with(
                     "ContextNotFound",
@@ -219,13 +222,17 @@ impl Code {
                 .await;
                 return;
             }
-            if let Err(e) = code.ensure_kernel(&context, &mut kernel).await {
+            if let Err(e) = sink
+                .pinging(code.ensure_kernel(&context, &mut kernel))
+                .await
+            {
                 sink.send(error_event(&e)).await;
                 return;
             }
             let k = kernel.as_mut().expect("ensured");
             if k.channel.is_none() {
-                match KernelChannel::connect(&k.jupyter, &k.kernel_id, &context.id).await {
+                let connecting = KernelChannel::connect(&k.jupyter, &k.kernel_id, &context.id);
+                match sink.pinging(connecting).await {
                     Ok(channel) => k.channel = Some(channel),
                     Err(e) => {
                         sink.send(Event::error_with(
@@ -247,9 +254,12 @@ impl Code {
                 code: &request.code,
                 received,
                 timeout,
+                stop: &context.stop,
             }
             .run(&mut sink)
             .await;
+            // The stream ends here; what is left to do with the kernel is not the client's wait.
+            drop(sink);
             match ended {
                 Ended::Idle => {}
                 Ended::KernelLost => code.drop_kernel(&context, &mut kernel).await,
@@ -416,17 +426,27 @@ impl Code {
         }
     }
 
-    /// Stops a removed context: a run in progress is interrupted, then its kernel is shut
-    /// down once the run has let go of it.
+    /// Stops a removed context: a run in progress is interrupted (its kernel shut down if
+    /// that does not end it within the grace), then the kernel is shut down once the run has
+    /// let go of it.
     async fn shut_down(&self, context: Arc<Context>) -> Result<(), CodeError> {
         context.deleted.store(true, Ordering::Release);
         let running = context.lock_interrupt_to().clone();
-        if let Some((jupyter, kernel_id)) = running
-            && context.kernel.try_lock().is_err()
-        {
-            let _ = jupyter.interrupt(&kernel_id).await;
-        }
-        let mut kernel = context.kernel.lock().await;
+        let mut kernel = match (running, context.kernel.try_lock()) {
+            (_, Ok(kernel)) => kernel,
+            (None, Err(_)) => context.kernel.lock().await,
+            (Some((jupyter, kernel_id)), Err(_)) => {
+                let _ = jupyter.interrupt(&kernel_id).await;
+                match tokio::time::timeout(INTERRUPT_GRACE, context.kernel.lock()).await {
+                    Ok(kernel) => kernel,
+                    Err(_) => {
+                        // The run ends (and shuts its kernel down) when told to.
+                        context.stop.notify_one();
+                        context.kernel.lock().await
+                    }
+                }
+            }
+        };
         context.set_interrupt_to(None);
         if let Some(k) = kernel.take() {
             match k.jupyter.delete_session(&k.session_id).await {
@@ -485,6 +505,7 @@ impl Code {
             interrupt_to: Mutex::new(None),
             last_used: Mutex::new(Instant::now()),
             deleted: AtomicBool::new(false),
+            stop: tokio::sync::Notify::new(),
         });
         table
             .contexts
