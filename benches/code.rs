@@ -1,5 +1,5 @@
 //! `cargo bench --bench code`: code interpreting next to its floor, measured in the same run.
-//! Needs the Jupyter venv `.ci/run` makes (`.ci/jupytervenv`). Prints numbers; asserts only
+//! Needs the Jupyter venv `./test` makes (`.ci/jupytervenv`). Prints numbers; asserts only
 //! that every run gave the right answer.
 //!
 //! - warm `1+1`: `POST /code` in a context whose kernel is warm, until `execution_complete`
@@ -40,7 +40,7 @@ const TOKEN: &str = "sandlet-bench";
 
 fn main() {
     if !std::path::Path::new(JUPYTER).exists() {
-        eprintln!("no Jupyter at {JUPYTER}: run .ci/run (or see docs/code-interpreting.md) first");
+        eprintln!("no Jupyter at {JUPYTER}: run ./test (its .ci/setup makes it) first");
         std::process::exit(1);
     }
     let samples = stats::samples(SAMPLES);

@@ -1,5 +1,5 @@
 //! Code interpreting (`/code*`) on a real Jupyter server with real kernels (ipykernel,
-//! bash_kernel, matplotlib from PyPI in `.ci/jupytervenv`, which `.ci/run` makes), driven by the
+//! bash_kernel, matplotlib from PyPI in `.ci/jupytervenv`, which `./test` makes), driven by the
 //! real code-interpreter SDK and over plain HTTP: contexts, events, interrupts, deadlines,
 //! limits, a Jupyter or a kernel that dies, Jupyter not installed, and an external
 //! `JUPYTER_HOST`.
@@ -100,22 +100,17 @@ fn pids_with_cmdline(part: &str) -> Vec<i32> {
 }
 
 #[test]
+#[ignore = "needs Jupyter from PyPI: `./test` installs it and runs every test"]
 fn the_code_interpreter_sdk_drives_contexts_runs_and_interrupts() {
-    let Some(jupyter) = jupyter::server_program() else {
-        return;
-    };
-    let Some(python) = common::sdk::python() else {
-        return;
-    };
+    let jupyter = jupyter::server_program();
     let (s, _) = sandlet_with_jupyter(&jupyter, &[]);
-    common::sdk::run_checks(&python, "code_checks.py", &s.exec_base, &[]);
+    common::run_sdk_checks("code_checks.py", &s.exec_base, &[]);
 }
 
 #[test]
+#[ignore = "needs Jupyter from PyPI: `./test` installs it and runs every test"]
 fn a_jupyter_that_dies_is_an_error_event_and_the_next_runs_start_a_new_one() {
-    let Some(jupyter) = jupyter::server_program() else {
-        return;
-    };
+    let jupyter = jupyter::server_program();
     let (s, port) = sandlet_with_jupyter(&jupyter, &[]);
     let context = create_context(&s, "python");
     let events = python(&s, "x = 6\nx * 7", &context);
@@ -159,10 +154,9 @@ fn a_jupyter_that_dies_is_an_error_event_and_the_next_runs_start_a_new_one() {
 }
 
 #[test]
+#[ignore = "needs Jupyter from PyPI: `./test` installs it and runs every test"]
 fn a_kernel_that_dies_is_an_error_event_and_the_next_run_gets_a_fresh_kernel() {
-    let Some(jupyter) = jupyter::server_program() else {
-        return;
-    };
+    let jupyter = jupyter::server_program();
     let (s, _) = sandlet_with_jupyter(&jupyter, &[]);
     let context = create_context(&s, "python");
     let events = python(&s, "import os\nos._exit(1)", &context);
@@ -181,10 +175,9 @@ fn a_kernel_that_dies_is_an_error_event_and_the_next_run_gets_a_fresh_kernel() {
 }
 
 #[test]
+#[ignore = "needs Jupyter from PyPI: `./test` installs it and runs every test"]
 fn runs_have_deadlines_contexts_run_at_once_within_a_limit_and_idle_ones_go() {
-    let Some(jupyter) = jupyter::server_program() else {
-        return;
-    };
+    let jupyter = jupyter::server_program();
     let (s, _) = sandlet_with_jupyter(
         &jupyter,
         &[
@@ -325,10 +318,9 @@ fn without_jupyter_installed_runs_end_with_an_error_event_saying_so() {
 }
 
 #[test]
+#[ignore = "needs Jupyter from PyPI: `./test` installs it and runs every test"]
 fn an_external_jupyter_host_is_used_and_its_restart_is_an_error_event() {
-    let Some(jupyter) = jupyter::server_program() else {
-        return;
-    };
+    let jupyter = jupyter::server_program();
     let port = free_port();
     let token = "external-token";
     let host = format!("http://127.0.0.1:{port}");
@@ -400,10 +392,9 @@ fn python_image(port: u16) -> common::pod::Image {
 }
 
 #[test]
+#[ignore = "needs Jupyter from PyPI: `./test` installs it and runs every test"]
 fn in_sidecar_mode_jupyter_and_its_kernels_run_inside_the_main_container() {
-    let Some(jupyter) = jupyter::server_program() else {
-        return;
-    };
+    let jupyter = jupyter::server_program();
     let port = free_port();
     let Some(pod) = common::pod::Pod::start_with(python_image(port)) else {
         return;
@@ -436,17 +427,13 @@ fn in_sidecar_mode_jupyter_and_its_kernels_run_inside_the_main_container() {
     assert_eq!(ns(server[0]), ns(pod.main_pid));
 
     // The SDK, its health check included (the main container's JUPYTER_PORT).
-    let Some(python) = common::sdk::python() else {
-        return;
-    };
-    common::sdk::run_checks(&python, "code_checks.py", &s.exec_base, &[]);
+    common::run_sdk_checks("code_checks.py", &s.exec_base, &[]);
 }
 
 #[test]
+#[ignore = "needs Jupyter from PyPI: `./test` installs it and runs every test"]
 fn in_sidecar_mode_a_jupyter_host_in_the_main_containers_environment_is_used() {
-    let Some(jupyter) = jupyter::server_program() else {
-        return;
-    };
+    let jupyter = jupyter::server_program();
     let port = free_port();
     let token = "image-token";
     // As the code-interpreter image does: its environment names the server it starts itself.
@@ -487,22 +474,17 @@ fn output(events: &[Value], stream: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs Jupyter from PyPI and tslab from npm: `./test` installs them and runs every test"]
 fn javascript_and_typescript_run_in_tslab_kernels() {
-    let Some(jupyter) = jupyter::server_program() else {
-        return;
-    };
+    let jupyter = jupyter::server_program();
     let specs = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/.ci/tslab/jupyter/share/jupyter"
     );
-    if !std::path::Path::new(specs).join("kernels/jslab").exists() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "CI must install tslab ({specs} is missing; .ci/run makes it)"
-        );
-        eprintln!("skipped: no tslab kernels in {specs} (.ci/run installs tslab from npm)");
-        return;
-    }
+    assert!(
+        std::path::Path::new(specs).join("kernels/jslab").exists(),
+        "no tslab kernels in {specs}: `./test` installs tslab from npm (.ci/setup)"
+    );
     let port = free_port();
     let s = Sandlet::start_as(&["--jupyter-command", &jupyter], move || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sandlet"));
@@ -535,10 +517,9 @@ fn javascript_and_typescript_run_in_tslab_kernels() {
 }
 
 #[test]
+#[ignore = "needs Jupyter from PyPI: `./test` installs it and runs every test"]
 fn a_run_that_ignores_interrupts_is_stopped_by_its_deadline_and_by_deleting_its_context() {
-    let Some(jupyter) = jupyter::server_program() else {
-        return;
-    };
+    let jupyter = jupyter::server_program();
     let (s, _) = sandlet_with_jupyter(&jupyter, &[]);
     let stubborn = "import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nprint('ignoring', flush=True)\ntime.sleep(1000)";
     let context = create_context(&s, "python");

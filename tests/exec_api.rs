@@ -418,12 +418,10 @@ fn finished_commands_are_kept_by_count_and_their_output_removed() {
 #[test]
 #[ignore = "needs the OpenSandbox SDK from PyPI: `./test` installs it and runs every test"]
 fn the_real_opensandbox_sdk_drives_the_exec_api() {
-    let python = common::sdk_python();
     let s = Sandlet::start(&["--exec-token-file", &write_token("sdk-token")]);
     let dir = scratch();
     let cwd = std::fs::canonicalize(dir.path()).unwrap();
-    common::sdk::run_checks(
-        &python,
+    common::run_sdk_checks(
         "sdk_checks.py",
         &s.exec_base,
         &[

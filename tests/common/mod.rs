@@ -7,7 +7,6 @@
 pub mod jupyter;
 pub mod pod;
 pub mod schemas;
-pub mod sdk;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader};
@@ -504,6 +503,23 @@ pub fn sdk_python() -> String {
         "no OpenSandbox SDK venv at {python}: `./test` installs it and runs every test"
     );
     python
+}
+
+/// Runs `tests/sdk/<script>` with the SDK venv's Python against sandlet's exec API at
+/// `exec_base`, and asserts that every check passed.
+pub fn run_sdk_checks(script: &str, exec_base: &str, envs: &[(&str, String)]) {
+    let out = Command::new(sdk_python())
+        .arg(format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR")))
+        .env("SANDLET_EXEC_ADDR", exec_base.trim_start_matches("http://"))
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(" 0 failed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Whether the tests run as root. A test that needs root and finds it missing skips with a
