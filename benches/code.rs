@@ -87,15 +87,7 @@ fn main() {
             None,
         );
         let t = Instant::now();
-        let id = sandlet_json(
-            &mut client,
-            "POST",
-            "/code/context",
-            &json!({"language": "python"}),
-        )["id"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let id = create_context(&mut client);
         create.push(t.elapsed());
         sandlet_json(
             &mut client,
@@ -106,15 +98,7 @@ fn main() {
     }
 
     // Warm `1+1`: the same kernel, through sandlet and directly.
-    let context = sandlet_json(
-        &mut client,
-        "POST",
-        "/code/context",
-        &json!({"language": "python"}),
-    )["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let context = create_context(&mut client);
     let body = json!({"code": "1+1", "context": {"language": "python", "id": context}});
     let sessions = rest(&host, "GET", "/api/sessions", None);
     let kernel = sessions
@@ -234,6 +218,17 @@ fn rest(host: &str, method: &str, path: &str, body: Option<Value>) -> Value {
     } else {
         serde_json::from_str(&text).unwrap()
     }
+}
+
+/// `POST /code/context` for python: the context's id.
+fn create_context(client: &mut Http) -> String {
+    let answer = sandlet_json(
+        client,
+        "POST",
+        "/code/context",
+        &json!({"language": "python"}),
+    );
+    answer["id"].as_str().unwrap().to_string()
 }
 
 /// A JSON request to sandlet's exec API on the keep-alive connection.

@@ -2,8 +2,9 @@
 `code_checks.py` share.
 
 `run(checks, argv, setup, teardown, deadline_s)`: checks are `(name, fn(ctx))`; `argv` picks
-some by name (all when empty). `setup(ctx)` runs first (reported as the check `setup`),
-`teardown(ctx)` last, whatever happened. Each runs under a hard deadline (SIGALRM), so a stream
+some by name (all when empty). The lifecycle stand-in (`lifecycle_stub`) is started first, its
+port in `ctx["lifecycle_port"]`, and stopped last. `setup(ctx)` runs first (reported as the
+check `setup`), `teardown(ctx)` last, whatever happened. Each runs under a hard deadline (SIGALRM), so a stream
 that never ends fails instead of hanging. Each check prints one `ok:` line (with its time and
 whatever note it returns); the first failure prints `FAIL:` and stops. The last line is
 `N passed, M failed`; the exit status is 0 only when all passed.
@@ -13,6 +14,8 @@ import os
 import signal
 import time
 import traceback
+
+import lifecycle_stub
 
 
 class CheckTimeout(Exception):
@@ -49,7 +52,7 @@ def run(checks, argv, setup, teardown, deadline_s):
     signal.signal(signal.SIGALRM, on_alarm)
     passed = 0
     current = "setup"
-    ctx = {}
+    ctx = {"lifecycle_port": lifecycle_stub.start()}
     try:
         for name, fn in [("setup", setup)] + selected:
             current = name
@@ -72,5 +75,6 @@ def run(checks, argv, setup, teardown, deadline_s):
         return 1
     finally:
         teardown(ctx)
+        lifecycle_stub.stop()
     print(f"{passed} passed, 0 failed", flush=True)
     return 0

@@ -218,12 +218,12 @@ CHECKS = [
 
 
 def main(argv):
-    port = lifecycle_stub.start()
-    config = ConnectionConfigSync(
-        domain=f"127.0.0.1:{port}", protocol="http", request_timeout=timedelta(seconds=60)
-    )
-
     def setup(ctx):
+        config = ConnectionConfigSync(
+            domain=f"127.0.0.1:{ctx['lifecycle_port']}",
+            protocol="http",
+            request_timeout=timedelta(seconds=60),
+        )
         ctx["sandbox"] = SandboxSync.connect(lifecycle_stub.SANDBOX_ID, connection_config=config)
         ctx["ci"] = CodeInterpreterSync.create(
             ctx["sandbox"], skip_health_check=bool(os.environ.get("SANDLET_SKIP_HEALTH_CHECK"))
@@ -234,7 +234,6 @@ def main(argv):
             ctx["ci"].close()
         if "sandbox" in ctx:
             ctx["sandbox"].close()
-        lifecycle_stub.stop()
 
     return check_runner.run(CHECKS, argv, setup, teardown, CHECK_DEADLINE_S)
 

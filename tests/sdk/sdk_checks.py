@@ -301,16 +301,14 @@ CHECKS = [
 
 
 def main(argv):
-    port = lifecycle_stub.start()
-
-    def config_factory():
-        return ConnectionConfigSync(
-            domain=f"127.0.0.1:{port}",
-            protocol="http",
-            request_timeout=timedelta(seconds=20),
-        )
-
     def setup(ctx):
+        def config_factory():
+            return ConnectionConfigSync(
+                domain=f"127.0.0.1:{ctx['lifecycle_port']}",
+                protocol="http",
+                request_timeout=timedelta(seconds=20),
+            )
+
         ctx["config_factory"] = config_factory
         ctx["sandbox"] = SandboxSync.connect(
             lifecycle_stub.SANDBOX_ID,
@@ -321,7 +319,6 @@ def main(argv):
     def teardown(ctx):
         if "sandbox" in ctx:
             ctx["sandbox"].close()
-        lifecycle_stub.stop()
 
     return check_runner.run(CHECKS, argv, setup, teardown, CHECK_DEADLINE_S)
 

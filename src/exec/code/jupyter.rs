@@ -218,7 +218,7 @@ impl Jupyter {
                 .client
                 .request(request)
                 .await
-                .map_err(|e| unreachable(error_chain(&e)))?;
+                .map_err(|e| unreachable(crate::http::error_chain(&e)))?;
             let status = response.status();
             let bytes = response
                 .into_body()
@@ -243,18 +243,6 @@ impl Jupyter {
         }
         serde_json::from_slice(&bytes).map_err(|e| JupyterError::Answer(what, e.to_string()))
     }
-}
-
-/// An error and its causes, one line (hyper's own message alone says only "client error").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The kernel spec for `language`: the spec named like the language, else the server's default
