@@ -19,6 +19,7 @@ use axum::serve::ListenerExt;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[allow(dead_code)]
 #[path = "support/http.rs"]
 mod http;
 #[allow(dead_code)]

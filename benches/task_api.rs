@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[allow(dead_code)]
 #[path = "support/http.rs"]
 mod http;
 #[allow(dead_code)]

@@ -208,6 +208,58 @@ pub struct ServeArgs {
           value_parser = seconds, help_heading = "Exec API (port 44772)")]
     pub exec_proxy_header_timeout_seconds: u64,
 
+    // --- code interpreting (execd's /code, on Jupyter)
+    /// Jupyter server for `/code` (execd's flag), e.g. `http://127.0.0.1:44771`. Without it,
+    /// sandlet starts one on demand where Jupyter is installed.
+    #[arg(long, env = "JUPYTER_HOST", help_heading = "Code interpreting")]
+    pub jupyter_host: Option<String>,
+    /// Token of the `--jupyter-host` server (execd's flag).
+    #[arg(
+        long,
+        env = "JUPYTER_TOKEN",
+        hide_env_values = true,
+        help_heading = "Code interpreting"
+    )]
+    pub jupyter_token: Option<String>,
+    /// The program that starts the Jupyter server sandlet manages (a name on the sandbox's
+    /// PATH, or a path inside the sandbox).
+    #[arg(
+        long,
+        env = "SANDLET_JUPYTER_COMMAND",
+        default_value = "jupyter-server",
+        help_heading = "Code interpreting"
+    )]
+    pub jupyter_command: String,
+    /// Port (on 127.0.0.1) of the Jupyter server sandlet manages, the code-interpreter image's.
+    #[arg(
+        long,
+        env = "JUPYTER_PORT",
+        default_value_t = 44771,
+        help_heading = "Code interpreting"
+    )]
+    pub jupyter_port: u16,
+    /// Seconds a managed Jupyter server has to answer after it was started.
+    #[arg(long, env = "SANDLET_JUPYTER_START_TIMEOUT_SECONDS", default_value_t = 60,
+          value_parser = seconds, help_heading = "Code interpreting")]
+    pub jupyter_start_timeout_seconds: u64,
+    /// Code contexts (each a kernel) at once, at most.
+    #[arg(
+        long,
+        env = "SANDLET_CODE_MAX_CONTEXTS",
+        default_value_t = 32,
+        help_heading = "Code interpreting"
+    )]
+    pub code_max_contexts: usize,
+    /// Seconds a code context may sit unused before it is removed and its kernel shut down.
+    #[arg(long, env = "SANDLET_CODE_CONTEXT_IDLE_SECONDS", default_value_t = 3600,
+          value_parser = seconds, help_heading = "Code interpreting")]
+    pub code_context_idle_seconds: u64,
+    /// A code run's deadline in seconds when the request gives none (0: none); past it the
+    /// kernel is interrupted (and shut down if that does not stop it within 3 s).
+    #[arg(long, env = "SANDLET_CODE_RUN_TIMEOUT_SECONDS", default_value_t = 86400,
+          value_parser = seconds, help_heading = "Code interpreting")]
+    pub code_run_timeout_seconds: u64,
+
     // --- where processes run
     /// Run tasks and commands inside the pod's main container (sidecar placement): `true`,
     /// `false`, or unset: sidecar mode when sandlet shares its PID namespace with other

@@ -272,6 +272,7 @@ fn exec_api(
         max_idle_per_port: args.exec_proxy_max_idle_per_port,
         header_timeout: Duration::from_secs(args.exec_proxy_header_timeout_seconds),
     });
+    let code = code_interpreting(args, launcher, target, &data_dir)?;
     let config = Arc::new(ExecConfig {
         data_dir,
         max_running: args.exec_max_running,
@@ -287,10 +288,11 @@ fn exec_api(
     let commands = exec::Commands::new(Arc::clone(&config), Arc::clone(launcher), target.cloned());
     let sessions = exec::Sessions::new(Arc::clone(&config), Arc::clone(launcher), target.cloned());
     let ptys = exec::Ptys::new(config, Arc::clone(launcher), target.cloned());
-    let (c, s, p) = (
+    let (c, s, p, k) = (
         Arc::clone(&commands),
         Arc::clone(&sessions),
         Arc::clone(&ptys),
+        Arc::clone(&code),
     );
     tokio::spawn(async move {
         let mut sweep = tokio::time::interval(RETENTION_SWEEP);
@@ -299,6 +301,7 @@ fn exec_api(
             c.evict_expired();
             s.evict_idle();
             p.evict_idle();
+            k.evict_idle();
         }
     });
     tracing::info!(token = auth.is_enabled(), "exec API ready");
@@ -309,6 +312,7 @@ fn exec_api(
             metrics: exec::Metrics::new(target.cloned()),
             files,
             ptys,
+            code,
             pty_max_message: args.exec_pty_max_message_bytes as usize,
             shutdown,
             proxy,
@@ -316,6 +320,49 @@ fn exec_api(
         auth,
         args.max_body_bytes,
         args.exec_max_upload_bytes,
+    ))
+}
+
+/// Code interpreting: the Jupyter server `--jupyter-host` names, or one sandlet manages.
+fn code_interpreting(
+    args: &ServeArgs,
+    launcher: &Arc<Launcher>,
+    target: Option<&Arc<TargetWatch>>,
+    data_dir: &std::path::Path,
+) -> Result<Arc<exec::Code>, Error> {
+    if args.code_max_contexts == 0 || args.jupyter_start_timeout_seconds == 0 {
+        return Err(Error::Config(
+            "--code-max-contexts and --jupyter-start-timeout-seconds must be at least 1".into(),
+        ));
+    }
+    let backend = match args.jupyter_host.as_deref().filter(|h| !h.is_empty()) {
+        Some(host) => {
+            let token = args.jupyter_token.as_deref().unwrap_or_default();
+            exec::code::Backend::External(
+                exec::code::jupyter::Jupyter::new(host, token).map_err(Error::Config)?,
+            )
+        }
+        None => exec::code::Backend::Managed(exec::code::Managed::new(
+            exec::code::ManagedConfig {
+                command: args.jupyter_command.clone(),
+                port: args.jupyter_port,
+                start_timeout: Duration::from_secs(args.jupyter_start_timeout_seconds),
+                log_dir: data_dir.join("jupyter"),
+                log_limit: args.exec_log_limit_bytes,
+            },
+            Arc::clone(launcher),
+            target.cloned(),
+        )),
+    };
+    Ok(exec::Code::new(
+        exec::code::CodeConfig {
+            max_contexts: args.code_max_contexts,
+            context_idle: Duration::from_secs(args.code_context_idle_seconds),
+            run_timeout: (args.code_run_timeout_seconds > 0)
+                .then(|| Duration::from_secs(args.code_run_timeout_seconds)),
+        },
+        backend,
+        target.cloned(),
     ))
 }
 

@@ -418,30 +418,16 @@ fn finished_commands_are_kept_by_count_and_their_output_removed() {
 #[test]
 #[ignore = "needs the OpenSandbox SDK from PyPI: `./test` installs it and runs every test"]
 fn the_real_opensandbox_sdk_drives_the_exec_api() {
-    let python = common::sdk_python();
     let s = Sandlet::start(&["--exec-token-file", &write_token("sdk-token")]);
     let dir = scratch();
-    let out = std::process::Command::new(&python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/sdk/sdk_checks.py"
-        ))
-        .env(
-            "SANDLET_EXEC_ADDR",
-            s.exec_base.trim_start_matches("http://"),
-        )
-        .env("SANDLET_EXEC_TOKEN", "sdk-token")
-        .env(
-            "SANDLET_SDK_CWD",
-            std::fs::canonicalize(dir.path()).unwrap(),
-        )
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains(" 0 failed"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let cwd = std::fs::canonicalize(dir.path()).unwrap();
+    common::run_sdk_checks(
+        "sdk_checks.py",
+        &s.exec_base,
+        &[
+            ("SANDLET_EXEC_TOKEN", "sdk-token".into()),
+            ("SANDLET_SDK_CWD", cwd.display().to_string()),
+        ],
     );
 }
 

@@ -1,9 +1,11 @@
 //! The benchmarks' HTTP/1.1 client: keep-alive, one write per request, TCP_NODELAY, so the
-//! numbers are sandlet's and not a client library's. Each benchmark reads its own bodies from
-//! `stream` after the head.
+//! numbers are sandlet's and not a client library's. Event streams are read here; other bodies
+//! each benchmark reads from `stream` after the head.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+
+use serde_json::Value;
 
 pub struct Http {
     pub stream: BufReader<TcpStream>,
@@ -50,6 +52,54 @@ impl Http {
         Head {
             status,
             content_length,
+        }
+    }
+}
+
+impl Http {
+    pub fn events(&mut self, path: &str, body: &Value) -> Vec<Value> {
+        let mut events = Vec::new();
+        self.stream(path, body, |e| events.push(e.clone()));
+        events
+    }
+
+    /// POSTs `body` and calls `event` for each SSE event until the response ends.
+    pub fn stream(&mut self, path: &str, body: &Value, mut event: impl FnMut(&Value)) {
+        self.stream_raw(path, body, |json| {
+            event(&serde_json::from_slice(json).unwrap())
+        });
+    }
+
+    /// Like `stream`, with each event's JSON unparsed.
+    pub fn stream_raw(&mut self, path: &str, body: &Value, mut event: impl FnMut(&[u8])) {
+        let body = body.to_string();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        assert_eq!(self.send(&request).status, 200);
+        let mut line = String::new();
+        let mut pending = Vec::new();
+        loop {
+            line.clear();
+            self.stream.read_line(&mut line).unwrap();
+            let size = usize::from_str_radix(line.trim(), 16).unwrap();
+            let start = pending.len();
+            pending.resize(start + size, 0);
+            self.stream.read_exact(&mut pending[start..]).unwrap();
+            let mut crlf = [0u8; 2];
+            self.stream.read_exact(&mut crlf).unwrap();
+            let mut consumed = 0;
+            while let Some(end) = memchr::memmem::find(&pending[consumed..], b"\n\n") {
+                let frame = &pending[consumed..consumed + end];
+                event(frame.strip_prefix(b"data: ").expect("an SSE data frame"));
+                consumed += end + 2;
+            }
+            pending.drain(..consumed);
+            if size == 0 {
+                assert!(pending.is_empty());
+                return;
+            }
         }
     }
 }

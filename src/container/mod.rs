@@ -244,6 +244,19 @@ pub fn metadata_in(root: &Path, path: &str) -> io::Result<std::fs::Metadata> {
     std::fs::File::from(fd).metadata()
 }
 
+/// The sandbox's working directory, as a path inside it: sandlet's own (local mode), or that of
+/// the main container's first process (its image's `WORKDIR`); `/` when it cannot be read.
+pub fn working_dir(located: Option<&Located>) -> String {
+    let dir = match located {
+        None => std::env::current_dir(),
+        Some(located) => std::fs::read_link(format!("/proc/{}/cwd", located.target.process.pid)),
+    };
+    dir.map(|d| d.to_string_lossy().into_owned())
+        .ok()
+        .filter(|d| d.starts_with('/'))
+        .unwrap_or_else(|| "/".into())
+}
+
 fn account_env(name: Option<&str>, home: &str) -> Vec<(String, String)> {
     let mut env = vec![("HOME".to_string(), home.to_string())];
     if let Some(name) = name {

@@ -70,6 +70,19 @@ impl TargetWatch {
         }
     }
 
+    /// The main container once it is located (at once if it is now).
+    pub async fn located(&self) -> Arc<Located> {
+        let mut status = self.status.subscribe();
+        let ready = status
+            .wait_for(|s| matches!(s, Status::Ready(_)))
+            .await
+            .expect("the sender lives in self");
+        match &*ready {
+            Status::Ready(located) => Arc::clone(located),
+            Status::Searching(_) => unreachable!("waited for Ready"),
+        }
+    }
+
     /// What `/ready` and `/health` say about it.
     pub fn detail(&self) -> (bool, Value) {
         match &*self.status.borrow() {

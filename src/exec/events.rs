@@ -1,4 +1,4 @@
-//! The stream events of `POST /command` and `POST /session/{id}/run`, execd's
+//! The stream events of `POST /command`, `POST /session/{id}/run` and `POST /code`, execd's
 //! `ServerStreamEvent`, framed as standard SSE (`data: <json>` and a blank line), which every
 //! OpenSandbox SDK parses; and the splitting of output into line events.
 
@@ -15,8 +15,13 @@ pub struct Event {
     #[serde(skip_serializing_if = "String::is_empty")]
     pub text: String,
     #[serde(skip_serializing_if = "is_zero")]
+    pub execution_count: i64,
+    #[serde(skip_serializing_if = "is_zero")]
     pub execution_time: i64,
     pub timestamp: i64,
+    /// A result's MIME bundle, `text/plain` named `text` (as execd names it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub results: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorDetail>,
 }
@@ -41,10 +46,37 @@ impl Event {
         Event {
             kind,
             text,
+            execution_count: 0,
             execution_time: 0,
             timestamp: now_ms(),
+            results: None,
             error: None,
         }
+    }
+
+    /// A chunk of a stream, sent as it came (code output is not split into lines).
+    pub fn output(stderr: bool, text: String) -> Event {
+        Event::new(if stderr { "stderr" } else { "stdout" }, text)
+    }
+
+    pub fn status(text: &str) -> Event {
+        Event::new("status", text.to_string())
+    }
+
+    pub fn execution_count(count: i64) -> Event {
+        let mut e = Event::new("execution_count", String::new());
+        e.execution_count = count;
+        e
+    }
+
+    /// A result or a displayed value: its MIME bundle, `text/plain` renamed `text`.
+    pub fn result(mut bundle: serde_json::Map<String, serde_json::Value>) -> Event {
+        if let Some(plain) = bundle.remove("text/plain") {
+            bundle.insert("text".into(), plain);
+        }
+        let mut e = Event::new("result", String::new());
+        e.results = Some(bundle);
+        e
     }
 
     /// The first event: its text is the id of what runs.
@@ -65,11 +97,16 @@ impl Event {
     /// A failed run. `evalue` is the decimal exit code (`-1` for a signal), which the SDKs turn
     /// into the exit code.
     pub fn error(ename: &str, evalue: String, traceback: String) -> Event {
+        Event::error_with(ename, evalue, vec![traceback])
+    }
+
+    /// An error with a traceback of several lines (a kernel's).
+    pub fn error_with(ename: &str, evalue: String, traceback: Vec<String>) -> Event {
         let mut e = Event::new("error", String::new());
         e.error = Some(ErrorDetail {
             ename: ename.into(),
             evalue,
-            traceback: vec![traceback],
+            traceback,
         });
         e
     }
@@ -300,5 +337,25 @@ mod tests {
         assert!(json["timestamp"].as_i64().unwrap() > 0);
         assert_eq!(json["error"]["evalue"], "3");
         assert!(json.get("text").is_none());
+    }
+
+    #[test]
+    fn results_carry_their_mime_bundle_with_text_plain_named_text() {
+        let bundle = serde_json::json!({"text/plain": "2", "image/png": "iVBOR"});
+        let event = Event::result(bundle.as_object().unwrap().clone());
+        let frame = event.frame();
+        let text = std::str::from_utf8(&frame).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text[6..text.len() - 2]).unwrap();
+        assert_eq!(
+            json["results"],
+            serde_json::json!({"text": "2", "image/png": "iVBOR"})
+        );
+        assert!(json.get("execution_count").is_none());
+        let count = Event::execution_count(3).frame();
+        assert!(
+            std::str::from_utf8(&count)
+                .unwrap()
+                .contains("\"execution_count\":3")
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! The exec API on :44772, wire-compatible with OpenSandbox `execd` (commands, bash sessions,
-//! metrics), so the OpenSandbox server and SDKs work unchanged. Commands and session runs are
-//! processes under shims, started and placed like tasks (see `run.rs`).
+//! code interpreting, metrics), so the OpenSandbox server and SDKs work unchanged. Commands and
+//! session runs are processes under shims, started and placed like tasks (see `run.rs`).
 
 pub mod api;
+pub mod code;
 mod commands;
 mod events;
 mod metrics;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+pub use code::Code;
 pub use commands::Commands;
 pub use metrics::Metrics;
 pub use pty::Ptys;

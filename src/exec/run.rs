@@ -132,13 +132,7 @@ pub async fn spawn(
             }
         }
     }
-    let path_var = env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "PATH")
-        .map(|(_, v)| v.clone())
-        .or_else(|| (!clear_env).then(|| std::env::var("PATH").ok()).flatten())
-        .unwrap_or_else(|| DEFAULT_PATH.into());
+    let path_var = search_path(clear_env, &env);
     // The program is looked up here, once, and handed to the shim as a path (the name it was
     // called by goes along as argv[0]). A plain command line (words only, no shell syntax) runs
     // without a shell in between: the same result, without the shell's start-up. Anything else
@@ -205,6 +199,32 @@ pub async fn spawn(
         next_spec: launched.next_spec,
         input: launched.input,
     })
+}
+
+/// The `PATH` a process started with this environment searches.
+fn search_path(clear_env: bool, env: &[(String, String)]) -> String {
+    env.iter()
+        .rev()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .or_else(|| (!clear_env).then(|| std::env::var("PATH").ok()).flatten())
+        .unwrap_or_else(|| DEFAULT_PATH.into())
+}
+
+/// Where `program` (a name searched on the sandbox's `PATH`, or a path) is in the place a
+/// command would start in; `None` when it is not there. Errs when that place is unavailable.
+pub fn locate_program(
+    target: Option<&TargetWatch>,
+    program: &str,
+) -> Result<Option<String>, String> {
+    let place = start_in(target, "").map_err(|e| e.to_string())?;
+    if program.contains('/') {
+        return Ok(metadata_in(&place.root, program)
+            .is_ok_and(|m| m.is_file())
+            .then(|| program.to_string()));
+    }
+    let path_var = search_path(place.clear_env, &place.env);
+    Ok(find_program(&place.root, &path_var, program))
 }
 
 /// The words of a command line that a shell would run as one program with these exact
@@ -407,6 +427,13 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// After the ending of a process that must not leave anything behind (a Jupyter server's
+    /// kernels): kills the rest of its tree, and [`Driver::finish`] sweeps until it is gone.
+    pub fn kill_leftovers(&mut self) {
+        self.tree.signal(Signal::SIGKILL);
+        self.kill_at = Some(Instant::now());
     }
 
     /// After the ending: once the tree is gone, gives the shim back to the launcher (or reaps

@@ -122,9 +122,7 @@ impl Files {
             return Ok(Place {
                 root: Root::open("/".as_ref()).map_err(|e| FileError::io("cannot open /", e))?,
                 env: Vec::new(),
-                cwd: std::env::current_dir()
-                    .map(|d| d.to_string_lossy().into_owned())
-                    .unwrap_or_else(|_| "/".into()),
+                cwd: crate::container::working_dir(None),
                 acting: None,
                 root_path: "/".into(),
                 users: OnceLock::new(),
@@ -138,12 +136,7 @@ impl Files {
                 root_path.display()
             ))
         })?;
-        let pid = located.target.process.pid;
-        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
-            .map(|d| d.to_string_lossy().into_owned())
-            .ok()
-            .filter(|d| d.starts_with('/'))
-            .unwrap_or_else(|| "/".into());
+        let cwd = crate::container::working_dir(Some(&located));
         let mut place = Place {
             root,
             env: located.environ.clone(),

@@ -131,3 +131,16 @@ pub async fn refuse_oversized(
         _ => next.run(request).await,
     }
 }
+
+/// An error and its causes on one line: hyper's own message alone ("client error (Connect)")
+/// does not say what went wrong.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

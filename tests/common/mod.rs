@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod jupyter;
 pub mod pod;
 pub mod schemas;
 pub mod upstream;
@@ -504,6 +505,23 @@ pub fn sdk_python() -> String {
     python
 }
 
+/// Runs `tests/sdk/<script>` with the SDK venv's Python against sandlet's exec API at
+/// `exec_base`, and asserts that every check passed.
+pub fn run_sdk_checks(script: &str, exec_base: &str, envs: &[(&str, String)]) {
+    let out = Command::new(sdk_python())
+        .arg(format!("{}/tests/sdk/{script}", env!("CARGO_MANIFEST_DIR")))
+        .env("SANDLET_EXEC_ADDR", exec_base.trim_start_matches("http://"))
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(" 0 failed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Whether the tests run as root. A test that needs root and finds it missing skips with a
 /// line saying so, outside CI; under CI (`./test` sets `CI`) it fails instead.
 pub fn root_or_skip(why: &str) -> bool {
@@ -561,7 +579,7 @@ pub fn pid_alive(pid: i32) -> bool {
 }
 
 /// Set on each sandlet under test; its shims and tasks inherit it.
-const MARKER_VAR: &str = "SANDLET_TEST_INSTANCE";
+pub const MARKER_VAR: &str = "SANDLET_TEST_INSTANCE";
 
 /// SIGKILLs every process that carries this instance's marker, and all their descendants.
 pub fn kill_trees_marked(data_dir: &Path) {

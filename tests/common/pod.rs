@@ -60,12 +60,23 @@ const APPLETS: &[&str] = &[
     "stty",
 ];
 
+/// What the main container's image has beyond busybox: host directories bind-mounted
+/// read-only at the same paths (a language runtime, say), symlinks, and environment.
+#[derive(Debug, Clone, Default)]
+pub struct Image {
+    pub binds: Vec<PathBuf>,
+    /// `(link, target)`: `link` (absolute, in the rootfs) points at `target`.
+    pub links: Vec<(PathBuf, PathBuf)>,
+    pub env: Vec<(String, String)>,
+}
+
 pub struct Pod {
     /// Host pid of the pod's PID 1 (the pause).
     pub pid1: i32,
     /// Host pid of the main container's process.
     pub main_pid: i32,
     pub rootfs: PathBuf,
+    image: Image,
     mark: String,
     pause: Child,
     main: Child,
@@ -75,6 +86,11 @@ pub struct Pod {
 
 impl Pod {
     pub fn start() -> Option<Pod> {
+        Pod::start_with(Image::default())
+    }
+
+    /// A pod whose main container's image has `image` on top of busybox.
+    pub fn start_with(image: Image) -> Option<Pod> {
         if !super::root_or_skip("a simulated pod: namespaces, pivot_root") {
             return None;
         }
@@ -88,6 +104,11 @@ impl Pod {
             .unwrap();
         let rootfs = dir.path().join("rootfs");
         build_rootfs(&rootfs);
+        for (link, target) in &image.links {
+            let at = rootfs.join(link.strip_prefix("/").unwrap());
+            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(target, at).unwrap();
+        }
         let mark = dir
             .path()
             .file_name()
@@ -109,11 +130,12 @@ impl Pod {
                 .parse()
                 .ok()
         });
-        let main = start_main(pid1, &rootfs, &mark, &dir.path().join("main.log"));
+        let main = start_main(pid1, &rootfs, &mark, &image, &dir.path().join("main.log"));
         let mut pod = Pod {
             pid1,
             main_pid: 0,
             rootfs,
+            image,
             mark,
             pause,
             main,
@@ -157,7 +179,13 @@ impl Pod {
         let _ = self.main.wait();
         wait_gone(&[old]);
         let earlier = pids();
-        self.main = start_main(self.pid1, &self.rootfs, &self.mark, &self.main_log());
+        self.main = start_main(
+            self.pid1,
+            &self.rootfs,
+            &self.mark,
+            &self.image,
+            &self.main_log(),
+        );
         self.main_pid = self.find_main(&earlier);
         for cgroup in self.cgroups.clone() {
             self.put_main_in(&cgroup);
@@ -275,7 +303,13 @@ impl Drop for Pod {
 
 /// Starts a main container in the pod: new mount, UTS and IPC namespaces, a reduced bounding
 /// set, the script below.
-fn start_main(pid1: i32, rootfs: &Path, mark: &str, log: &Path) -> Child {
+fn start_main(pid1: i32, rootfs: &Path, mark: &str, image: &Image, log: &Path) -> Child {
+    let binds: Vec<String> = image
+        .binds
+        .iter()
+        .map(|b| b.display().to_string())
+        .collect();
+    let env: Vec<String> = image.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     Command::new("nsenter")
         .args([
             "--target",
@@ -296,6 +330,8 @@ fn start_main(pid1: i32, rootfs: &Path, mark: &str, log: &Path) -> Child {
         .arg(MAIN_CONTAINER_SCRIPT)
         .env("ROOTFS", rootfs)
         .env("POD_MARK", mark)
+        .env("POD_BINDS", binds.join(" "))
+        .env("POD_ENV", env.join(" "))
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .expect("nsenter")
@@ -334,6 +370,11 @@ mount -t proc proc "$ROOTFS/proc"
 mount --bind /dev/null "$ROOTFS/dev/null"
 # As a container runtime does: a devpts instance of its own, for terminals (PTY sessions).
 mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts "$ROOTFS/dev/pts"
+for dir in $POD_BINDS; do
+  mkdir -p "$ROOTFS$dir"
+  mount --rbind "$dir" "$ROOTFS$dir"
+  mount -o remount,bind,ro "$ROOTFS$dir"
+done
 cd "$ROOTFS"
 mkdir -p .oldroot
 pivot_root . .oldroot
@@ -341,7 +382,7 @@ cd /
 umount -l /.oldroot
 hostname sandbox-main
 cd /work
-exec env -i SANDBOX_MAIN_CONTAINER=main MAIN_VAR=from-main PATH=/bin HOME=/home/sandbox POD_MARK="$POD_MARK" \
+exec env -i SANDBOX_MAIN_CONTAINER=main MAIN_VAR=from-main PATH=/bin HOME=/home/sandbox POD_MARK="$POD_MARK" $POD_ENV \
   EXECD_ACCESS_TOKEN=main-container-execd-token \
   su -p -s /bin/sh sandbox -c "exec sleep 1000000"
 "#;

@@ -14,15 +14,15 @@ of hanging. The last line is `N passed, M failed`.
 """
 
 import os
-import signal
 import sys
 import time
-import traceback
 from datetime import timedelta
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import check_runner
 import lifecycle_stub
+from check_runner import poll
 from opensandbox.config import ConnectionConfigSync
 from opensandbox.exceptions import SandboxApiException, SandboxException
 from opensandbox.models.execd import RunCommandOpts
@@ -31,27 +31,6 @@ from opensandbox.sync import SandboxSync
 CWD = os.environ.get("SANDLET_SDK_CWD", "/tmp")
 TOKEN = os.environ.get("SANDLET_EXEC_TOKEN", "")
 CHECK_DEADLINE_S = float(os.environ.get("SANDLET_SDK_CHECK_DEADLINE", "30"))  # per check; generous
-
-
-class CheckTimeout(Exception):
-    pass
-
-
-def _on_alarm(signum, frame):
-    raise CheckTimeout(f"check did not finish within {CHECK_DEADLINE_S:.0f} s")
-
-
-def poll(what, fn, timeout_s, interval_s=0.05):
-    """Call fn() until it returns a truthy value; fail with `what` after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while True:
-        last = fn()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not reached within {timeout_s} s (last: {last!r})")
-        time.sleep(interval_s)
 
 
 def out(execution):
@@ -322,64 +301,26 @@ CHECKS = [
 
 
 def main(argv):
-    if not os.environ.get("SANDLET_EXEC_ADDR"):
-        print("FAIL: set SANDLET_EXEC_ADDR=host:port of sandlet's exec API", flush=True)
-        return 2
-    names = [n for n, _ in CHECKS]
-    unknown = [a for a in argv if a not in names]
-    if unknown:
-        print(f"unknown checks {unknown}; known: {' '.join(names)}", flush=True)
-        return 2
-    selected = [(n, f) for n, f in CHECKS if not argv or n in argv or n == "connect"]
+    def setup(ctx):
+        def config_factory():
+            return ConnectionConfigSync(
+                domain=f"127.0.0.1:{ctx['lifecycle_port']}",
+                protocol="http",
+                request_timeout=timedelta(seconds=20),
+            )
 
-    port = lifecycle_stub.start()
-
-    def config_factory():
-        return ConnectionConfigSync(
-            domain=f"127.0.0.1:{port}",
-            protocol="http",
-            request_timeout=timedelta(seconds=20),
+        ctx["config_factory"] = config_factory
+        ctx["sandbox"] = SandboxSync.connect(
+            lifecycle_stub.SANDBOX_ID,
+            connection_config=config_factory(),
+            connect_timeout=timedelta(seconds=20),
         )
 
-    signal.signal(signal.SIGALRM, _on_alarm)
-    passed = 0
-    current = "connect"
-    ctx = {"config_factory": config_factory}
-    try:
-        signal.setitimer(signal.ITIMER_REAL, CHECK_DEADLINE_S)
-        try:
-            ctx["sandbox"] = SandboxSync.connect(
-                lifecycle_stub.SANDBOX_ID,
-                connection_config=config_factory(),
-                connect_timeout=timedelta(seconds=20),
-            )
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        for name, fn in selected:
-            current = name
-            t0 = time.monotonic()
-            signal.setitimer(signal.ITIMER_REAL, CHECK_DEADLINE_S)
-            try:
-                note = fn(ctx)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            passed += 1
-            extra = f" ({note})" if note else ""
-            print(f"ok: {name} [{time.monotonic() - t0:.2f} s]{extra}", flush=True)
-    except Exception as e:
-        if not isinstance(e, (AssertionError, CheckTimeout)):
-            traceback.print_exc()
-        print(f"FAIL: {current}: {type(e).__name__}: {e}", flush=True)
-        if current == "connect":
-            print(f"  (is sandlet's exec API listening on {os.environ['SANDLET_EXEC_ADDR']}?)", flush=True)
-        print(f"{passed} passed, 1 failed", flush=True)
-        return 1
-    finally:
+    def teardown(ctx):
         if "sandbox" in ctx:
             ctx["sandbox"].close()
-        lifecycle_stub.stop()
-    print(f"{passed} passed, 0 failed", flush=True)
-    return 0
+
+    return check_runner.run(CHECKS, argv, setup, teardown, CHECK_DEADLINE_S)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ pub struct InterruptQuery {
     id: Option<String>,
 }
 
-/// `DELETE /command?id=`: interrupts a command (SIGTERM to its tree, SIGKILL after 3 s), or,
-/// given a bash session's id, deletes that session, as execd does.
+/// `DELETE /command?id=` and `DELETE /code?id=` (one handler, as in execd): given a code
+/// context's id, interrupts its kernel; a command's, interrupts it (SIGTERM to its tree, SIGKILL
+/// after 3 s); a bash session's, deletes that session.
 pub async fn interrupt(
     State(api): State<ExecApi>,
     Query(q): Query<InterruptQuery>,
@@ -24,6 +25,10 @@ pub async fn interrupt(
             "missing query parameter 'id'",
         ));
     };
+    if let Some(interrupted) = api.code.interrupt(&id).await {
+        interrupted.map_err(super::code_error)?;
+        return Ok(super::empty_ok());
+    }
     if api.sessions.exists(&id) {
         api.sessions.delete(&id).map_err(|_| {
             ApiError::new(

@@ -4,8 +4,11 @@
 
 mod command_logs;
 mod command_status;
+mod create_code_context;
 mod create_pty;
 mod create_session;
+mod delete_code_context;
+mod delete_code_contexts;
 mod delete_pty;
 mod delete_session;
 mod directories_create;
@@ -20,12 +23,15 @@ mod files_permissions;
 mod files_replace;
 mod files_search;
 mod files_upload;
+mod get_code_context;
 mod interrupt;
+mod list_code_contexts;
 mod metrics;
 mod ping;
 pub mod proxy;
 mod pty_status;
 mod pty_ws;
+mod run_code;
 mod run_command;
 mod run_in_session;
 
@@ -42,6 +48,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
+use super::code::{Code, CodeError};
 use super::pty::{PtyError, Ptys};
 use super::{Commands, Metrics, Sessions};
 use crate::files::Files;
@@ -59,6 +66,7 @@ pub struct ExecApi {
     pub metrics: Arc<Metrics>,
     pub files: Arc<Files>,
     pub ptys: Arc<Ptys>,
+    pub code: Arc<Code>,
     /// A PTY WebSocket message's size limit (execd has none).
     pub pty_max_message: usize,
     /// Turns true when sandlet shuts down; `/metrics/watch` ends then.
@@ -86,6 +94,24 @@ pub fn router(api: ExecApi, auth: Auth, max_body_bytes: u64, max_upload_bytes: u
         )
         .route("/command/status/{id}", get(command_status::command_status))
         .route("/command/{id}/logs", get(command_logs::command_logs))
+        .route(
+            "/code",
+            post(run_code::run_code).delete(interrupt::interrupt),
+        )
+        .route(
+            "/code/context",
+            post(create_code_context::create_code_context),
+        )
+        .route(
+            "/code/contexts",
+            get(list_code_contexts::list_code_contexts)
+                .delete(delete_code_contexts::delete_code_contexts),
+        )
+        .route(
+            "/code/contexts/{id}",
+            get(get_code_context::get_code_context)
+                .delete(delete_code_context::delete_code_context),
+        )
         .route("/session", post(create_session::create_session))
         .route("/session/{id}/run", post(run_in_session::run_in_session))
         .route("/session/{id}", delete(delete_session::delete_session))
@@ -212,6 +238,34 @@ fn runtime_error(message: impl Into<String>) -> ApiError {
 /// `404 CONTEXT_NOT_FOUND`, execd's answer for an unknown PTY session.
 fn pty_not_found(e: PtyError) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "CONTEXT_NOT_FOUND", e.to_string())
+}
+
+/// A code interpreting error as an answer. execd answers 500 to an unknown language and to an
+/// unknown context in `POST /code`; sandlet answers 400 and 404 (bad input is the client's).
+fn code_error(e: CodeError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        CodeError::UnknownLanguage(_) | CodeError::NoKernel(_) => invalid(message),
+        CodeError::ContextNotFound(_) => {
+            ApiError::new(StatusCode::NOT_FOUND, "CONTEXT_NOT_FOUND", message)
+        }
+        CodeError::Limit(_) => limit_error(message),
+        CodeError::NotInstalled(_) | CodeError::Unavailable(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
+        }
+        CodeError::Jupyter(_) => runtime_error(message),
+    }
+}
+
+/// The context routes take no shell languages (execd: "unsupported language context
+/// operation").
+fn check_context_language(language: &str) -> Result<(), ApiError> {
+    if matches!(language, "command" | "background-command" | "sql") {
+        return Err(invalid(format!(
+            "unsupported language context operation: {language}"
+        )));
+    }
+    Ok(())
 }
 
 fn limit_error(message: impl Into<String>) -> ApiError {

@@ -9,7 +9,6 @@
 //! request; `X-Forwarded-For` is the peer's address, never the client's own claim; the access
 //! token is not passed on; failures are JSON `{"code","message"}`.
 
-use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -31,6 +30,7 @@ use tokio::sync::oneshot;
 
 use super::{TOKEN_HEADER, invalid};
 use crate::http::error::ApiError;
+use crate::http::error_chain;
 
 const PREFIX: &str = "/proxy/";
 
@@ -147,7 +147,7 @@ impl Proxy {
                 return Err(ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "BAD_GATEWAY",
-                    format!("proxy to 127.0.0.1:{port}: {}", chain(&e)),
+                    format!("proxy to 127.0.0.1:{port}: {}", error_chain(&e)),
                 ));
             }
             Err(_) => {
@@ -175,7 +175,7 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         // Streamed as it arrives; a failure mid-body can only cut the response short.
         let body = body.map_err(move |e| {
-            tracing::warn!(port, error = %chain(&e), "proxy: upstream response body failed");
+            tracing::warn!(port, error = %error_chain(&e), "proxy: upstream response body failed");
             e
         });
         Ok(Response::from_parts(parts, Body::new(body)))
@@ -297,7 +297,7 @@ fn tunnel(port: u16, client: OnUpgrade, mut upstream: hyper::Response<Incoming>)
         let (client, upstream) = match tokio::try_join!(client, upstream_upgrade) {
             Ok(both) => both,
             Err(e) => {
-                tracing::warn!(port, error = %chain(&e), "proxy: protocol switch failed");
+                tracing::warn!(port, error = %error_chain(&e), "proxy: protocol switch failed");
                 return;
             }
         };
@@ -317,19 +317,6 @@ fn tunnel(port: u16, client: OnUpgrade, mut upstream: hyper::Response<Incoming>)
         parts.headers.insert(header::UPGRADE, protocol);
     }
     Response::from_parts(parts, Body::empty())
-}
-
-/// An error and its causes on one line: hyper's own message alone ("client error (Connect)")
-/// does not say what went wrong.
-fn chain(error: &dyn StdError) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
