@@ -10,6 +10,7 @@ pub mod exec;
 pub mod files;
 pub mod http;
 pub mod process;
+pub mod roles;
 pub mod serve;
 pub mod tasks;
 pub mod telemetry;

@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use sandlet::cli::{Cli, Command};
 use sandlet::process::shim;
+use sandlet::roles::{self, Role};
 
 fn main() -> ExitCode {
     // Descriptors inherited from whoever started sandlet (a shell's, a runtime's) are not
@@ -19,16 +20,27 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|a| a == shim::ROLE) {
         return ExitCode::from(shim::run() as u8);
     }
-    let cli = Cli::parse_args();
-    let mut args = match cli.command {
-        Some(Command::Serve(args)) => args,
-        Some(Command::Target(args)) => return print_target(args),
-        Some(Command::Install(args)) => return install(&args.destination),
-        None => cli.serve,
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let mut args = match Role::of(&argv0) {
+        Some(Role::Bootstrap) => return roles::bootstrap(std::env::args_os().skip(1).collect()),
+        Some(Role::Execd) => match roles::execd_serve_args(std::env::args_os()) {
+            Ok(args) => args,
+            Err(e) => e.exit(),
+        },
+        None => {
+            let cli = Cli::parse_args();
+            match cli.command {
+                Some(Command::Serve(args)) => args,
+                Some(Command::Target(args)) => return print_target(args),
+                Some(Command::Install(args)) => return install(&args.destination),
+                None => cli.serve,
+            }
+        }
     };
     // Shims, tasks and commands inherit sandlet's environment: the token must not be in it.
     // SAFETY: no other thread exists yet.
-    args.exec_token_from_env = std::env::var(sandlet::http::auth::EXEC_TOKEN_VAR).ok();
+    let from_env = std::env::var(sandlet::http::auth::EXEC_TOKEN_VAR).ok();
+    args.exec_token_from_env = args.exec_token_from_env.or(from_env);
     unsafe { std::env::remove_var(sandlet::http::auth::EXEC_TOKEN_VAR) };
     sandlet::telemetry::init(args.log_format, &args.log_level);
     // Streamed output passes through buffers of up to a few hundred KiB. With glibc's default
