@@ -1,0 +1,293 @@
+//! A real one-node Kubernetes for the tests: `.ci/node up` (kubelet, containerd, runc, CNI
+//! bridge, the control plane and sandlet-controller, in their own network, mount and PID
+//! namespaces and under this process's cgroups) booted once per test binary under an instance
+//! name of its own, so test binaries run side by side.
+//!
+//! The node's addresses exist only in its network namespace. The tests reach them through
+//! loopback forwards: [`NodeEnv::forward`] listens on an ephemeral 127.0.0.1 port of this
+//! namespace and connects each accepted connection from a socket made in the node's namespace
+//! (a thread `setns`es into it; a socket stays in the namespace it was made in). The kube client
+//! goes through such a forward to the apiserver's 127.0.0.1:6443 there (its certificate names
+//! 127.0.0.1; the port does not matter to TLS).
+//!
+//! Teardown: before `up`, the test binary starts a watcher in a session of its own, `sh` blocked
+//! reading a pipe whose only writer this process holds. When this process ends, however it
+//! ends (a panic, SIGKILL), the pipe closes and the watcher runs `.ci/node down`, which kills the
+//! node's PID namespace and removes its cgroups, mounts and files.
+
+use std::fs::File;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use nix::sched::{CloneFlags, setns};
+use serde_json::json;
+
+pub struct NodeEnv {
+    instance: String,
+    /// The node's cgroup path (the same in every hierarchy): its kubelet's cgroupRoot.
+    cgroup: String,
+    /// The node's network namespace (`/proc/<its init>/ns/net`), held open.
+    netns: File,
+    /// The admin kubeconfig, its server replaced by the loopback forward.
+    kubeconfig: Kubeconfig,
+    executor_token: String,
+    /// Never waited for: it outlives this process, reading its stdin until this process ends
+    /// (see the module docs).
+    _watcher: Child,
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .into()
+}
+
+fn node_script() -> PathBuf {
+    repo().join(".ci/node")
+}
+
+/// Why the node cannot boot here, if it cannot: the tests then skip (and fail under CI).
+fn missing_prerequisite() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("the real node needs root (namespaces, mounts, cgroups)".into());
+    }
+    let cache = std::env::var_os("SANDLET_NODE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/cache/sandlet-node".into());
+    // Outside CI a first build (tens of minutes) is not started from a test.
+    if std::env::var_os("CI").is_none() && !cache.join("bin/kubelet").exists() {
+        return Some(format!(
+            "no kubelet in {}: run .ci/node-setup",
+            cache.display()
+        ));
+    }
+    None
+}
+
+/// Runs `.ci/node down` for test instances whose test binary is gone (its watcher too, e.g.
+/// after a reboot): a node left behind is never reused, so nothing else would remove it.
+fn remove_abandoned_instances() {
+    let run = std::env::var_os("SANDLET_NODE_RUN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp/sandlet-node".into());
+    let Ok(entries) = std::fs::read_dir(run) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("test-") else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = Command::new(node_script())
+                .arg("down")
+                .env("SANDLET_NODE_INSTANCE", &name)
+                .status();
+        }
+    }
+}
+
+impl NodeEnv {
+    /// The node of this test binary, booted on first use; `None` (with the reason printed)
+    /// where it cannot run, outside CI.
+    pub fn get() -> Option<&'static NodeEnv> {
+        static NODE: OnceLock<Option<NodeEnv>> = OnceLock::new();
+        NODE.get_or_init(|| {
+            if let Some(why) = missing_prerequisite() {
+                assert!(std::env::var_os("CI").is_none(), "{why}");
+                eprintln!("skipping: {why}");
+                return None;
+            }
+            Some(NodeEnv::boot())
+        })
+        .as_ref()
+    }
+
+    fn boot() -> NodeEnv {
+        let started = Instant::now();
+        remove_abandoned_instances();
+        let instance = format!("test-{}", std::process::id());
+        let watcher = Command::new("setsid")
+            .args(["sh", "-c", "cat >/dev/null; exec \"$0\" down"])
+            .arg(node_script())
+            .env("SANDLET_NODE_INSTANCE", &instance)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("setsid (util-linux) starts the node's watcher");
+        let up = Command::new(node_script())
+            .arg("up")
+            .env("SANDLET_NODE_INSTANCE", &instance)
+            // The controller this test binary was built with (the image's sandlet is the
+            // release build `.ci/node up` makes).
+            .env(
+                "SANDLET_CONTROLLER_BIN",
+                env!("CARGO_BIN_EXE_sandlet-controller"),
+            )
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(up.status.success(), ".ci/node up failed ({})", up.status);
+        let vars: std::collections::HashMap<String, String> = String::from_utf8_lossy(&up.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, v)| (k.into(), v.into())))
+            .collect();
+        let netns = File::open(format!("/proc/{}/ns/net", vars["SANDLET_NODE_PID"])).unwrap();
+        let cgroup = std::fs::read_to_string(Path::new(&vars["SANDLET_NODE_DIR"]).join("cgroup"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let executor_token =
+            std::fs::read_to_string(&vars["SANDLET_NODE_EXECUTOR_TOKEN_FILE"]).unwrap();
+        let mut kubeconfig = Kubeconfig::read_from(&vars["KUBECONFIG"]).unwrap();
+        let mut env = NodeEnv {
+            instance,
+            cgroup,
+            netns,
+            kubeconfig: kubeconfig.clone(),
+            executor_token: executor_token.trim().into(),
+            _watcher: watcher,
+        };
+        let api = env.forward((Ipv4Addr::LOCALHOST, 6443).into());
+        for cluster in &mut kubeconfig.clusters {
+            cluster.cluster.as_mut().unwrap().server = Some(format!("https://{api}"));
+        }
+        env.kubeconfig = kubeconfig;
+        eprintln!(
+            "node {} Ready in {:?} (apiserver forwarded to {api})",
+            env.instance,
+            started.elapsed()
+        );
+        env
+    }
+
+    /// A client of the node's apiserver, for the calling test's runtime.
+    pub async fn client(&self) -> Client {
+        let config =
+            Config::from_custom_kubeconfig(self.kubeconfig.clone(), &KubeConfigOptions::default())
+                .await
+                .unwrap();
+        Client::try_from(config).unwrap()
+    }
+
+    /// The node's cgroup path, below this process's own (see `.ci/node`).
+    pub fn cgroup(&self) -> &str {
+        &self.cgroup
+    }
+
+    /// Runs `f` on a thread in the node's network namespace.
+    pub fn in_netns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        in_netns(&self.netns, f).unwrap()
+    }
+
+    /// Runs `.ci/node exec -- cmd...` for this node: `cmd` in its network namespace, with
+    /// kubectl, crictl, ctr and helm on PATH and pointed at it.
+    pub fn exec(&self, cmd: &[&str]) -> std::process::Output {
+        Command::new(node_script())
+            .args(["exec", "--"])
+            .args(cmd)
+            .env("SANDLET_NODE_INSTANCE", &self.instance)
+            .output()
+            .unwrap()
+    }
+
+    /// The task API token sandlet-controller sends (the `sandlet-token` Secret's `token`).
+    pub fn executor_token(&self) -> &str {
+        &self.executor_token
+    }
+
+    /// A 127.0.0.1 address of this network namespace whose connections go to `target` in the
+    /// node's (see the module docs). Lives as long as the test binary.
+    pub fn forward(&self, target: SocketAddr) -> SocketAddr {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let local = listener.local_addr().unwrap();
+        let netns = self.netns.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let netns = netns.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let connect =
+                        move || TcpStream::connect_timeout(&target, Duration::from_secs(10));
+                    if let Ok(Ok(upstream)) = in_netns(&netns, connect) {
+                        splice(client, upstream);
+                    }
+                });
+            }
+        });
+        local
+    }
+
+    /// Creates namespace `name` (with the `sandlet-token` Secret) and waits until its default
+    /// service account exists: pods are refused before.
+    pub async fn namespace(&self, name: &str) {
+        let client = self.client().await;
+        Api::<Namespace>::all(client.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        Api::<Secret>::namespaced(client.clone(), name)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": "sandlet-token"},
+                    "stringData": {"token": self.executor_token},
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        let accounts: Api<ServiceAccount> = Api::namespaced(client, name);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while accounts.get_opt("default").await.unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "no default service account in {name} after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Runs `f` in the network namespace `netns`, on a thread of its own: `setns` changes only the
+/// calling thread's namespace. Sockets `f` makes stay in that namespace wherever they are used.
+fn in_netns<T: Send + 'static>(
+    netns: &File,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<T> {
+    let netns = netns.try_clone()?;
+    std::thread::spawn(move || {
+        setns(&netns, CloneFlags::CLONE_NEWNET)?;
+        Ok(f())
+    })
+    .join()
+    .expect("a thread in the node's network namespace panicked")
+}
+
+/// Copies both ways until each side has closed its half.
+fn splice(client: TcpStream, upstream: TcpStream) {
+    let (Ok(mut client_read), Ok(mut upstream_write)) = (client.try_clone(), upstream.try_clone())
+    else {
+        return;
+    };
+    let to_upstream = std::thread::spawn(move || {
+        let _ = io::copy(&mut client_read, &mut upstream_write);
+        let _ = upstream_write.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut upstream_read, mut client_write) = (upstream, client);
+    let _ = io::copy(&mut upstream_read, &mut client_write);
+    let _ = client_write.shutdown(std::net::Shutdown::Write);
+    let _ = to_upstream.join();
+}
