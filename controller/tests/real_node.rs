@@ -56,6 +56,22 @@ async fn run_pod(pods: &Api<Pod>, spec: Value) -> IpAddr {
     ip.parse().unwrap()
 }
 
+/// A pod of one container of the sandbox image, running `command`.
+fn sandbox_pod(name: &str, command: &[&str]) -> Value {
+    json!({
+        "metadata": {"name": name},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{
+                "name": "main",
+                "image": "sandlet-sandbox:dev",
+                "imagePullPolicy": "Never",
+                "command": command,
+            }],
+        },
+    })
+}
+
 /// The addresses of the calling thread's network namespace.
 fn addresses() -> Vec<IpAddr> {
     nix::ifaddrs::getifaddrs()
@@ -69,24 +85,18 @@ async fn a_pod_of_the_sandbox_image_runs_as_the_images_non_root_user() {
     let Some(node) = NodeEnv::get() else { return };
     node.namespace("sandbox").await;
     let pods: Api<Pod> = Api::namespaced(node.client().await, "sandbox");
-    let ip = run_pod(
-        &pods,
-        json!({
-            "metadata": {"name": "busybox"},
-            "spec": {
-                "terminationGracePeriodSeconds": 1,
-                "containers": [{
-                    "name": "main",
-                    "image": "sandlet-sandbox:dev",
-                    "imagePullPolicy": "Never",
-                    // id -un resolves the uid in the image's own /etc/passwd.
-                    "command": ["sh", "-c", "echo \"$(id -un) $(id -u):$(id -g)\"; exec sleep 3600"],
-                    "securityContext": {"runAsUser": 1000, "runAsGroup": 1000},
-                }],
-            },
-        }),
-    )
-    .await;
+    // id -un resolves the uid in the image's own /etc/passwd.
+    let mut pod = sandbox_pod(
+        "busybox",
+        &[
+            "sh",
+            "-c",
+            "echo \"$(id -un) $(id -u):$(id -g)\"; exec sleep 3600",
+        ],
+    );
+    pod["spec"]["containers"][0]["securityContext"] =
+        json!({"runAsUser": 1000, "runAsGroup": 1000});
+    let ip = run_pod(&pods, pod).await;
     assert!(in_pod_network(ip), "pod IP {ip}");
     let log = pods.logs("busybox", &LogParams::default()).await.unwrap();
     assert_eq!(log.trim(), "sandbox 1000:1000");
@@ -273,22 +283,7 @@ async fn the_node_and_its_pods_stay_in_their_namespaces_and_below_our_cgroups() 
     let Some(node) = NodeEnv::get() else { return };
     node.namespace("contained").await;
     let pods: Api<Pod> = Api::namespaced(node.client().await, "contained");
-    let ip = run_pod(
-        &pods,
-        json!({
-            "metadata": {"name": "sleeper"},
-            "spec": {
-                "terminationGracePeriodSeconds": 1,
-                "containers": [{
-                    "name": "main",
-                    "image": "sandlet-sandbox:dev",
-                    "imagePullPolicy": "Never",
-                    "command": ["sleep", "3601"],
-                }],
-            },
-        }),
-    )
-    .await;
+    let ip = run_pod(&pods, sandbox_pod("sleeper", &["sleep", "3601"])).await;
 
     // Addresses: the pod's and the bridge's exist in the node's network namespace only.
     let inside = node.in_netns(addresses);
