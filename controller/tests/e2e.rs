@@ -5,12 +5,10 @@
 //! a controller restart mid-flight loses nothing; deletion stops the tasks and returns the pods.
 //! Each of those changes, and a spec that cannot work, shows as a Kubernetes Event.
 
-mod eventually;
 mod kube_env;
 
 use std::time::{Duration, Instant};
 
-use eventually::eventually;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};

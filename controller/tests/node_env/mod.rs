@@ -55,22 +55,21 @@ fn node_script() -> PathBuf {
     repo().join(".ci/node")
 }
 
-/// Why the node cannot boot here, if it cannot: the tests then skip (and fail under CI).
-fn missing_prerequisite() -> Option<String> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("the real node needs root (namespaces, mounts, cgroups)".into());
-    }
+/// What the node needs and `./test` provides: root, and the binaries `.ci/node-setup` builds
+/// (a first build takes tens of minutes: not started from a test).
+fn assert_prerequisites() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the real node needs root (namespaces, mounts, cgroups): `sudo ./test` runs every test"
+    );
     let cache = std::env::var_os("SANDLET_NODE_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| "/var/cache/sandlet-node".into());
-    // Outside CI a first build (tens of minutes) is not started from a test.
-    if std::env::var_os("CI").is_none() && !cache.join("bin/kubelet").exists() {
-        return Some(format!(
-            "no kubelet in {}: run .ci/node-setup",
-            cache.display()
-        ));
-    }
-    None
+    assert!(
+        cache.join("bin/kubelet").exists(),
+        "no kubelet in {}: `./test` builds the node (.ci/node-setup) and runs every test",
+        cache.display()
+    );
 }
 
 /// Runs `.ci/node down` for test instances whose test binary is gone (its watcher too, e.g.
@@ -97,19 +96,15 @@ fn remove_abandoned_instances() {
 }
 
 impl NodeEnv {
-    /// The node of this test binary, booted on first use; `None` (with the reason printed)
-    /// where it cannot run, outside CI.
-    pub fn get() -> Option<&'static NodeEnv> {
-        static NODE: OnceLock<Option<NodeEnv>> = OnceLock::new();
+    /// The node of this test binary, booted on first use. Tests that use it are `#[ignore]`d
+    /// with the reason: `cargo test` lists them as ignored, `./test` builds the node and runs
+    /// them.
+    pub fn get() -> &'static NodeEnv {
+        static NODE: OnceLock<NodeEnv> = OnceLock::new();
         NODE.get_or_init(|| {
-            if let Some(why) = missing_prerequisite() {
-                assert!(std::env::var_os("CI").is_none(), "{why}");
-                eprintln!("skipping: {why}");
-                return None;
-            }
-            Some(NodeEnv::boot())
+            assert_prerequisites();
+            NodeEnv::boot()
         })
-        .as_ref()
     }
 
     fn boot() -> NodeEnv {
