@@ -144,26 +144,23 @@ impl NodeEnv {
             .to_string();
         let executor_token =
             std::fs::read_to_string(&vars["SANDLET_NODE_EXECUTOR_TOKEN_FILE"]).unwrap();
+        let api = forward(&netns, (Ipv4Addr::LOCALHOST, 6443).into());
         let mut kubeconfig = Kubeconfig::read_from(&vars["KUBECONFIG"]).unwrap();
-        let mut env = NodeEnv {
-            instance,
-            cgroup,
-            netns,
-            kubeconfig: kubeconfig.clone(),
-            executor_token: executor_token.trim().into(),
-            _watcher: watcher,
-        };
-        let api = env.forward((Ipv4Addr::LOCALHOST, 6443).into());
         for cluster in &mut kubeconfig.clusters {
             cluster.cluster.as_mut().unwrap().server = Some(format!("https://{api}"));
         }
-        env.kubeconfig = kubeconfig;
         eprintln!(
-            "node {} Ready in {:?} (apiserver forwarded to {api})",
-            env.instance,
+            "node {instance} Ready in {:?} (apiserver forwarded to {api})",
             started.elapsed()
         );
-        env
+        NodeEnv {
+            instance,
+            cgroup,
+            netns,
+            kubeconfig,
+            executor_token: executor_token.trim().into(),
+            _watcher: watcher,
+        }
     }
 
     /// A client of the node's apiserver, for the calling test's runtime.
@@ -204,22 +201,7 @@ impl NodeEnv {
     /// A 127.0.0.1 address of this network namespace whose connections go to `target` in the
     /// node's (see the module docs). Lives as long as the test binary.
     pub fn forward(&self, target: SocketAddr) -> SocketAddr {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let local = listener.local_addr().unwrap();
-        let netns = self.netns.try_clone().unwrap();
-        std::thread::spawn(move || {
-            for client in listener.incoming().map_while(Result::ok) {
-                let netns = netns.try_clone().unwrap();
-                std::thread::spawn(move || {
-                    let connect =
-                        move || TcpStream::connect_timeout(&target, Duration::from_secs(10));
-                    if let Ok(Ok(upstream)) = in_netns(&netns, connect) {
-                        splice(client, upstream);
-                    }
-                });
-            }
-        });
-        local
+        forward(&self.netns, target)
     }
 
     /// Creates namespace `name` (with the `sandlet-token` Secret) and waits until its default
@@ -254,6 +236,25 @@ impl NodeEnv {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// See [`NodeEnv::forward`].
+fn forward(netns: &File, target: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let local = listener.local_addr().unwrap();
+    let netns = netns.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for client in listener.incoming().map_while(Result::ok) {
+            let netns = netns.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let connect = move || TcpStream::connect_timeout(&target, Duration::from_secs(10));
+                if let Ok(Ok(upstream)) = in_netns(&netns, connect) {
+                    splice(client, upstream);
+                }
+            });
+        }
+    });
+    local
 }
 
 /// Runs `f` in the network namespace `netns`, on a thread of its own: `setns` changes only the
