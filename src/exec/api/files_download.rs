@@ -241,74 +241,85 @@ fn multipart(file: File, ranges: &[(u64, u64)], size: u64) -> Response {
 /// A body of `(prefix, first byte, last byte)` pieces of `file`, then `tail`, read on a blocking
 /// thread a few chunks ahead of the client (a slow client holds back the reads, not memory).
 fn stream(file: File, pieces: Vec<(Vec<u8>, u64, u64)>, tail: Vec<u8>) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(READ_AHEAD);
-    tokio::task::spawn_blocking(move || {
+    body_from(move |tx| {
         for (prefix, start, end) in pieces {
             if !prefix.is_empty() && tx.blocking_send(Ok(prefix.into())).is_err() {
                 return;
             }
             let mut at = start;
-            while at <= end {
-                let want = ((end - at + 1) as usize).min(CHUNK);
-                let mut buf = vec![0u8; want];
-                match file.read_at(&mut buf, at) {
-                    Ok(0) => {
-                        // The file shrank under us: end the body short (the client sees a
-                        // length mismatch) rather than send bytes that are not the file's.
-                        let _ = tx.blocking_send(Err(std::io::Error::other(
-                            "the file shrank while being sent",
-                        )));
-                        return;
-                    }
-                    Ok(n) => {
-                        buf.truncate(n);
-                        at += n as u64;
-                        if tx.blocking_send(Ok(buf.into())).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(e));
-                        return;
-                    }
-                }
+            let read_at = |buf: &mut [u8]| {
+                let n = file.read_at(buf, at)?;
+                at += n as u64;
+                Ok(n)
+            };
+            if !send_read(tx, read_at, Some(end - start + 1)) {
+                return;
             }
         }
         if !tail.is_empty() {
             let _ = tx.blocking_send(Ok(tail.into()));
         }
-    });
+    })
+}
+
+/// The file read from its current offset until a read returns nothing, chunked.
+fn until_end(mut file: File) -> Response {
+    body_from(move |tx| {
+        send_read(tx, |buf| std::io::Read::read(&mut file, buf), None);
+    })
+}
+
+type Chunks = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// A response whose body `produce` writes from a blocking thread, at most [`READ_AHEAD`] chunks
+/// ahead of the client.
+fn body_from(produce: impl FnOnce(&Chunks) + Send + 'static) -> Response {
+    let (tx, rx) = mpsc::channel(READ_AHEAD);
+    tokio::task::spawn_blocking(move || produce(&tx));
     Response::new(Body::from_stream(
         tokio_stream::wrappers::ReceiverStream::new(rx),
     ))
 }
 
-/// The file read from its current offset until a read returns nothing, chunked.
-fn until_end(mut file: File) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(READ_AHEAD);
-    tokio::task::spawn_blocking(move || {
-        loop {
-            let mut buf = vec![0u8; CHUNK];
-            match std::io::Read::read(&mut file, &mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    buf.truncate(n);
-                    if tx.blocking_send(Ok(buf.into())).is_err() {
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
+/// Sends what `read` gives, a chunk at a time, until it has given `length` bytes (`None`: until
+/// it gives nothing). False when the body ended early: the client went away, or a read failed
+/// (the error then ends the body, so the client sees it cut short).
+fn send_read(
+    tx: &Chunks,
+    mut read: impl FnMut(&mut [u8]) -> std::io::Result<usize>,
+    length: Option<u64>,
+) -> bool {
+    let mut left = length;
+    loop {
+        let want = left.map_or(CHUNK, |l| (l as usize).min(CHUNK));
+        if want == 0 {
+            return true;
+        }
+        let mut buf = vec![0u8; want];
+        match read(&mut buf) {
+            Ok(0) if left.is_none() => return true,
+            Ok(0) => {
+                // The file shrank under us: end the body short (the client sees a length
+                // mismatch) rather than send bytes that are not the file's.
+                let _ = tx.blocking_send(Err(std::io::Error::other(
+                    "the file shrank while being sent",
+                )));
+                return false;
+            }
+            Ok(n) => {
+                buf.truncate(n);
+                left = left.map(|l| l - n as u64);
+                if tx.blocking_send(Ok(buf.into())).is_err() {
+                    return false;
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return false;
+            }
         }
-    });
-    Response::new(Body::from_stream(
-        tokio_stream::wrappers::ReceiverStream::new(rx),
-    ))
+    }
 }
 
 fn range_error(size: u64, why: String) -> Response {
