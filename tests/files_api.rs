@@ -9,6 +9,7 @@ use std::net::TcpStream;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::Path;
 
+use common::form::{BOUNDARY, Part, multipart};
 use common::pod::{MAIN_UID, Pod, SIDECAR_CAPABILITIES};
 use common::{Reply, Sandlet, scratch, wait_until};
 use serde_json::{Value, json};
@@ -26,52 +27,12 @@ fn q(path: &str) -> String {
     out
 }
 
-const BOUNDARY: &str = "sandlet-test-boundary";
-
-enum Part<'a> {
-    /// A metadata part sent as a file part (as the SDK does).
-    MetaFile(Value),
-    /// A metadata part sent as a plain form value.
-    MetaValue(Value),
-    File(&'a [u8]),
-}
-
-fn multipart(parts: &[Part]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for part in parts {
-        body.extend_from_slice(format!("--{BOUNDARY}\r\n").as_bytes());
-        let (head, content): (String, Vec<u8>) = match part {
-            Part::MetaFile(v) => (
-                "Content-Disposition: form-data; name=\"metadata\"; filename=\"metadata\"\r\nContent-Type: application/json\r\n".into(),
-                v.to_string().into_bytes(),
-            ),
-            Part::MetaValue(v) => (
-                "Content-Disposition: form-data; name=\"metadata\"\r\n".into(),
-                v.to_string().into_bytes(),
-            ),
-            Part::File(b) => (
-                "Content-Disposition: form-data; name=\"file\"; filename=\"x\"\r\nContent-Type: application/octet-stream\r\n".into(),
-                b.to_vec(),
-            ),
-        };
-        body.extend_from_slice(head.as_bytes());
-        body.extend_from_slice(b"\r\n");
-        body.extend_from_slice(&content);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
-    body
-}
-
 fn upload(s: &Sandlet, parts: &[Part]) -> Reply {
     s.exec_bytes(
         "POST",
         "/files/upload",
         Some(multipart(parts)),
-        &[(
-            "Content-Type",
-            &format!("multipart/form-data; boundary={BOUNDARY}"),
-        )],
+        &[("Content-Type", &common::form::content_type())],
     )
 }
 
@@ -659,10 +620,7 @@ fn an_upload_cut_off_halfway_leaves_the_previous_content() {
         "POST",
         "/files/upload",
         Some(body),
-        &[(
-            "Content-Type",
-            &format!("multipart/form-data; boundary={BOUNDARY}"),
-        )],
+        &[("Content-Type", &common::form::content_type())],
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let mut old = String::new();
@@ -691,10 +649,7 @@ fn an_upload_cut_off_halfway_leaves_the_previous_content() {
         "POST",
         "/files/upload",
         Some(nested_body),
-        &[(
-            "Content-Type",
-            &format!("multipart/form-data; boundary={BOUNDARY}"),
-        )],
+        &[("Content-Type", &common::form::content_type())],
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(std::fs::metadata(&nested).unwrap().len(), 4 << 20);

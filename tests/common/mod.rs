@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod form;
 pub mod jupyter;
 pub mod pod;
 pub mod schemas;
@@ -65,6 +66,51 @@ impl Reply {
             body["message"].as_str().is_some_and(|m| !m.is_empty()),
             "body: {body}"
         );
+    }
+}
+
+#[derive(Clone)]
+pub struct ExecClient {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl ExecClient {
+    /// A request to the exec API with any body and headers.
+    pub fn exec_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let url = format!("{}{}", self.base, path);
+        let mut builder = ureq::http::Request::builder().method(method).uri(&url);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let result = match body {
+            Some(b) => self.agent.run(builder.body(b).unwrap()),
+            None => self.agent.run(builder.body(()).unwrap()),
+        };
+        let mut resp = result.expect("exec API request");
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .read_to_vec()
+            .unwrap_or_default();
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 }
 
@@ -293,32 +339,15 @@ impl Sandlet {
         body: Option<Vec<u8>>,
         headers: &[(&str, &str)],
     ) -> Reply {
-        let url = format!("{}{}", self.exec_base, path);
-        let mut builder = ureq::http::Request::builder().method(method).uri(&url);
-        for (k, v) in headers {
-            builder = builder.header(*k, *v);
-        }
-        let result = match body {
-            Some(b) => self.agent.run(builder.body(b).unwrap()),
-            None => self.agent.run(builder.body(()).unwrap()),
-        };
-        let mut resp = result.expect("exec API request");
-        let status = resp.status().as_u16();
-        let headers = resp
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-            .collect();
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(1 << 30)
-            .read_to_vec()
-            .unwrap_or_default();
-        Reply {
-            status,
-            headers,
-            body,
+        self.exec_client().exec_bytes(method, path, body, headers)
+    }
+
+    /// A client of the exec API that other threads can use (`Sandlet` itself stays on the
+    /// test's thread).
+    pub fn exec_client(&self) -> ExecClient {
+        ExecClient {
+            base: self.exec_base.clone(),
+            agent: self.agent.clone(),
         }
     }
 
@@ -661,4 +690,26 @@ pub fn recv_until(
             Err(e) => panic!("feed: no matching event before the deadline ({e})"),
         }
     }
+}
+
+/// How many descriptors `pid` has open.
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// The shims `pid` (a sandlet) has started that still run, busy or idle.
+pub fn shims_of(pid: i32) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|child| {
+            parent_of(*child) == Some(pid)
+                && pid_alive(*child)
+                && std::fs::read(format!("/proc/{child}/cmdline"))
+                    .is_ok_and(|c| c.split(|b| *b == 0).next() == Some(b"sandlet-shim"))
+        })
+        .count()
 }
