@@ -3,7 +3,9 @@
 //!
 //! Shims are kept started ahead of need, already exec'd and waiting for a spec, so a start
 //! costs one fork+exec (the task's) on the critical path instead of two. When the idle ones run
-//! out, the next is started once the task has started. A shim started with
+//! out, the next is started once the task has started, one at a time: a burst of starts that
+//! finds the pool empty starts fresh shims for itself and leaves one spare behind, not one per
+//! start (which left dozens idle for good). A shim started with
 //! [`ShimSpec::reuse`] (the exec API's commands) comes back idle once its run and its tree are
 //! gone, so a steady stream of commands forks no shims at all.
 
@@ -38,7 +40,8 @@ const START_REPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// is stopped or starved; then there is no hurry).
 const EXIT_RECORD_POLL: (Duration, Duration) =
     (Duration::from_millis(2), Duration::from_millis(200));
-/// Idle shims kept at most; more are let go (a burst of commands does not leave a crowd).
+/// Idle shims kept at most, counting the one being started; more are let go (a burst of
+/// commands does not leave a crowd).
 const MAX_IDLE_SHIMS: usize = 4;
 
 pub struct Launched {
@@ -168,16 +171,30 @@ type Output = (u8, pipe::Receiver);
 
 pub struct Launcher {
     reaper: Arc<Reaper>,
+    spares: Mutex<Spares>,
+}
+
+/// The shims waiting for work, and whether one more is on its way: together never more than
+/// [`MAX_IDLE_SHIMS`].
+#[derive(Default)]
+struct Spares {
     /// Taken from the front, returned to the back: every idle shim gets work in turn, so one
     /// that died while idle is found out soon.
-    idle: Mutex<VecDeque<Shim>>,
+    idle: VecDeque<Shim>,
+    refilling: bool,
+}
+
+impl Spares {
+    fn room(&self) -> bool {
+        self.idle.len() + usize::from(self.refilling) < MAX_IDLE_SHIMS
+    }
 }
 
 impl Launcher {
     pub fn new(reaper: Arc<Reaper>) -> Arc<Launcher> {
         Arc::new(Launcher {
             reaper,
-            idle: Mutex::new(VecDeque::new()),
+            spares: Mutex::new(Spares::default()),
         })
     }
 
@@ -199,7 +216,7 @@ impl Launcher {
         }
         let mut line = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
         line.push(b'\n');
-        let spare = self.idle_shims().pop_front();
+        let spare = self.spares().idle.pop_front();
         let (shim, was_idle) = match spare {
             Some(mut shim) => match hand_over(&mut shim, &spec, &line).await {
                 Ok(()) => (shim, true),
@@ -222,7 +239,13 @@ impl Launcher {
         let started = started.map_err(|e| e.to_string());
         // Refill off the critical path: the task has started (or failed) by now. The fork+exec
         // runs on a blocking thread, not on a runtime worker that serves requests.
-        if self.idle_shims().is_empty() {
+        let refill = {
+            let mut spares = self.spares();
+            let needed = spares.idle.is_empty() && !spares.refilling;
+            spares.refilling |= needed;
+            needed
+        };
+        if refill {
             let launcher = Arc::clone(self);
             tokio::task::spawn_blocking(move || launcher.refill());
         }
@@ -259,17 +282,23 @@ impl Launcher {
 
     /// Takes back a reusable shim whose run is over: `reports` has just said it is idle.
     pub fn idle(&self, shim: ProcessIdentity, pidfd: PidFd, spec: pipe::Sender, reports: Reports) {
-        let mut idle = self.idle_shims();
-        if idle.len() < MAX_IDLE_SHIMS {
-            idle.push_back(Shim {
-                identity: shim,
-                pidfd,
-                spec,
-                reports,
-            });
+        self.keep_or_let_go(Shim {
+            identity: shim,
+            pidfd,
+            spec,
+            reports,
+        });
+    }
+
+    /// Keeps `shim` as a spare if there is room, else lets it go.
+    fn keep_or_let_go(&self, shim: Shim) {
+        let mut spares = self.spares();
+        if spares.room() {
+            spares.idle.push_back(shim);
             return;
         }
-        drop(idle);
+        drop(spares);
+        let Shim { pidfd, spec, .. } = shim;
         // Its spec pipe closes here: the shim reads the end of it and exits.
         drop(spec);
         let reaper = Arc::clone(&self.reaper);
@@ -279,8 +308,8 @@ impl Launcher {
         });
     }
 
-    fn idle_shims(&self) -> std::sync::MutexGuard<'_, VecDeque<Shim>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    fn spares(&self) -> std::sync::MutexGuard<'_, Spares> {
+        self.spares.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn fresh_shim(&self, spec: &ShimSpec, spec_line: &[u8]) -> Result<Shim, String> {
@@ -332,10 +361,13 @@ impl Launcher {
         self.reaper.reap_owned(&shim.pidfd);
     }
 
+    /// Starts the spare a launch asked for (it set `refilling`).
     fn refill(&self) {
         // Started outside the lock: a launch never waits for this fork+exec.
-        match self.start_shim() {
-            Ok(shim) => self.idle_shims().push_back(shim),
+        let started = self.start_shim();
+        self.spares().refilling = false;
+        match started {
+            Ok(shim) => self.keep_or_let_go(shim),
             Err(e) => {
                 tracing::warn!(error = %e, "could not start a spare shim; the next task starts one itself")
             }
