@@ -178,6 +178,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SANDLET_EXEC_MAX_UPLOAD_BYTES", default_value = "16GiB", value_parser = bytes,
           help_heading = "Exec API (port 44772)")]
     pub exec_max_upload_bytes: u64,
+    /// Files one `/files/upload` form may carry (more: 413).
+    #[arg(long, env = "SANDLET_EXEC_MAX_UPLOAD_FILES", default_value_t = 100_000)]
+    pub exec_max_upload_files: usize,
     /// Entries one `/directories/list` or `/files/search` answer may hold.
     #[arg(
         long,

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use sandlet::cli::{Cli, Command};
-use sandlet::process::shim;
+use sandlet::process::{nofile, shim};
 use sandlet::roles::{self, Role};
 
 fn main() -> ExitCode {
@@ -18,6 +18,9 @@ fn main() -> ExitCode {
     };
     // The shim role runs once per task start: no CLI parser, no async runtime.
     if std::env::args_os().nth(1).is_some_and(|a| a == shim::ROLE) {
+        if let Some(arg) = std::env::args_os().nth(2) {
+            nofile::restore(&arg);
+        }
         return ExitCode::from(shim::run() as u8);
     }
     let argv0 = std::env::args_os().next().unwrap_or_default();
@@ -43,6 +46,15 @@ fn main() -> ExitCode {
     args.exec_token_from_env = args.exec_token_from_env.or(from_env);
     unsafe { std::env::remove_var(sandlet::http::auth::EXEC_TOKEN_VAR) };
     sandlet::telemetry::init(args.log_format, &args.log_level);
+    match nofile::raise() {
+        Ok(Some((before, after))) => tracing::info!(
+            before,
+            after,
+            "raised the descriptor soft limit to the hard limit (tasks and commands keep the original)"
+        ),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor soft limit"),
+    }
     // Streamed output passes through buffers of up to a few hundred KiB. With glibc's default
     // (dynamic) thresholds they are mapped and unmapped, or the heap trimmed, over and over:
     // page faults took a quarter of the streaming time. Fixed thresholds keep them on the heap,

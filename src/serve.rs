@@ -257,6 +257,7 @@ fn exec_api(
         target.cloned(),
         crate::files::FilesConfig {
             max_upload_bytes: args.exec_max_upload_bytes,
+            max_upload_files: args.exec_max_upload_files,
             max_listed: args.exec_max_listed,
             max_replace_bytes: args.exec_max_replace_bytes,
             spool_dir,

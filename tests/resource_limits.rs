@@ -6,13 +6,17 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
-use common::{Sandlet, shims_of, wait_until};
-use serde_json::json;
+use common::form::{Part, content_type, multipart};
+use common::{ExecClient, Sandlet, open_fds, scratch, shims_of, sse_events, wait_until};
+use serde_json::{Value, json};
 
 /// `f` sampled every millisecond on another thread while `during` runs; the largest value seen.
 fn peak_while<T>(f: impl Fn() -> usize + Send + 'static, during: impl FnOnce() -> T) -> (T, usize) {
@@ -31,6 +35,48 @@ fn peak_while<T>(f: impl Fn() -> usize + Send + 'static, during: impl FnOnce() -
     let result = during();
     running.store(false, Ordering::Relaxed);
     (result, sampler.join().unwrap())
+}
+
+/// A sandlet whose descriptor limit is `soft`/`hard` from its start, as a pod's runtime sets it.
+fn start_with_nofile(soft: u64, hard: u64, args: &[&str]) -> Sandlet {
+    Sandlet::start_as(args, move || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sandlet"));
+        // SAFETY: setrlimit is async-signal-safe; it runs in the child before exec.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        command
+    })
+}
+
+fn upload(client: &ExecClient, parts: &[Part]) -> common::Reply {
+    client.exec_bytes(
+        "POST",
+        "/files/upload",
+        Some(multipart(parts)),
+        &[("Content-Type", &content_type())],
+    )
+}
+
+fn run_command(client: &ExecClient, command: &str) -> Vec<Value> {
+    let body = json!({ "command": command }).to_string().into_bytes();
+    let r = client.exec_bytes(
+        "POST",
+        "/command",
+        Some(body),
+        &[("Content-Type", "application/json")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    sse_events(&r.text())
 }
 
 /// 250 commands at once, three times: the spare pool never grows past its four idle shims, so
@@ -86,4 +132,214 @@ fn bursts_of_commands_leave_at_most_four_idle_shims() {
             "{peak} shims ran at once for {COMMANDS} commands"
         );
     }
+}
+
+/// One form of 2000 small files, under a descriptor limit of 512: every file arrives, the
+/// descriptors sandlet holds stay within a small constant of its baseline (staged files beyond a
+/// few are put aside closed), and a command run meanwhile is not starved of descriptors. (The
+/// benchmark sends 25 000; the low limit makes 2000 as telling, and the test shorter.)
+#[test]
+fn a_form_of_many_files_keeps_descriptors_bounded() {
+    const FILES: usize = 2000;
+    let s = start_with_nofile(512, 512, &[]);
+    let pid = s.pid();
+    let dir = scratch();
+    let contents: Vec<Vec<u8>> = (0..FILES)
+        .map(|i| format!("file {i}\n").into_bytes())
+        .collect();
+    let mut parts = Vec::with_capacity(2 * FILES);
+    for (i, content) in contents.iter().enumerate() {
+        let path = dir.path().join(format!("d{:02}/f{i:05}.txt", i % 50));
+        parts.push(Part::MetaFile(json!({"path": path})));
+        parts.push(Part::File(content));
+    }
+    let client = s.exec_client();
+    // Commands leave spare shims (two descriptors each) ready: part of the baseline.
+    for _ in 0..2 {
+        run_command(&client, "true");
+    }
+    let baseline = open_fds(pid);
+    let uploading = Arc::new(AtomicBool::new(true));
+    let bystander = {
+        let client = client.clone();
+        let uploading = Arc::clone(&uploading);
+        thread::spawn(move || {
+            let mut runs = 0;
+            while uploading.load(Ordering::Relaxed) || runs == 0 {
+                let events = run_command(&client, "echo ok");
+                assert!(
+                    events
+                        .iter()
+                        .any(|e| e["type"] == "stdout" && e["text"] == "ok"),
+                    "a command during the upload: {events:?}"
+                );
+                runs += 1;
+                // A command now and then, not a stream that would slow the upload down.
+                thread::sleep(Duration::from_millis(20));
+            }
+            runs
+        })
+    };
+    let (r, peak) = peak_while(move || open_fds(pid), || upload(&client, &parts));
+    uploading.store(false, Ordering::Relaxed);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let runs = bystander.join().unwrap();
+    for (i, content) in contents.iter().enumerate() {
+        let path = dir.path().join(format!("d{:02}/f{i:05}.txt", i % 50));
+        assert_eq!(
+            &std::fs::read(&path).unwrap(),
+            content,
+            "{}",
+            path.display()
+        );
+    }
+    for d in 0..50 {
+        let names = std::fs::read_dir(dir.path().join(format!("d{d:02}")))
+            .unwrap()
+            .count();
+        assert_eq!(
+            names,
+            FILES / 50,
+            "hidden staged files were left in d{d:02}"
+        );
+    }
+    eprintln!(
+        "upload of {FILES} files: {baseline} fds before, peak {peak}; {runs} commands meanwhile"
+    );
+    assert!(
+        peak < baseline + 128,
+        "{peak} descriptors open during the upload (baseline {baseline})"
+    );
+    // The margin: the test client's second keep-alive connection (the bystander's).
+    wait_until("descriptors back to the baseline", || {
+        open_fds(pid) <= baseline + 2
+    });
+}
+
+/// Files sent before their metadata wait in one spool file, not in one each.
+#[test]
+fn files_before_their_metadata_share_one_spool() {
+    const FILES: usize = 2000;
+    let s = start_with_nofile(512, 512, &[]);
+    let pid = s.pid();
+    let dir = scratch();
+    let contents: Vec<Vec<u8>> = (0..FILES)
+        .map(|i| format!("spooled {i}\n").into_bytes())
+        .collect();
+    let mut parts: Vec<Part> = contents.iter().map(|c| Part::File(c)).collect();
+    parts.extend(
+        (0..FILES)
+            .map(|i| Part::MetaValue(json!({"path": dir.path().join(format!("f{i:05}.txt"))}))),
+    );
+    let client = s.exec_client();
+    assert_eq!(client.exec_bytes("GET", "/ping", None, &[]).status, 200);
+    let baseline = open_fds(pid);
+    let (r, peak) = peak_while(move || open_fds(pid), || upload(&client, &parts));
+    assert_eq!(r.status, 200, "{}", r.text());
+    for (i, content) in contents.iter().enumerate() {
+        let path = dir.path().join(format!("f{i:05}.txt"));
+        assert_eq!(&std::fs::read(&path).unwrap(), content);
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), FILES);
+    assert!(
+        peak < baseline + 128,
+        "{peak} descriptors open during the upload (baseline {baseline})"
+    );
+}
+
+/// A form larger than the few staged files kept open (the rest are parked under hidden names)
+/// that fails at its last part leaves nothing: no hidden file, no directory made for it.
+#[test]
+fn a_large_form_that_fails_at_its_end_leaves_nothing_behind() {
+    let s = Sandlet::start(&[]);
+    let dir = scratch();
+    let mut parts = Vec::new();
+    for i in 0..40 {
+        parts.push(Part::MetaFile(
+            json!({"path": dir.path().join(format!("new-{}/deeper/f{i}.txt", i % 3))}),
+        ));
+        parts.push(Part::File(b"content"));
+    }
+    parts.push(Part::MetaFile(
+        json!({"path": dir.path().join("last.txt"), "mode": 999}),
+    ));
+    parts.push(Part::File(b"content"));
+    let r = upload(&s.exec_client(), &parts);
+    r.assert_error(400, "INVALID_REQUEST_BODY");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    // Without the bad part it goes through, parked files with their modes like the others.
+    parts.truncate(80);
+    for part in parts.iter_mut().step_by(2) {
+        if let Part::MetaFile(meta) = part {
+            meta["mode"] = json!(640);
+        }
+    }
+    assert_eq!(upload(&s.exec_client(), &parts).status, 200);
+    for i in 0..40 {
+        let path = dir.path().join(format!("new-{}/deeper/f{i}.txt", i % 3));
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o640,
+            "{}",
+            path.display()
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"content");
+    }
+    for d in 0..3 {
+        let names = std::fs::read_dir(dir.path().join(format!("new-{d}/deeper")))
+            .unwrap()
+            .count();
+        assert_eq!(names, (0..40).filter(|i| i % 3 == d).count());
+    }
+}
+
+/// `--exec-max-upload-files`: a form with more files is refused with 413 and writes nothing.
+#[test]
+fn a_form_with_more_files_than_the_limit_is_refused_whole() {
+    let s = Sandlet::start(&["--exec-max-upload-files", "100"]);
+    let dir = scratch();
+    let mut parts = Vec::new();
+    for i in 0..101 {
+        parts.push(Part::MetaFile(
+            json!({"path": dir.path().join(format!("new/f{i}.txt"))}),
+        ));
+        parts.push(Part::File(b"content"));
+    }
+    let r = upload(&s.exec_client(), &parts);
+    r.assert_error(413, "LIMIT_EXCEEDED");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "the refused form left something behind"
+    );
+    // At the limit it goes through.
+    parts.truncate(200);
+    assert_eq!(upload(&s.exec_client(), &parts).status, 200);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("new")).unwrap().count(),
+        100
+    );
+}
+
+/// sandlet raises its own descriptor soft limit to the hard limit, as execd (Go) does, and the
+/// processes it starts get the limit sandlet was started with, as Go's children do.
+#[test]
+fn sandlet_raises_its_descriptor_limit_and_commands_keep_the_original() {
+    let s = start_with_nofile(1024, 8192, &[]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", s.pid())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, ["8192", "8192"], "{open_files}");
+    let events = run_command(&s.exec_client(), "ulimit -Sn; ulimit -Hn");
+    let out: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(out, ["1024", "8192"], "{events:?}");
 }

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 pub use info::FileInfo;
-pub use staging::{Staged, read_limited, write_pieces};
+pub use staging::{Parked, Staged, read_limited, write_pieces};
 pub use tree::{list, remove_dir, remove_file, search};
 
 use crate::container::{TargetWatch, UserDb};
@@ -26,6 +26,8 @@ use root::Root;
 pub struct FilesConfig {
     /// Bytes one upload request may carry, all its files together.
     pub max_upload_bytes: u64,
+    /// Files one upload request may carry.
+    pub max_upload_files: usize,
     /// Entries one listing or search may return.
     pub max_listed: usize,
     /// Largest file `/files/replace` reads into memory.

@@ -156,6 +156,15 @@ impl MadeDirs {
         self.dirs.clear();
     }
 
+    /// Their paths, outermost first, the descriptors closed: whoever takes them removes them
+    /// when they are not kept.
+    pub fn into_paths(mut self) -> Vec<String> {
+        std::mem::take(&mut self.dirs)
+            .into_iter()
+            .map(|(path, _)| path)
+            .collect()
+    }
+
     pub fn paths(&self) -> impl Iterator<Item = &str> {
         self.dirs.iter().map(|(path, _)| path.as_str())
     }

@@ -3,11 +3,16 @@
 //! synced, given its mode and owner, and only then renamed over the destination. A reader sees
 //! the old file or the new one, never a mix; an upload cut short (or a sandlet killed mid-write)
 //! leaves the old file as it was.
+//!
+//! A request that stages many files (an upload form) keeps only a few open: the others are
+//! [`Parked`] under their hidden names with their descriptors closed, so the descriptors one
+//! request holds do not grow with its files.
 
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use nix::fcntl::{
     AtFlags, OFlag, PosixFadviseAdvice, RenameFlags, openat, posix_fadvise, renameat2,
@@ -31,8 +36,10 @@ const WRITEBACK_STEP: u64 = 8 << 20;
 const WRITEBACK_LAG: u64 = 4 * WRITEBACK_STEP;
 
 pub struct Staged {
-    /// The path being replaced (symlinks resolved), for messages.
+    /// The path being replaced, for messages.
     pub path: String,
+    /// The same with its final symlinks resolved: where the new file goes.
+    real: String,
     parent: OwnedFd,
     name: CString,
     file: File,
@@ -166,6 +173,7 @@ impl Staged {
         };
         Ok(Staged {
             path: path.to_string(),
+            real,
             parent: entry.parent,
             name: entry.name,
             file: File::from(fd),
@@ -185,21 +193,74 @@ impl Staged {
         Ok(())
     }
 
+    /// Appends `bytes`.
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<(), FileError> {
         self.file
             .write_all(bytes)
             .map_err(|e| FileError::io(format!("cannot write {}", self.path), e))?;
+        self.writeback.wrote(&self.file, bytes.len() as u64);
         Ok(())
     }
 
-    /// Appends everything in `spool` (an upload that arrived before its metadata).
-    pub fn copy_from(&mut self, spool: &mut File) -> Result<(), FileError> {
-        use std::io::{Seek, SeekFrom};
-        spool
-            .seek(SeekFrom::Start(0))
-            .and_then(|_| std::io::copy(spool, &mut self.file))
-            .map(drop)
-            .map_err(|e| FileError::io(format!("cannot write {}", self.path), e))
+    /// Appends `len` bytes of `spool` from `offset` (an upload's file that arrived before its
+    /// metadata). Reads through the spool's own offset: the spool is written with `O_APPEND`.
+    pub fn copy_from(&mut self, spool: &File, offset: u64, len: u64) -> Result<(), FileError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut spool = spool;
+        let copied = spool
+            .seek(SeekFrom::Start(offset))
+            .and_then(|_| std::io::copy(&mut spool.take(len), &mut self.file))
+            .map_err(|e| FileError::io(format!("cannot write {}", self.path), e))?;
+        if copied != len {
+            return Err(FileError::Failed(format!(
+                "the upload's spool ended {} bytes short of {}",
+                len - copied,
+                self.path
+            )));
+        }
+        Ok(())
+    }
+
+    /// Syncs the content, names it (hidden) and closes it: see [`Parked`]. `place` is where it
+    /// was created.
+    pub fn park(mut self, place: Arc<Place>) -> Result<Parked, FileError> {
+        self.file
+            .sync_all()
+            .map_err(|e| FileError::io(format!("cannot sync {}", self.path), e))?;
+        let hidden = self.name_it()?;
+        // From here the parked file owns the hidden name and the directories made for it.
+        self.named = None;
+        let made_dirs = std::mem::take(&mut self.made_dirs).into_paths();
+        let dir = root::split(&self.real)
+            .map_or("/", |(dir, _)| dir)
+            .to_string();
+        Ok(Parked {
+            place,
+            hidden: format!("{}/{}", dir.trim_end_matches('/'), hidden.to_string_lossy()),
+            real: std::mem::take(&mut self.real),
+            previous: self.previous,
+            made_dirs,
+        })
+    }
+
+    /// The content's hidden name in the destination's directory, linking the unnamed file
+    /// there first if it has none yet.
+    fn name_it(&mut self) -> Result<CString, FileError> {
+        if let Some(hidden) = &self.named {
+            return Ok(hidden.clone());
+        }
+        let hidden = hidden_name(&self.name);
+        let proc_link = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        linkat(
+            nix::fcntl::AT_FDCWD,
+            proc_link.as_str(),
+            &self.parent,
+            hidden.as_c_str(),
+            AtFlags::AT_SYMLINK_FOLLOW,
+        )
+        .map_err(|e| FileError::io(format!("cannot write {}", self.path), e.into()))?;
+        self.named = Some(hidden.clone());
+        Ok(hidden)
     }
 
     /// Puts the new content in place: mode (0 keeps the old file's, or 0644 for a new one) and
@@ -213,65 +274,127 @@ impl Staged {
         let path = self.path.clone();
         let fail = |doing: &str, e: io::Error| FileError::io(format!("cannot {doing} {path}"), e);
         self.file.sync_all().map_err(|e| fail("sync", e))?;
-        let fd = self.file.as_fd();
-        let mode = match (mode, self.previous) {
-            (0, Some((old, _, _))) => old,
-            (0, None) => DEFAULT_FILE_MODE,
-            (m, _) => m,
-        };
-        root::chmod_fd(fd, mode).map_err(|e| fail("chmod", e))?;
-        let (old_uid, old_gid) = self
-            .previous
-            .map_or((None, None), |(_, u, g)| (Some(u), Some(g)));
-        let (want_uid, want_gid) = (uid.or(old_uid), gid.or(old_gid));
-        if want_uid.is_some() || want_gid.is_some() {
-            match root::chown_fd(fd, want_uid, want_gid) {
-                Ok(()) => {}
-                // Keeping the old owner is best effort: without CAP_CHOWN the writer owns it.
-                Err(e) if uid.is_none() && gid.is_none() => {
-                    tracing::info!(path = %path, error = %e, "the replaced file's owner could not be kept");
-                }
-                Err(e) => return Err(fail("chown", e)),
-            }
-        }
-        let link = match &self.named {
-            Some(hidden) => hidden.clone(),
-            None => {
-                let hidden = hidden_name(&self.name);
-                let proc_link = format!("/proc/self/fd/{}", self.file.as_raw_fd());
-                linkat(
-                    nix::fcntl::AT_FDCWD,
-                    proc_link.as_str(),
-                    &self.parent,
-                    hidden.as_c_str(),
-                    AtFlags::AT_SYMLINK_FOLLOW,
-                )
-                .map_err(|e| fail("write", e.into()))?;
-                self.named = Some(hidden.clone());
-                hidden
-            }
-        };
-        renameat2(
-            &self.parent,
-            link.as_c_str(),
-            &self.parent,
-            self.name.as_c_str(),
-            RenameFlags::empty(),
-        )
-        .map_err(|e| fail("write", e.into()))?;
+        settle_mode_and_owner(self.file.as_fd(), self.previous, mode, uid, gid, &path)?;
+        let link = self.name_it()?;
+        rename_into_place(&self.parent, &link, &self.name).map_err(|e| fail("write", e))?;
         self.named = None;
         std::mem::take(&mut self.made_dirs).keep();
-        // The rename itself durable, as execd syncs the directory (best effort there too).
-        if let Ok(dir) = openat(
-            &self.parent,
-            ".",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
-            let _ = nix::unistd::fsync(&dir);
-        }
         Ok(())
     }
+}
+
+/// A staged file whose content is synced and named (hidden) in its destination's directory,
+/// with no descriptor open: an upload form of many files parks all but a few. Committing
+/// finds the directory again by its path (inside the root, as every path is); dropped, it
+/// removes the hidden file and the directories made for it. The cost against an open one: the
+/// hidden name is visible meanwhile, and a sandlet killed before the commit leaves it behind
+/// (as the fallback for filesystems without `O_TMPFILE` always has).
+pub struct Parked {
+    place: Arc<Place>,
+    /// The destination, final symlinks resolved.
+    real: String,
+    /// The content's path, in the destination's directory.
+    hidden: String,
+    previous: Option<(u32, u32, u32)>,
+    /// Outermost first.
+    made_dirs: Vec<String>,
+}
+
+impl Parked {
+    /// As [`Staged::commit`]; `path` is the destination as the request named it, for messages.
+    pub fn commit(
+        mut self,
+        path: &str,
+        mode: u32,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> Result<(), FileError> {
+        let fail = |doing: &str, e: io::Error| FileError::io(format!("cannot {doing} {path}"), e);
+        let destination = self
+            .place
+            .root
+            .entry(&self.real)
+            .map_err(|e| fail("write", e))?;
+        let hidden = root::split(&self.hidden).map_or("", |(_, name)| name);
+        let content = root::open_child(destination.parent.as_fd(), hidden.as_ref(), OFlag::O_PATH)
+            .map_err(|e| fail("write", e))?;
+        let st = nix::sys::stat::fstat(&content).map_err(|e| fail("write", e.into()))?;
+        if !is_file(&st) {
+            return Err(FileError::Conflict(format!(
+                "the staged content of {path} was replaced by something else"
+            )));
+        }
+        settle_mode_and_owner(content.as_fd(), self.previous, mode, uid, gid, path)?;
+        let hidden = CString::new(hidden).expect("no NUL in a name");
+        rename_into_place(&destination.parent, &hidden, &destination.name)
+            .map_err(|e| fail("write", e))?;
+        self.hidden.clear();
+        self.made_dirs.clear();
+        Ok(())
+    }
+}
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        let remove = |path: &str, how| {
+            if let Ok(entry) = self.place.root.entry(path) {
+                let _ = unlinkat(&entry.parent, entry.name.as_c_str(), how);
+            }
+        };
+        if !self.hidden.is_empty() {
+            remove(&self.hidden, UnlinkatFlags::NoRemoveDir);
+        }
+        for dir in self.made_dirs.iter().rev() {
+            remove(dir, UnlinkatFlags::RemoveDir);
+        }
+    }
+}
+
+/// Gives the new content `fd` its mode (0 keeps the old file's, or 0644 for a new one) and
+/// owner (`None` keeps the old file's, or the writer's for a new one).
+fn settle_mode_and_owner(
+    fd: BorrowedFd<'_>,
+    previous: Option<(u32, u32, u32)>,
+    mode: u32,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    path: &str,
+) -> Result<(), FileError> {
+    let fail = |doing: &str, e: io::Error| FileError::io(format!("cannot {doing} {path}"), e);
+    let mode = match (mode, previous) {
+        (0, Some((old, _, _))) => old,
+        (0, None) => DEFAULT_FILE_MODE,
+        (m, _) => m,
+    };
+    root::chmod_fd(fd, mode).map_err(|e| fail("chmod", e))?;
+    let (old_uid, old_gid) = previous.map_or((None, None), |(_, u, g)| (Some(u), Some(g)));
+    let (want_uid, want_gid) = (uid.or(old_uid), gid.or(old_gid));
+    if want_uid.is_some() || want_gid.is_some() {
+        match root::chown_fd(fd, want_uid, want_gid) {
+            Ok(()) => {}
+            // Keeping the old owner is best effort: without CAP_CHOWN the writer owns it.
+            Err(e) if uid.is_none() && gid.is_none() => {
+                tracing::info!(path = %path, error = %e, "the replaced file's owner could not be kept");
+            }
+            Err(e) => return Err(fail("chown", e)),
+        }
+    }
+    Ok(())
+}
+
+/// Renames `hidden` over `name` in `dir`, and makes the rename durable (as execd syncs the
+/// directory; best effort there too).
+fn rename_into_place(dir: &OwnedFd, hidden: &CStr, name: &CStr) -> io::Result<()> {
+    renameat2(dir, hidden, dir, name, RenameFlags::empty())?;
+    if let Ok(dir) = openat(
+        dir,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        let _ = nix::unistd::fsync(&dir);
+    }
+    Ok(())
 }
 
 impl Drop for Staged {
@@ -294,7 +417,7 @@ fn hidden_name(name: &CString) -> CString {
 }
 
 /// Writes every piece, in order, with as few syscalls as the kernel allows.
-pub fn write_pieces(file: &mut File, pieces: &[bytes::Bytes]) -> std::io::Result<()> {
+pub fn write_pieces(file: &mut impl Write, pieces: &[bytes::Bytes]) -> std::io::Result<()> {
     let mut slices: Vec<std::io::IoSlice> = pieces
         .iter()
         .filter(|p| !p.is_empty())

@@ -382,6 +382,7 @@ impl Launcher {
         command
             .arg0(super::SHIM_ARGV0)
             .arg(ROLE)
+            .args(super::nofile::shim_arg())
             // Its own group: signals meant for sandlet's group (a terminal's Ctrl-C) skip the shims.
             .process_group(0)
             .stdin(Stdio::from(spec_r))

@@ -9,6 +9,7 @@
 pub mod enter;
 mod identity;
 mod launch;
+pub mod nofile;
 mod output;
 mod pidfd;
 mod reaper;

@@ -1,9 +1,12 @@
 //! `POST /files/upload` (multipart/form-data): `metadata` parts (`{"path","owner"?,"group"?,
 //! "mode"?}`, as a file part as the SDK sends it, or a plain value) paired by index with `file`
 //! parts. Content streams to disk as it arrives, with constant memory: straight into the
-//! destination's directory when its metadata came first, else through a spool file. Nothing is
-//! put in place until the whole form has arrived and checks out; then each file replaces its
-//! destination atomically (see `files::Staged`). A cut-off upload changes no file.
+//! destination's directory when its metadata came first, else into the request's spool file.
+//! Nothing is put in place until the whole form has arrived and checks out; then each file
+//! replaces its destination atomically (see `files::Staged`). A cut-off upload changes no file.
+//! A form holds at most `--exec-max-upload-files` files, and a bounded number of descriptors
+//! however many it has: a few staged files stay open, the rest are parked (`files::Parked`),
+//! and content waiting for its metadata shares one spool file.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::{ExecApi, empty_ok};
-use crate::files::{self, FileError, Place, Staged};
+use crate::files::{self, FileError, Parked, Place, Staged};
 use crate::http::error::ApiError;
 
 /// Writes queued for a file's writer thread.
@@ -27,6 +30,9 @@ const WRITE_AHEAD: usize = 4;
 const WRITE_SIZE: usize = 1 << 20;
 /// A metadata part larger than this is refused.
 const MAX_METADATA_BYTES: usize = 64 << 10;
+/// Staged files an upload keeps open (two descriptors each); the rest are parked. A form of up
+/// to this many files leaves nothing visible before its commit, whatever happens.
+const OPEN_STAGED: usize = 16;
 
 #[derive(Debug, Deserialize)]
 struct Metadata {
@@ -48,10 +54,32 @@ struct Target {
     gid: Option<u32>,
 }
 
-/// A file part's content on disk: at its destination, or spooled until its metadata arrives.
+/// A file part's content on disk.
 enum Content {
+    /// In its destination's directory, unnamed and open.
     Staged(Staged),
-    Spooled(File),
+    /// In its destination's directory, hidden and closed.
+    Parked(Parked),
+    /// In the request's spool file, until its metadata arrives.
+    Spooled { offset: u64, len: u64 },
+}
+
+/// Where a part's bytes go while they arrive.
+enum Sink {
+    Staged(Staged),
+    Spool(Arc<File>),
+}
+
+/// One upload's state: the parts so far, in order.
+struct Upload {
+    place: Arc<Place>,
+    targets: Vec<Target>,
+    contents: Vec<Content>,
+    /// How many of `contents` are [`Content::Staged`].
+    open: usize,
+    /// Content waiting for its metadata (`O_APPEND`; vanishes when closed), and its length.
+    spool: Option<(Arc<File>, u64)>,
+    received: u64,
 }
 
 pub async fn upload(State(api): State<ExecApi>, request: Request) -> Result<Response, ApiError> {
@@ -61,86 +89,186 @@ pub async fn upload(State(api): State<ExecApi>, request: Request) -> Result<Resp
             format!("multipart form is empty (the body must be multipart/form-data): {e}"),
         )
     })?;
-    let place = api.files.open_place().await?;
-    let limit = api.files.config.max_upload_bytes;
-    let mut targets: Vec<Target> = Vec::new();
-    let mut contents: Vec<Content> = Vec::new();
-    let mut received = 0u64;
-    while let Some(field) = form.next_field().await.map_err(form_error)? {
-        match field.name() {
-            Some("metadata") => {
-                let target = metadata(&place, field).await?;
+    let mut upload = Upload {
+        place: api.files.open_place().await?,
+        targets: Vec::new(),
+        contents: Vec::new(),
+        open: 0,
+        spool: None,
+        received: 0,
+    };
+    if let Err(e) = upload.receive(&mut form, &api.files.config).await {
+        // Removed before the answer: a client that sees the error sees nothing left behind.
+        upload.discard().await;
+        return Err(e);
+    }
+    upload.commit().await?;
+    Ok(empty_ok())
+}
+
+impl Upload {
+    /// Reads the form to its end: every file staged, spooled or parked, every metadata part
+    /// checked, and the two paired.
+    async fn receive(
+        &mut self,
+        form: &mut Multipart,
+        config: &files::FilesConfig,
+    ) -> Result<(), ApiError> {
+        while let Some(field) = form.next_field().await.map_err(form_error)? {
+            let name = field.name().unwrap_or_default();
+            if !matches!(name, "metadata" | "file") {
+                // Other fields are not execd's; their content is skipped.
+                continue;
+            }
+            let parts = match name {
+                "metadata" => self.targets.len(),
+                _ => self.contents.len(),
+            };
+            if parts >= config.max_upload_files {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "LIMIT_EXCEEDED",
+                    format!(
+                        "the form has more than {} files (--exec-max-upload-files)",
+                        config.max_upload_files
+                    ),
+                ));
+            }
+            if name == "metadata" {
+                let target = metadata(&self.place, field).await?;
+                self.targets.push(target);
                 // A file that came before its metadata now has a destination.
-                let index = targets.len();
-                targets.push(target);
-                if let Some(Content::Spooled(_)) = contents.get(index) {
-                    let Content::Spooled(spool) = contents.remove(index) else {
-                        unreachable!()
-                    };
-                    let path = targets[index].path.clone();
-                    let staged = files::on(Arc::clone(&place), move |place| {
+                let index = self.targets.len() - 1;
+                if let Some(&Content::Spooled { offset, len }) = self.contents.get(index) {
+                    let (spool, _) = self.spool.clone().expect("spooled content has a spool");
+                    let path = self.targets[index].path.clone();
+                    let staged = files::on(Arc::clone(&self.place), move |place| {
                         let mut staged = Staged::create(place, &path)?;
-                        let mut spool = spool;
-                        staged.copy_from(&mut spool)?;
+                        staged.copy_from(&spool, offset, len)?;
                         Ok(staged)
                     })
                     .await?;
-                    contents.insert(index, Content::Staged(staged));
+                    self.contents[index] = self.keep(staged).await?;
                 }
-            }
-            Some("file") => {
-                let index = contents.len();
-                let content = match targets.get(index) {
+            } else {
+                let sink = match self.targets.get(self.contents.len()) {
                     Some(target) => {
                         let path = target.path.clone();
-                        Content::Staged(
-                            files::on(Arc::clone(&place), move |place| {
+                        Sink::Staged(
+                            files::on(Arc::clone(&self.place), move |place| {
                                 Staged::create(place, &path)
                             })
                             .await?,
                         )
                     }
-                    None => Content::Spooled(spool_file(&api.files.config.spool_dir)?),
+                    None => Sink::Spool(self.spool(&config.spool_dir)?),
                 };
-                contents.push(write_field(field, content, &mut received, limit).await?);
+                let (sink, written) =
+                    write_field(field, sink, &mut self.received, config.max_upload_bytes).await?;
+                let content = match sink {
+                    Sink::Staged(staged) => self.keep(staged).await?,
+                    Sink::Spool(_) => {
+                        let (_, spooled) = self.spool.as_mut().expect("just spooled");
+                        *spooled += written;
+                        Content::Spooled {
+                            offset: *spooled - written,
+                            len: written,
+                        }
+                    }
+                };
+                self.contents.push(content);
             }
-            // Other fields are not execd's; their content is skipped.
-            _ => {}
         }
-    }
-    if targets.is_empty() {
-        return Err(ApiError::bad_request(
-            "INVALID_FILE_METADATA",
-            "metadata file is missing",
-        ));
-    }
-    if contents.is_empty() {
-        return Err(ApiError::bad_request(
-            "INVALID_FILE_CONTENT",
-            "file is missing",
-        ));
-    }
-    if targets.len() != contents.len() {
-        return Err(ApiError::bad_request(
-            "INVALID_FILE",
-            format!(
-                "metadata and file count mismatch: {} vs {}",
-                targets.len(),
-                contents.len()
-            ),
-        ));
-    }
-    files::on(place, move |_| {
-        for (target, content) in targets.into_iter().zip(contents) {
-            let Content::Staged(staged) = content else {
-                unreachable!("every file has its metadata by now")
-            };
-            staged.commit(target.mode, target.uid, target.gid)?;
+        if self.targets.is_empty() {
+            return Err(ApiError::bad_request(
+                "INVALID_FILE_METADATA",
+                "metadata file is missing",
+            ));
+        }
+        if self.contents.is_empty() {
+            return Err(ApiError::bad_request(
+                "INVALID_FILE_CONTENT",
+                "file is missing",
+            ));
+        }
+        if self.targets.len() != self.contents.len() {
+            return Err(ApiError::bad_request(
+                "INVALID_FILE",
+                format!(
+                    "metadata and file count mismatch: {} vs {}",
+                    self.targets.len(),
+                    self.contents.len()
+                ),
+            ));
         }
         Ok(())
-    })
-    .await?;
-    Ok(empty_ok())
+    }
+
+    /// Puts every file in place, in request order.
+    async fn commit(&mut self) -> Result<(), ApiError> {
+        let targets = std::mem::take(&mut self.targets);
+        let mut pending = std::mem::take(&mut self.contents);
+        files::on(Arc::clone(&self.place), move |_| {
+            // Reversed: taken from the back in request order, and what a failed commit leaves is
+            // dropped last file first (see `drop_last_first`).
+            pending.reverse();
+            for target in &targets {
+                match pending.pop().expect("as many contents as targets") {
+                    Content::Staged(staged) => {
+                        staged.commit(target.mode, target.uid, target.gid)?
+                    }
+                    Content::Parked(parked) => {
+                        parked.commit(&target.path, target.mode, target.uid, target.gid)?
+                    }
+                    Content::Spooled { .. } => unreachable!("every file has its metadata by now"),
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Removes what a failed upload staged.
+    async fn discard(&mut self) {
+        let contents = std::mem::take(&mut self.contents);
+        let _ = tokio::task::spawn_blocking(move || drop_last_first(contents)).await;
+    }
+    /// Keeps a staged file open while few are, else parks it.
+    async fn keep(&mut self, staged: Staged) -> Result<Content, ApiError> {
+        if self.open < OPEN_STAGED {
+            self.open += 1;
+            return Ok(Content::Staged(staged));
+        }
+        let place = Arc::clone(&self.place);
+        let parked = files::on(Arc::clone(&self.place), move |_| staged.park(place)).await?;
+        Ok(Content::Parked(parked))
+    }
+
+    /// The request's spool file, made on first use.
+    fn spool(&mut self, dir: &std::path::Path) -> Result<Arc<File>, ApiError> {
+        if self.spool.is_none() {
+            self.spool = Some((Arc::new(spool_file(dir)?), 0));
+        }
+        Ok(Arc::clone(&self.spool.as_ref().expect("just made").0))
+    }
+}
+
+impl Drop for Upload {
+    /// A failed upload's staged content goes, off the async threads: a large form's cleanup
+    /// is a few syscalls per file.
+    fn drop(&mut self) {
+        let contents = std::mem::take(&mut self.contents);
+        if !contents.is_empty() {
+            tokio::task::spawn_blocking(move || drop_last_first(contents));
+        }
+    }
+}
+
+/// Removes staged content last file first, so that a directory made for an earlier file is
+/// empty again (of later files' hidden content) by the time that file removes it.
+fn drop_last_first(mut contents: Vec<Content>) {
+    contents.reverse();
 }
 
 async fn metadata(place: &Arc<Place>, mut field: Field<'_>) -> Result<Target, ApiError> {
@@ -179,32 +307,35 @@ async fn metadata(place: &Arc<Place>, mut field: Field<'_>) -> Result<Target, Ap
     .await?)
 }
 
-/// Streams a part's content into `content` on a writer thread, a few chunks behind the network.
+/// Streams a part's content into `sink` on a writer thread, a few chunks behind the network;
+/// returns the sink and how many bytes the part had.
 async fn write_field(
     mut field: Field<'_>,
-    content: Content,
+    sink: Sink,
     received: &mut u64,
     limit: u64,
-) -> Result<Content, ApiError> {
+) -> Result<(Sink, u64), ApiError> {
     let (tx, mut rx) = mpsc::channel::<Vec<Bytes>>(WRITE_AHEAD);
     let writer = tokio::task::spawn_blocking(move || {
-        let mut content = content;
+        let mut sink = sink;
         while let Some(pieces) = rx.blocking_recv() {
-            match &mut content {
-                Content::Staged(staged) => staged.write_pieces(&pieces)?,
-                Content::Spooled(file) => files::write_pieces(file, &pieces)
+            match &mut sink {
+                Sink::Staged(staged) => staged.write_pieces(&pieces)?,
+                Sink::Spool(file) => files::write_pieces(&mut &**file, &pieces)
                     .map_err(|e| FileError::io("cannot spool an upload", e))?,
             }
         }
-        Ok::<_, FileError>(content)
+        Ok::<_, FileError>(sink)
     });
     let mut outcome: Result<(), ApiError> = Ok(());
     let mut gathered: Vec<Bytes> = Vec::new();
     let mut gathered_bytes = 0;
+    let mut length = 0u64;
     loop {
         match field.chunk().await {
             Ok(Some(chunk)) => {
                 *received += chunk.len() as u64;
+                length += chunk.len() as u64;
                 if *received > limit {
                     outcome = Err(ApiError::new(
                         StatusCode::PAYLOAD_TOO_LARGE,
@@ -242,7 +373,7 @@ async fn write_field(
         .await
         .map_err(|e| ApiError::internal(format!("an upload writer panicked: {e}")))?;
     outcome?;
-    Ok(written?)
+    Ok((written?, length))
 }
 
 /// An unnamed file in sandlet's own data directory, for content whose destination is not known
@@ -252,7 +383,7 @@ fn spool_file(dir: &std::path::Path) -> Result<File, ApiError> {
     use nix::sys::stat::Mode;
     open(
         dir,
-        OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        OFlag::O_TMPFILE | OFlag::O_RDWR | OFlag::O_APPEND | OFlag::O_CLOEXEC,
         Mode::from_bits_truncate(0o600),
     )
     .map(File::from)
