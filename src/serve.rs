@@ -246,6 +246,11 @@ fn exec_api(
                 .into(),
         ));
     }
+    if args.exec_max_walks == 0 || args.exec_max_upload_files == 0 {
+        return Err(Error::Config(
+            "--exec-max-walks and --exec-max-upload-files must be at least 1".into(),
+        ));
+    }
     let spool_dir = data_dir.join("uploads");
     std::fs::create_dir_all(&spool_dir).map_err(|e| {
         Error::Setup(format!(
@@ -259,6 +264,8 @@ fn exec_api(
             max_upload_bytes: args.exec_max_upload_bytes,
             max_upload_files: args.exec_max_upload_files,
             max_listed: args.exec_max_listed,
+            max_walks: args.exec_max_walks,
+            max_queued_walks: args.exec_max_queued_walks,
             max_replace_bytes: args.exec_max_replace_bytes,
             spool_dir,
         },

@@ -11,10 +11,13 @@ mod tree;
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 pub use info::FileInfo;
-pub use staging::{Parked, Staged, read_limited, write_pieces};
+pub use staging::{Parked, Staged, write_pieces};
 pub use tree::{list, remove_dir, remove_file, search};
 
 use crate::container::{TargetWatch, UserDb};
@@ -30,7 +33,11 @@ pub struct FilesConfig {
     pub max_upload_files: usize,
     /// Entries one listing or search may return.
     pub max_listed: usize,
-    /// Largest file `/files/replace` reads into memory.
+    /// Listings and searches walking at once.
+    pub max_walks: usize,
+    /// Listings and searches waiting for their turn, at most.
+    pub max_queued_walks: usize,
+    /// Largest file `/files/replace` reads or writes.
     pub max_replace_bytes: u64,
     /// Where upload content waits when it arrives before its metadata (sandlet's own disk).
     pub spool_dir: PathBuf,
@@ -55,6 +62,9 @@ pub enum FileError {
     /// Sidecar mode, and the main container is not there right now.
     #[error("{0}")]
     Unavailable(String),
+    /// Too many requests of this kind at once.
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -79,6 +89,10 @@ impl FileError {
 pub struct Files {
     target: Option<Arc<TargetWatch>>,
     pub config: FilesConfig,
+    /// Turns to walk a tree (see [`Files::walk_turn`]).
+    walks: Arc<Semaphore>,
+    /// Requests waiting for a turn.
+    waiting: AtomicUsize,
 }
 
 /// Where one request's paths resolve, and as whom.
@@ -96,7 +110,12 @@ pub struct Place {
 
 impl Files {
     pub fn new(target: Option<Arc<TargetWatch>>, config: FilesConfig) -> Arc<Files> {
-        Arc::new(Files { target, config })
+        Arc::new(Files {
+            target,
+            walks: Arc::new(Semaphore::new(config.max_walks)),
+            waiting: AtomicUsize::new(0),
+            config,
+        })
     }
 
     /// Runs `op` on a blocking thread, in the sandbox's place and with its user's rights.
@@ -104,13 +123,51 @@ impl Files {
         self: &Arc<Self>,
         op: impl FnOnce(&Place) -> Result<T, FileError> + Send + 'static,
     ) -> Result<T, FileError> {
+        self.spawn(op)
+            .await
+            .map_err(|e| FileError::Failed(format!("a file operation panicked: {e}")))?
+    }
+
+    /// Starts `op` as [`Files::run`] does, without waiting for it.
+    pub fn spawn<T: Send + 'static>(
+        self: &Arc<Self>,
+        op: impl FnOnce(&Place) -> Result<T, FileError> + Send + 'static,
+    ) -> tokio::task::JoinHandle<Result<T, FileError>> {
         let files = Arc::clone(self);
-        blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let place = files.place()?;
             let _acting = place.act()?;
             op(&place)
         })
-        .await
+    }
+
+    /// A turn to walk a tree (a listing or a search), held for the walk: at most
+    /// `max_walks` run at once, which bounds the memory walks take (a directory's names each,
+    /// per level); more wait for a turn, at most `max_queued_walks` of them, and more are
+    /// refused.
+    pub async fn walk_turn(&self) -> Result<OwnedSemaphorePermit, FileError> {
+        if let Ok(turn) = Arc::clone(&self.walks).try_acquire_owned() {
+            return Ok(turn);
+        }
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let waiting = Waiting(&self.waiting);
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.config.max_queued_walks {
+            return Err(FileError::Busy(format!(
+                "{} listings and searches are running and {} waiting; try again later (--exec-max-walks, --exec-max-queued-walks)",
+                self.config.max_walks, self.config.max_queued_walks
+            )));
+        }
+        let turn = Arc::clone(&self.walks)
+            .acquire_owned()
+            .await
+            .map_err(|_| FileError::Failed("the file API is shutting down".into()))?;
+        drop(waiting);
+        Ok(turn)
     }
 
     /// The place for a request of several steps (see [`on`]), found off the async threads.

@@ -20,7 +20,7 @@ use nix::fcntl::{
 use nix::sys::stat::{Mode, fstatat};
 use nix::unistd::{UnlinkatFlags, linkat, unlinkat};
 
-use super::root::{self, MadeDirs, Root, is_file};
+use super::root::{self, MadeDirs, is_file};
 use super::{FileError, Place};
 
 /// Mode of a new file when the request gives none.
@@ -433,33 +433,4 @@ pub fn write_pieces(file: &mut impl Write, pieces: &[bytes::Bytes]) -> std::io::
         }
     }
     Ok(())
-}
-
-/// A file's whole content, when it is a regular file no larger than `limit`.
-pub fn read_limited(root: &Root, path: &str, limit: u64) -> Result<Vec<u8>, FileError> {
-    use std::io::Read;
-    let fd = root
-        .open_at(path, OFlag::O_RDONLY)
-        .map_err(|e| FileError::io(format!("file not found: {path}"), e))?;
-    let mut file = File::from(fd);
-    let size = file
-        .metadata()
-        .map_err(|e| FileError::io(format!("cannot read {path}"), e))?
-        .len();
-    if size > limit {
-        return Err(FileError::TooLarge(format!(
-            "{path} is {size} bytes; replace handles files up to {limit} bytes (--exec-max-replace-bytes)"
-        )));
-    }
-    let mut content = Vec::with_capacity(size as usize);
-    Read::by_ref(&mut file)
-        .take(limit + 1)
-        .read_to_end(&mut content)
-        .map_err(|e| FileError::io(format!("cannot read {path}"), e))?;
-    if content.len() as u64 > limit {
-        return Err(FileError::TooLarge(format!(
-            "{path} grew past {limit} bytes while read"
-        )));
-    }
-    Ok(content)
 }

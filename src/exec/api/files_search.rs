@@ -1,19 +1,20 @@
 //! `GET /files/search?path=<dir>&pattern=<glob>`: files below `path` whose name matches (see
-//! `files::glob`); directories are never returned and symlinks never followed.
+//! `files::glob`); directories are never returned and symlinks never followed. The answer
+//! streams as the walk finds it (see `files::walk_response`).
 
-use axum::Json;
 use axum::extract::{RawQuery, State};
+use axum::response::Response;
 
 use super::ExecApi;
-use super::files::{query_values, required_query};
+use super::files::{query_values, required_query, walk_response};
 use crate::files::glob::Pattern;
-use crate::files::{FileError, FileInfo, search};
+use crate::files::{FileError, search};
 use crate::http::error::ApiError;
 
 pub async fn search_files(
     State(api): State<ExecApi>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Vec<FileInfo>>, ApiError> {
+) -> Result<Response, ApiError> {
     let raw = required_query(query.as_deref(), "path")?;
     let pattern = query_values(query.as_deref(), "pattern")
         .into_iter()
@@ -22,9 +23,8 @@ pub async fn search_files(
         .unwrap_or_else(|| "**".into());
     let pattern = Pattern::parse(&pattern).map_err(FileError::Invalid)?;
     let limit = api.files.config.max_listed;
-    let found = api
-        .files
-        .run(move |place| search(place, &place.resolve(&raw)?, &pattern, limit))
-        .await?;
-    Ok(Json(found))
+    walk_response(&api.files, move |place, found| {
+        search(place, &place.resolve(&raw)?, &pattern, limit, found)
+    })
+    .await
 }
