@@ -55,15 +55,7 @@ fn main() -> ExitCode {
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor soft limit"),
     }
-    // Streamed output passes through buffers of up to a few hundred KiB. With glibc's default
-    // (dynamic) thresholds they are mapped and unmapped, or the heap trimmed, over and over:
-    // page faults took a quarter of the streaming time. Fixed thresholds keep them on the heap,
-    // at the cost of up to 8 MiB of freed memory kept per malloc arena.
-    // SAFETY: plain libc calls, before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
-    }
+    sandlet::memory::configure();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -75,7 +67,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(sandlet::serve::serve(args)) {
+    let served = runtime.block_on(async {
+        tokio::spawn(sandlet::memory::give_back_periodically());
+        sandlet::serve::serve(args).await
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "sandlet stopped");
