@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use info::FileInfo;
-pub use staging::{Parked, Staged, write_pieces};
+pub use staging::{Filesystems, Parked, Staged, write_pieces};
 pub use tree::{list, remove_dir, remove_file, search};
 
 use crate::container::{TargetWatch, UserDb};

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::{ExecApi, empty_ok};
-use crate::files::{self, FileError, Parked, Place, Staged};
+use crate::files::{self, FileError, Filesystems, Parked, Place, Staged};
 use crate::http::error::ApiError;
 
 /// Writes queued for a file's writer thread.
@@ -208,10 +208,16 @@ impl Upload {
     async fn commit(&mut self) -> Result<(), ApiError> {
         let targets = std::mem::take(&mut self.targets);
         let mut pending = std::mem::take(&mut self.contents);
-        files::on(Arc::clone(&self.place), move |_| {
+        files::on(Arc::clone(&self.place), move |place| {
             // Reversed: taken from the back in request order, and what a failed commit leaves is
             // dropped last file first (see `drop_last_first`).
             pending.reverse();
+            let filesystems = Filesystems::of(pending.iter().filter_map(|c| match c {
+                Content::Parked(parked) => Some(parked),
+                _ => None,
+            }));
+            // The parked files' content durable before any of them is renamed into place.
+            filesystems.sync(place)?;
             for target in &targets {
                 match pending.pop().expect("as many contents as targets") {
                     Content::Staged(staged) => {
@@ -223,7 +229,8 @@ impl Upload {
                     Content::Spooled { .. } => unreachable!("every file has its metadata by now"),
                 }
             }
-            Ok(())
+            // And their renames.
+            filesystems.sync(place)
         })
         .await?;
         Ok(())
