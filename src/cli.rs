@@ -179,7 +179,12 @@ pub struct ServeArgs {
           help_heading = "Exec API (port 44772)")]
     pub exec_max_upload_bytes: u64,
     /// Files one `/files/upload` form may carry (more: 413).
-    #[arg(long, env = "SANDLET_EXEC_MAX_UPLOAD_FILES", default_value_t = 100_000)]
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_MAX_UPLOAD_FILES",
+        default_value_t = 100_000,
+        help_heading = "Exec API (port 44772)"
+    )]
     pub exec_max_upload_files: usize,
     /// Entries one `/directories/list` or `/files/search` answer may hold.
     #[arg(
@@ -191,12 +196,20 @@ pub struct ServeArgs {
     pub exec_max_listed: usize,
     /// `/directories/list` and `/files/search` walks running at once (each holds a
     /// directory's names per level it is in); more wait for a turn.
-    #[arg(long, env = "SANDLET_EXEC_MAX_WALKS", default_value_t = 4,
-          help_heading = "Exec API (port 44772)")]
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_MAX_WALKS",
+        default_value_t = 4,
+        help_heading = "Exec API (port 44772)"
+    )]
     pub exec_max_walks: usize,
     /// Listings and searches waiting for a turn, at most; more get 429.
-    #[arg(long, env = "SANDLET_EXEC_MAX_QUEUED_WALKS", default_value_t = 64,
-          help_heading = "Exec API (port 44772)")]
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_MAX_QUEUED_WALKS",
+        default_value_t = 64,
+        help_heading = "Exec API (port 44772)"
+    )]
     pub exec_max_queued_walks: usize,
     /// Largest file `/files/replace` reads, and largest result it writes (both streamed).
     #[arg(long, env = "SANDLET_EXEC_MAX_REPLACE_BYTES", default_value = "64MiB", value_parser = bytes,
