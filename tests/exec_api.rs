@@ -282,15 +282,11 @@ fn sessions_keep_exported_variables_and_the_directory_and_survive_a_runs_childre
         .assert_error(404, "CONTEXT_NOT_FOUND");
 }
 
+/// (That a call never waits for a sampling window is the unit tests' `metrics::tests`.)
 #[test]
-fn metrics_answer_at_once_from_the_sandboxs_cgroup() {
+fn metrics_come_from_the_sandboxs_cgroup() {
     let s = Sandlet::start(&[]);
-    let started = Instant::now();
     let r = s.exec("GET", "/metrics", None, &[]);
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "no sampling wait"
-    );
     let m = r.json();
     assert!(m["cpu_count"].as_f64().unwrap() >= 1.0);
     let pct = m["cpu_used_pct"].as_f64().unwrap();
