@@ -85,7 +85,8 @@ fn main() {
         let mut bytes = 0u64;
         let mut end = Value::Null;
         // The client checks each line without a JSON parse, so it does not limit the rate.
-        let expected = format!("{{\"type\":\"stdout\",\"text\":\"{LINE}\",\"timestamp\":");
+        // Each line arrives with its line ending, escaped in the JSON text (execd 1.1).
+        let expected = format!("{{\"type\":\"stdout\",\"text\":\"{LINE}\\n\",\"timestamp\":");
         http.stream_raw("/command", &json!({"command": script}), |frame| {
             if frame.starts_with(expected.as_bytes()) {
                 seen += 1;
@@ -123,7 +124,7 @@ fn main() {
                     .filter(|e| e["type"] == "stdout")
                     .map(|e| e["text"].as_str().unwrap())
                     .collect();
-                let expected: Vec<String> = (1..=per).map(|i| i.to_string()).collect();
+                let expected: Vec<String> = (1..=per).map(|i| format!("{i}\n")).collect();
                 assert_eq!(out, expected, "lost or reordered output");
                 assert_eq!(events.last().unwrap()["type"], "execution_complete");
             })

@@ -129,18 +129,29 @@ pub struct ServeArgs {
         help_heading = "Exec API (port 44772)"
     )]
     pub exec_max_running: usize,
-    /// Finished command records (and background output) kept, at most.
+    /// Finished command records (and background output) kept, at most; the oldest go first,
+    /// even before `--exec-keep-seconds`.
     #[arg(
         long,
         env = "SANDLET_EXEC_KEEP_FINISHED",
-        default_value_t = 256,
+        default_value_t = 4096,
         help_heading = "Exec API (port 44772)"
     )]
     pub exec_keep_finished: usize,
-    /// Seconds a finished command's record and output are kept.
-    #[arg(long, env = "SANDLET_EXEC_KEEP_SECONDS", default_value_t = 3600, value_parser = seconds,
+    /// Seconds a finished command's record and output are kept (execd 1.1: at least a day).
+    #[arg(long, env = "SANDLET_EXEC_KEEP_SECONDS", default_value_t = 86400, value_parser = seconds,
           help_heading = "Exec API (port 44772)")]
     pub exec_keep_seconds: u64,
+    /// The file of variables every command, session and PTY shell starts with, by its path in
+    /// the sandbox (its path goes into their environment as `EXECD_ENVS`, so they can add to
+    /// it, as the SDK's `set_env` does), or `off`.
+    #[arg(
+        long,
+        env = "EXECD_ENVS",
+        default_value = "/opt/opensandbox/.env",
+        help_heading = "Exec API (port 44772)"
+    )]
+    pub exec_envs_file: String,
     /// A background command's output kept (the newest).
     #[arg(long, env = "SANDLET_EXEC_LOG_LIMIT_BYTES", default_value = "16MiB", value_parser = bytes,
           help_heading = "Exec API (port 44772)")]

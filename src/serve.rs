@@ -281,6 +281,8 @@ fn exec_api(
         header_timeout: Duration::from_secs(args.exec_proxy_header_timeout_seconds),
     });
     let code = code_interpreting(args, launcher, target, &data_dir)?;
+    let env_file = exec::EnvFile::new(&args.exec_envs_file)
+        .map_err(|e| Error::Config(format!("--exec-envs-file: {e}")))?;
     let config = Arc::new(ExecConfig {
         data_dir,
         max_running: args.exec_max_running,
@@ -291,6 +293,7 @@ fn exec_api(
         session_idle: Duration::from_secs(args.exec_session_idle_seconds),
         max_ptys: args.exec_max_pty_sessions,
         pty_idle: Duration::from_secs(args.exec_pty_idle_seconds),
+        env_file,
         running: Default::default(),
     });
     let commands = exec::Commands::new(Arc::clone(&config), Arc::clone(launcher), target.cloned());

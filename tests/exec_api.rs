@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Sandlet, pid_alive, read_pid, scratch, wait_until};
+use common::{Sandlet, pid_alive, read_pid, scratch, stream_lines, wait_until};
 use serde_json::{Value, json};
 
 fn kinds(events: &[Value]) -> Vec<&str> {
@@ -65,18 +65,14 @@ fn foreground_commands_stream_lines_and_end_with_their_exit_code() {
         !k.contains(&"execution_complete"),
         "no complete after an error"
     );
+    // Each event is one line with its line ending as written (execd 1.1), an empty line just
+    // its ending, a last line without one as it is.
+    let cwd_line = format!("{}\n", dir.path().to_string_lossy());
     assert_eq!(
         texts(&events, "stdout"),
-        [
-            "out",
-            "a",
-            "\n",
-            "b",
-            "cbar",
-            &*dir.path().to_string_lossy()
-        ]
+        ["out\n", "a\n", "\n", "b\r", "cbar\n", &cwd_line]
     );
-    assert_eq!(texts(&events, "stderr"), ["err"]);
+    assert_eq!(texts(&events, "stderr"), ["err\n"]);
     let error = &events.last().unwrap()["error"];
     assert_eq!(
         (error["ename"].as_str(), error["evalue"].as_str()),
@@ -98,7 +94,7 @@ fn foreground_commands_stream_lines_and_end_with_their_exit_code() {
     // A plain command line runs without a shell, found on PATH by sandlet, and is still
     // called by the name it was given (argv[0]), as a shell would call it.
     let argv = run(&s, json!({"command": "cat /proc/self/cmdline"}));
-    assert_eq!(texts(&argv, "stdout"), ["cat\0/proc/self/cmdline\0"]);
+    assert_eq!(stream_lines(&argv, "stdout"), ["cat\0/proc/self/cmdline\0"]);
 }
 
 #[test]
@@ -116,7 +112,7 @@ fn the_end_is_sent_when_the_command_exits_not_when_a_grandchild_lets_go_of_the_p
         "the stream waited for the grandchild"
     );
     assert_eq!(*kinds(&events).last().unwrap(), "execution_complete");
-    assert_eq!(texts(&events, "stdout"), ["done"]);
+    assert_eq!(stream_lines(&events, "stdout"), ["done"]);
     let grandchild = read_pid(&pid_file);
     assert!(
         pid_alive(grandchild),
@@ -134,7 +130,7 @@ fn the_end_is_sent_when_the_command_exits_not_when_a_grandchild_lets_go_of_the_p
             marker.display()
         )}),
     );
-    assert_eq!(texts(&events, "stdout"), ["started"]);
+    assert_eq!(stream_lines(&events, "stdout"), ["started"]);
     wait_until("the leftover finishes writing", || marker.exists());
 }
 
@@ -234,28 +230,28 @@ fn sessions_keep_exported_variables_and_the_directory_and_survive_a_runs_childre
         &json!({"command": format!("export A=\"it's \\$HOME\"; B=not-exported; export C=gone; cd {cwd}; sleep 1012 >/dev/null & echo started")}),
     );
     assert_eq!(first[0]["text"], id.as_str(), "init carries the session id");
-    assert_eq!(texts(&first, "stdout"), ["started"]);
+    assert_eq!(stream_lines(&first, "stdout"), ["started"]);
     assert_eq!(*kinds(&first).last().unwrap(), "execution_complete");
     let second = s.exec_events(
         &path,
         &json!({"command": "echo \"$A|$B|$C\"; pwd; unset C; echo oops >&2; false; echo EXIT:$?"}),
     );
     assert_eq!(
-        texts(&second, "stdout"),
+        stream_lines(&second, "stdout"),
         ["it's $HOME||gone", &cwd, "EXIT:1"]
     );
-    assert_eq!(texts(&second, "stderr"), ["oops"]);
+    assert_eq!(stream_lines(&second, "stderr"), ["oops"]);
     let third = s.exec_events(&path, &json!({"command": "echo \"[$C]\"; exit 7"}));
-    assert_eq!(texts(&third, "stdout"), ["[]"], "unset sticks");
+    assert_eq!(stream_lines(&third, "stdout"), ["[]"], "unset sticks");
     assert_eq!(third.last().unwrap()["error"]["evalue"], "7");
     // A marker line printed by the user is just output.
     let spoof = s.exec_events(
         &path,
         &json!({"command": "printf '\\n__SANDLET_0__\\nX=1\\0\\n/\\n'; echo \"$A\""}),
     );
-    assert!(texts(&spoof, "stdout").contains(&"__SANDLET_0__"));
+    assert!(stream_lines(&spoof, "stdout").contains(&"__SANDLET_0__"));
     let after = s.exec_events(&path, &json!({"command": "pwd; echo ${X:-unset}"}));
-    assert_eq!(texts(&after, "stdout"), [cwd.as_str(), "unset"]);
+    assert_eq!(stream_lines(&after, "stdout"), [cwd.as_str(), "unset"]);
 
     // A run's timeout kills its whole tree.
     let timed = s.exec_events(
@@ -455,12 +451,16 @@ fn uid_and_gid_are_applied_with_the_users_home() {
         &s,
         json!({"command": "id -u; id -g; echo $HOME", "uid": f[2].parse::<u32>().unwrap()}),
     );
-    assert_eq!(texts(&events, "stdout"), [f[2], f[3], f[5]], "{events:?}");
+    assert_eq!(
+        stream_lines(&events, "stdout"),
+        [f[2], f[3], f[5]],
+        "{events:?}"
+    );
     let events = run(
         &s,
         json!({"command": "id -g", "uid": f[2].parse::<u32>().unwrap(), "gid": 4242}),
     );
-    assert_eq!(texts(&events, "stdout"), ["4242"]);
+    assert_eq!(stream_lines(&events, "stdout"), ["4242"]);
 }
 
 /// `PPid`, `SigBlk` and `SigIgn` of a command run without a shell, from its own status.
@@ -472,7 +472,7 @@ fn parent_and_signal_state(s: &Sandlet) -> (i32, String) {
         "{events:?}"
     );
     let field = |name: &str| {
-        texts(&events, "stdout")
+        stream_lines(&events, "stdout")
             .into_iter()
             .find_map(|l| l.strip_prefix(name))
             .unwrap_or_else(|| panic!("no {name} in {events:?}"))
@@ -500,7 +500,11 @@ fn shims_serve_command_after_command_cleanly_and_only_once_their_tree_is_gone() 
     assert!(shims.len() <= 5, "shims were not reused: {shims:?}");
     // Nor does it inherit descriptors: only its standard streams (and `ls`'s own directory).
     let listed = run(&s, json!({"command": "ls /proc/self/fd"}));
-    assert_eq!(texts(&listed, "stdout"), ["0", "1", "2", "3"], "{listed:?}");
+    assert_eq!(
+        stream_lines(&listed, "stdout"),
+        ["0", "1", "2", "3"],
+        "{listed:?}"
+    );
 
     // A shim whose command left a grandchild behind serves nothing else until it is gone.
     let dir = scratch();
@@ -509,7 +513,7 @@ fn shims_serve_command_after_command_cleanly_and_only_once_their_tree_is_gone() 
         &s,
         json!({"command": format!("sleep 1011 & echo $! > {}; echo $PPID", pid_file.display())}),
     );
-    let busy: i32 = texts(&events, "stdout")[0].parse().unwrap();
+    let busy: i32 = stream_lines(&events, "stdout")[0].parse().unwrap();
     let grandchild = read_pid(&pid_file);
     for _ in 0..8 {
         assert_ne!(parent_and_signal_state(&s).0, busy);

@@ -333,7 +333,7 @@ fn a_form_of_many_files_keeps_descriptors_bounded() {
                 assert!(
                     events
                         .iter()
-                        .any(|e| e["type"] == "stdout" && e["text"] == "ok"),
+                        .any(|e| e["type"] == "stdout" && e["text"] == "ok\n"),
                     "a command during the upload: {events:?}"
                 );
                 runs += 1;
@@ -504,5 +504,5 @@ fn sandlet_raises_its_descriptor_limit_and_commands_keep_the_original() {
         .filter(|e| e["type"] == "stdout")
         .map(|e| e["text"].as_str().unwrap())
         .collect();
-    assert_eq!(out, ["1024", "8192"], "{events:?}");
+    assert_eq!(out, ["1024\n", "8192\n"], "{events:?}");
 }

@@ -411,19 +411,12 @@ fn exec_api_commands_and_sessions_run_in_the_main_container() {
     let Some(pod) = Pod::start() else { return };
     let s = sidecar(&pod, "", SIDECAR_CAPABILITIES);
     wait_ready(&s);
-    let texts = |events: &[Value], kind: &str| -> Vec<String> {
-        events
-            .iter()
-            .filter(|e| e["type"] == kind)
-            .map(|e| e["text"].as_str().unwrap().to_string())
-            .collect()
-    };
     let events = s.exec_events(
         "/command",
         &json!({"command": "hostname; id -u; cat /etc/sandbox-rootfs; echo $MAIN_VAR $HOME; pwd; echo token=$EXECD_ACCESS_TOKEN"}),
     );
     assert_eq!(
-        texts(&events, "stdout"),
+        common::stream_lines(&events, "stdout"),
         [
             MAIN_HOSTNAME,
             "1000",
@@ -441,7 +434,7 @@ fn exec_api_commands_and_sessions_run_in_the_main_container() {
         &json!({"command": "id -u; id -G; echo $HOME; pwd", "uid": WORKER_UID, "cwd": "/home/worker"}),
     );
     assert_eq!(
-        texts(&events, "stdout"),
+        common::stream_lines(&events, "stdout"),
         ["1001", "1001 2000", "/home/worker", "/home/worker"],
         "a uid resolved in the rootfs's passwd: {events:?}"
     );
@@ -465,7 +458,7 @@ fn exec_api_commands_and_sessions_run_in_the_main_container() {
         &json!({"command": "echo $Z $MAIN_VAR; pwd; hostname"}),
     );
     assert_eq!(
-        texts(&events, "stdout"),
+        common::stream_lines(&events, "stdout"),
         ["zz from-main", "/tmp", MAIN_HOSTNAME],
         "{events:?}"
     );
@@ -515,10 +508,9 @@ fn the_template_users_have_works_as_it_is_no_flags_and_only_sys_ptrace_added() {
         "/command",
         &json!({"command": "cat /etc/sandbox-rootfs; id -u"}),
     );
-    let out: Vec<&str> = events
-        .iter()
-        .filter(|e| e["type"] == "stdout")
-        .map(|e| e["text"].as_str().unwrap())
-        .collect();
-    assert_eq!(out, ["busybox-rootfs", "1000"], "{events:?}");
+    assert_eq!(
+        common::stream_lines(&events, "stdout"),
+        ["busybox-rootfs", "1000"],
+        "{events:?}"
+    );
 }

@@ -60,7 +60,10 @@ pub struct Status {
 
 /// What `POST /command` asked for.
 pub struct Request {
+    /// The shell script, or `argv` as the shell would read it (the status's `content`).
     pub command: String,
+    /// The program and arguments to run without a shell, if not `command`.
+    pub argv: Option<Vec<String>>,
     pub cwd: Option<String>,
     pub envs: Vec<(String, String)>,
     pub uid: Option<u32>,
@@ -113,10 +116,12 @@ impl Commands {
         };
         let spec = Spawn {
             script: request.command.clone(),
+            argv: request.argv,
             interactive: false,
             cwd: request.cwd,
             envs: request.envs,
             env_override: None,
+            env_file: self.config.env_file.clone(),
             uid: request.uid,
             gid: request.gid,
             output: if request.background {

@@ -1,6 +1,7 @@
 //! The stream events of `POST /command`, `POST /session/{id}/run` and `POST /code`, execd's
 //! `ServerStreamEvent`, framed as standard SSE (`data: <json>` and a blank line), which every
-//! OpenSandbox SDK parses; and the splitting of output into line events.
+//! OpenSandbox SDK parses; and the splitting of output into line events, each with its line
+//! ending (execd 1.1).
 
 use axum::body::Bytes;
 use serde::Serialize;
@@ -120,10 +121,14 @@ impl Event {
     }
 }
 
-/// Splits a byte stream into execd's line events: lines end at `\n`, `\r` or `\r\n` (also when
-/// the pair is split across reads); a line is sent without its terminator, an empty line as
-/// `"\n"`; a last line without terminator is sent at the end. Bytes that are not UTF-8 are
-/// replaced (the event text is a JSON string).
+/// Splits a byte stream into output events, one line per event, each with its line ending as
+/// written (`\n`, `\r` or `\r\n`): concatenating a stream's events gives back its output, as
+/// execd 1.1 specifies. An empty line is just its ending; a last line without one is sent at the
+/// end. Every event but the last ends a line, so a client that strips one line ending per event
+/// and joins with `\n` (the 1.0 SDKs) gets the lines as execd 1.0 sent them (see
+/// `docs/execd-compatibility.md`). A `\r\n` split across reads is sent as `\r`, then `\n`:
+/// holding a final `\r` back would hold back a progress bar's every update. Bytes that are not
+/// UTF-8 are replaced (the event text is a JSON string).
 #[derive(Debug, Default)]
 pub struct LineSplitter {
     partial: Vec<u8>,
@@ -134,37 +139,25 @@ impl LineSplitter {
     /// Feeds bytes; calls `line` for each complete line.
     pub fn feed(&mut self, mut data: &[u8], mut line: impl FnMut(&str)) {
         if self.after_cr && data.first() == Some(&b'\n') {
+            line("\n");
             data = &data[1..];
         }
         self.after_cr = false;
         // Validated once for the whole read rather than line by line.
         let valid = std::str::from_utf8(data).is_ok();
-        while let Some(end) = memchr::memchr2(b'\n', b'\r', data) {
-            if self.partial.is_empty() {
-                if valid {
-                    // SAFETY: a prefix of valid UTF-8 ending before an ASCII byte is valid.
-                    line(if end == 0 {
-                        "\n"
-                    } else {
-                        unsafe { std::str::from_utf8_unchecked(&data[..end]) }
-                    });
-                } else {
-                    emit(&data[..end], &mut line);
-                }
+        while let Some(at) = memchr::memchr2(b'\n', b'\r', data) {
+            let crlf = data[at] == b'\r' && data.get(at + 1) == Some(&b'\n');
+            let end = at + 1 + usize::from(crlf);
+            if self.partial.is_empty() && valid {
+                // SAFETY: a prefix of valid UTF-8 ending after an ASCII byte is valid.
+                line(unsafe { std::str::from_utf8_unchecked(&data[..end]) });
             } else {
                 self.partial.extend_from_slice(&data[..end]);
                 let whole = std::mem::take(&mut self.partial);
                 emit(&whole, &mut line);
             }
-            let cr = data[end] == b'\r';
-            data = &data[end + 1..];
-            if cr {
-                if data.first() == Some(&b'\n') {
-                    data = &data[1..];
-                } else if data.is_empty() {
-                    self.after_cr = true;
-                }
-            }
+            self.after_cr = data[at] == b'\r' && !crlf && end == data.len();
+            data = &data[end..];
         }
         self.partial.extend_from_slice(data);
         while self.partial.len() >= MAX_LINE_BYTES {
@@ -174,7 +167,7 @@ impl LineSplitter {
         }
     }
 
-    /// The last line, if output ended without a terminator.
+    /// The last line, if output ended without a line ending.
     pub fn finish(&mut self, mut line: impl FnMut(&str)) {
         if !self.partial.is_empty() {
             let last = std::mem::take(&mut self.partial);
@@ -184,11 +177,7 @@ impl LineSplitter {
 }
 
 fn emit(bytes: &[u8], line: &mut impl FnMut(&str)) {
-    if bytes.is_empty() {
-        line("\n");
-    } else {
-        line(&String::from_utf8_lossy(bytes));
-    }
+    line(&String::from_utf8_lossy(bytes));
 }
 
 /// One output stream's lines, written as SSE frames into the caller's buffer, so that a whole
@@ -235,16 +224,20 @@ impl LineFrames {
 /// The frame of an output event (`type`, `text`, `timestamp`), written in place.
 fn write_line(out: &mut Vec<u8>, head: &[u8], text: &str, tail: &[u8]) {
     out.extend_from_slice(head);
-    // Most lines need no escaping: then the text is copied as it is. The scan has no early
-    // exit, so it runs over whole words.
-    if text
+    // Most lines need no escaping but their line ending: then the text is copied as it is and
+    // the ending written escaped. The scan has no early exit, so it runs over whole words.
+    let body = text.trim_end_matches(['\n', '\r']);
+    if body
         .bytes()
         .fold(false, |any, b| any | NEEDS_ESCAPE[b as usize])
     {
         serde_json::to_writer(&mut *out, text).expect("a string serialises");
     } else {
         out.push(b'"');
-        out.extend_from_slice(text.as_bytes());
+        out.extend_from_slice(body.as_bytes());
+        for b in text[body.len()..].bytes() {
+            out.extend_from_slice(if b == b'\n' { b"\\n" } else { b"\\r" });
+        }
         out.push(b'"');
     }
     out.extend_from_slice(tail);
@@ -281,7 +274,7 @@ mod tests {
     fn written_line_frames_are_the_events_frames() {
         let mut out = Vec::new();
         let mut frames = LineFrames::new(true);
-        frames.feed(b"a \"q\"\n\tplain\n", &mut out);
+        frames.feed(b"a \"q\"\n\tplain\nok\r\n", &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(text.ends_with("}\n\n"));
         let events: Vec<serde_json::Value> = text
@@ -289,32 +282,50 @@ mod tests {
             .filter(|f| !f.is_empty())
             .map(|f| serde_json::from_str(f.strip_prefix("data: ").unwrap()).unwrap())
             .collect();
-        assert_eq!(events.len(), 2);
+        assert_eq!(events.len(), 3);
         assert_eq!(events[0]["type"], "stderr");
-        assert_eq!(events[0]["text"], "a \"q\"");
-        assert_eq!(events[1]["text"], "\tplain");
+        assert_eq!(events[0]["text"], "a \"q\"\n");
+        assert_eq!(events[1]["text"], "\tplain\n");
+        assert_eq!(
+            events[2]["text"], "ok\r\n",
+            "a plain line's ending is escaped"
+        );
         assert!(events[1]["timestamp"].as_i64().unwrap() > 0);
     }
 
     #[test]
-    fn lines_split_like_execd() {
+    fn lines_keep_their_endings() {
         assert_eq!(
             split(&[b"a\n\nb\n\n\nc\n"]),
-            ["a", "\n", "b", "\n", "\n", "c"]
+            ["a\n", "\n", "b\n", "\n", "\n", "c\n"]
         );
-        assert_eq!(split(&[b"prog 10%\rprog 20%\r"]), ["prog 10%", "prog 20%"]);
+        assert_eq!(
+            split(&[b"prog 10%\rprog 20%\r"]),
+            ["prog 10%\r", "prog 20%\r"]
+        );
+        assert_eq!(split(&[b"x\r\ny\r\n"]), ["x\r\n", "y\r\n"]);
         assert_eq!(
             split(&[b"x\r", b"\ny\r\n"]),
-            ["x", "y"],
-            "a split CRLF is one end"
+            ["x\r", "\n", "y\r\n"],
+            "a split CRLF loses nothing and holds nothing back"
         );
         assert_eq!(split(&[b"par", b"tial"]), ["partial"]);
-        assert_eq!(split(&[b"\xff\n"]), ["\u{fffd}"]);
+        assert_eq!(split(&[b"\xff\n"]), ["\u{fffd}\n"]);
         assert_eq!(
             split(&[b"\xc3", b"\xa9\n"]),
-            ["\u{e9}"],
+            ["\u{e9}\n"],
             "a character split across reads"
         );
+    }
+
+    #[test]
+    fn the_events_concatenate_to_the_output_and_strip_to_execd_1_0_lines() {
+        let output: &[u8] = b"one\n\ntwo\r\nthree\rlast";
+        let events = split(&[&output[..6], &output[6..13], &output[13..]]);
+        assert_eq!(events.concat().as_bytes(), output);
+        // What a 1.0 SDK shows: each event without one trailing newline, joined with newlines.
+        let shown: Vec<&str> = events.iter().map(|e| e.trim_end_matches('\n')).collect();
+        assert_eq!(shown.join("\n"), "one\n\ntwo\r\nthree\r\nlast");
     }
 
     #[test]
@@ -323,7 +334,7 @@ mod tests {
         let lines = split(&[&long, b"\n"]);
         assert_eq!(
             lines.iter().map(String::len).collect::<Vec<_>>(),
-            [MAX_LINE_BYTES, MAX_LINE_BYTES, 5]
+            [MAX_LINE_BYTES, MAX_LINE_BYTES, 6]
         );
     }
 

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod code;
 mod commands;
+mod env_file;
 mod events;
 mod metrics;
 pub mod pty;
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 pub use code::Code;
 pub use commands::Commands;
+pub use env_file::EnvFile;
 pub use metrics::Metrics;
 pub use pty::Ptys;
 pub use sessions::Sessions;
@@ -43,6 +45,8 @@ pub struct ExecConfig {
     pub max_ptys: usize,
     /// How long a PTY session nobody is attached to may sit before it is removed.
     pub pty_idle: Duration,
+    /// The `EXECD_ENVS` file every start loads (`None`: off).
+    pub env_file: Option<EnvFile>,
     pub running: AtomicUsize,
 }
 
@@ -155,9 +159,26 @@ pub fn expand_path(path: &str, envs: &[(String, String)]) -> Result<String, Stri
         let home = lookup("HOME").ok_or("~ used but HOME is not set")?;
         path = format!("{home}{}", &path[1..]);
     }
-    let mut out = String::new();
+    let (out, mut missing) = substitute(&path, lookup);
+    if !missing.is_empty() {
+        missing.sort();
+        return Err(format!(
+            "path references undefined environment variables: {}",
+            missing.join(",")
+        ));
+    }
+    Ok(out)
+}
+
+/// `s` with `$NAME` and `${NAME}` replaced by their values from `lookup`, and the names it has
+/// no value for (replaced by nothing). Any other `$` stays as it is.
+pub(crate) fn substitute(
+    s: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> (String, Vec<String>) {
+    let mut out = String::with_capacity(s.len());
     let mut missing = Vec::new();
-    let mut rest = path.as_str();
+    let mut rest = s;
     while let Some(at) = rest.find('$') {
         out.push_str(&rest[..at]);
         let after = &rest[at + 1..];
@@ -172,11 +193,7 @@ pub fn expand_path(path: &str, envs: &[(String, String)]) -> Result<String, Stri
                 .unwrap_or(after.len());
             (&after[..end], end)
         };
-        let valid = name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-        if !valid {
+        if !sessions::is_name(name) {
             out.push('$');
             rest = after;
             continue;
@@ -188,14 +205,7 @@ pub fn expand_path(path: &str, envs: &[(String, String)]) -> Result<String, Stri
         rest = &after[len..];
     }
     out.push_str(rest);
-    if !missing.is_empty() {
-        missing.sort();
-        return Err(format!(
-            "path references undefined environment variables: {}",
-            missing.join(",")
-        ));
-    }
-    Ok(out)
+    (out, missing)
 }
 
 #[cfg(test)]

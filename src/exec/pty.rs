@@ -321,10 +321,12 @@ impl Ptys {
         let slot = RunSlot::take(&self.config).map_err(PtyError::Limit)?;
         let spec = Spawn {
             script: session.command.clone().unwrap_or_default(),
+            argv: None,
             interactive: true,
             cwd: session.cwd.clone(),
             envs: Vec::new(),
             env_override: None,
+            env_file: self.config.env_file.clone(),
             uid: None,
             gid: None,
             output: match mode {

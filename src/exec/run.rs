@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Interval, sleep_until};
 
+use super::env_file::EnvFile;
 use crate::container::{PlaceError, StartIn, TargetWatch, metadata_in, start_in};
 use crate::deadline;
 use crate::process::shim::{OutputMode, ShimSpec};
@@ -35,9 +36,13 @@ const KILL_SWEEP: Duration = Duration::from_millis(100);
 pub const DEFAULT_TERM: &str = "xterm-256color";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// What to run: a shell script, where and as whom.
+/// What to run: a shell script or a program with its arguments, where and as whom.
 pub struct Spawn {
     pub script: String,
+    /// A program and its arguments, run without a shell instead of `script`: a name with a
+    /// slash is a path (a relative one from the working directory), a bare name is looked up
+    /// in the absolute directories of the process's `PATH`.
+    pub argv: Option<Vec<String>>,
     /// An interactive shell (PTY sessions): `bash --norc --noprofile`, with `-c script` when
     /// the script is not empty, or `sh` where there is no bash; `TERM` defaults to
     /// [`DEFAULT_TERM`]; the shim is not reused.
@@ -48,6 +53,8 @@ pub struct Spawn {
     pub envs: Vec<(String, String)>,
     /// Replaces the base environment altogether (bash sessions carry their own).
     pub env_override: Option<Vec<(String, String)>>,
+    /// Variables from the `EXECD_ENVS` file between the base environment and `envs`.
+    pub env_file: Option<EnvFile>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub output: OutputMode,
@@ -105,6 +112,14 @@ pub async fn spawn(
         Some(env) => (true, env),
         None => {
             let mut env = base;
+            if let Some(file) = &spec.env_file {
+                let under: Vec<(String, String)> = if clear_env {
+                    env.clone()
+                } else {
+                    std::env::vars().chain(env.iter().cloned()).collect()
+                };
+                env.extend(file.variables(&root, &under));
+            }
             env.extend(spec.envs);
             (clear_env, env)
         }
@@ -147,7 +162,20 @@ pub async fn spawn(
             false,
         ),
     };
-    let (program, arg0, args) = if spec.interactive {
+    let (program, arg0, args) = if let Some(mut argv) = spec.argv {
+        let name = argv.remove(0);
+        let program = if name.contains('/') {
+            // Relative: resolved by exec, after the change to the working directory.
+            name.clone()
+        } else {
+            found(&name).ok_or_else(|| {
+                SpawnError::Failed(format!(
+                    "exec: {name:?}: executable file not found in $PATH"
+                ))
+            })?
+        };
+        (program, name, argv)
+    } else if spec.interactive {
         let (program, arg0, bash) = shell();
         let mut args = Vec::new();
         if bash {

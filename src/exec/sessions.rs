@@ -85,6 +85,10 @@ impl Sessions {
             std::env::vars().collect()
         };
         env.extend(place.env);
+        if let Some(file) = &self.config.env_file {
+            let vars = file.variables(&place.root, &env);
+            env.extend(vars);
+        }
         env.retain(|(k, _)| is_name(k) && !SHELL_OWNED.contains(&k.as_str()));
         let mut table = self.lock();
         if table.len() >= self.config.max_sessions {
@@ -146,10 +150,12 @@ impl Sessions {
         ));
         let spec = Spawn {
             script,
+            argv: None,
             interactive: false,
             cwd: None,
             envs: Vec::new(),
             env_override: Some(state.env.clone()),
+            env_file: None,
             uid: None,
             gid: None,
             output: OutputMode::Stream,
@@ -364,7 +370,8 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-fn is_name(k: &str) -> bool {
+/// A shell variable name.
+pub(super) fn is_name(k: &str) -> bool {
     let mut chars = k.chars();
     chars
         .next()
@@ -373,7 +380,7 @@ fn is_name(k: &str) -> bool {
 }
 
 /// Single-quoted for the shell.
-fn quote(s: &str) -> String {
+pub(super) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
@@ -403,7 +410,7 @@ mod tests {
     #[test]
     fn output_and_state_are_told_apart_across_reads() {
         let (lines, state) = demux(&[b"a\n\nb\n\n__", b"M__\nA=1\0B=x\ny\0_=/bin/cat\0\n/tmp\n"]);
-        assert_eq!(lines, ["a", "\n", "b"]);
+        assert_eq!(lines, ["a\n", "\n", "b\n"]);
         let (env, pwd) = state.unwrap();
         assert_eq!(env, [("A".into(), "1".into()), ("B".into(), "x\ny".into())]);
         assert_eq!(pwd, "/tmp");

@@ -521,6 +521,21 @@ pub fn sse_events(body: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The lines one output stream (`stdout`, `stderr`) of a command's events carries, each without
+/// its line ending (execd 1.1 events carry one line each, with its ending as written).
+pub fn stream_lines<'a>(events: &'a [Value], kind: &str) -> Vec<&'a str> {
+    events
+        .iter()
+        .filter(|e| e["type"] == kind)
+        .map(|e| {
+            let t = e["text"].as_str().unwrap();
+            t.strip_suffix("\r\n")
+                .or_else(|| t.strip_suffix(['\n', '\r']))
+                .unwrap_or(t)
+        })
+        .collect()
+}
+
 /// The Python of the venv that holds the real OpenSandbox SDKs from PyPI (`.ci/setup` makes it;
 /// `SANDLET_SDK_PYTHON` points elsewhere). Tests that use it are `#[ignore]`d with the reason.
 pub fn sdk_python() -> String {

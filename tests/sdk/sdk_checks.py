@@ -88,8 +88,10 @@ def check_token_required(ctx):
 def check_foreground_exit_code(ctx):
     cmds = ctx["sandbox"].commands
     ex = cmds.run("echo hello; echo err >&2; exit 3")
-    assert out(ex) == ["hello"], f"stdout lines: {describe(ex)}"
-    assert err(ex) == ["err"], f"stderr lines: {describe(ex)}"
+    # execd 1.1: each event is a line with its line ending.
+    assert out(ex) == ["hello\n"], f"stdout lines: {describe(ex)}"
+    assert err(ex) == ["err\n"], f"stderr lines: {describe(ex)}"
+    assert ex.text == "hello", f"Execution.text: {ex.text!r}"
     assert ex.exit_code == 3, f"exit code (from the error event's evalue) should be 3: {describe(ex)}"
     assert ex.error is not None and ex.error.name == "CommandExecError", f"error event: {describe(ex)}"
     assert ex.error.value == "3", f"error evalue should be '3': {describe(ex)}"
@@ -99,21 +101,22 @@ def check_foreground_exit_code(ctx):
 
 
 def check_foreground_blank_lines(ctx):
-    ex = ctx["sandbox"].commands.run("printf 'a\\n\\nb\\n'")
-    assert out(ex) == ["a", "\n", "b"], f"stdout texts should be ['a', '\\n', 'b']: {describe(ex)}"
+    ex = ctx["sandbox"].commands.run("printf 'a\\n\\nb\\r\\nc'")
+    assert out(ex) == ["a\n", "\n", "b\r\n", "c"], f"stdout texts keep their line endings: {describe(ex)}"
+    assert ex.text == "a\n\nb\nc", f"Execution.text keeps the blank line: {ex.text!r}"
     assert ex.exit_code == 0, f"exit code (from execution_complete) should be 0: {describe(ex)}"
     assert ex.error is None and ex.complete is not None, f"terminal event: {describe(ex)}"
 
 
 def check_envs(ctx):
     ex = ctx["sandbox"].commands.run("echo $FOO", opts=RunCommandOpts(envs={"FOO": "bar"}))
-    assert out(ex) == ["bar"], f"envs FOO=bar: {describe(ex)}"
+    assert out(ex) == ["bar\n"], f"envs FOO=bar: {describe(ex)}"
     assert ex.exit_code == 0, describe(ex)
 
 
 def check_cwd(ctx):
     ex = ctx["sandbox"].commands.run("pwd", opts=RunCommandOpts(working_directory=CWD))
-    assert out(ex) == [CWD], f"cwd {CWD}: {describe(ex)}"
+    assert out(ex) == [CWD + "\n"], f"cwd {CWD}: {describe(ex)}"
     assert ex.exit_code == 0, describe(ex)
 
 
@@ -185,7 +188,7 @@ def check_sessions(ctx):
     assert r.exit_code == 0, f"export/cd run: {describe(r)}"
     assert r.id == sid, f"session run's init id should be the session id {sid!r}: {describe(r)}"
     r = cmds.run_in_session(sid, "echo $A; pwd")
-    assert out(r) == ["1", CWD], f"env and cwd should persist in the session: {describe(r)}"
+    assert out(r) == ["1\n", CWD + "\n"], f"env and cwd should persist in the session: {describe(r)}"
     assert r.exit_code == 0, describe(r)
     r = cmds.run_in_session(sid, "sh -c 'exit 7'")
     assert r.exit_code == 7, f"session run exit code should be 7: {describe(r)}"
@@ -300,27 +303,31 @@ CHECKS = [
 ]
 
 
-def main(argv):
-    def setup(ctx):
-        def config_factory():
-            return ConnectionConfigSync(
-                domain=f"127.0.0.1:{ctx['lifecycle_port']}",
-                protocol="http",
-                request_timeout=timedelta(seconds=20),
-            )
+def connect(ctx):
+    """The setup every check script shares: the SDK connects through the lifecycle stand-in."""
 
-        ctx["config_factory"] = config_factory
-        ctx["sandbox"] = SandboxSync.connect(
-            lifecycle_stub.SANDBOX_ID,
-            connection_config=config_factory(),
-            connect_timeout=timedelta(seconds=20),
+    def config_factory():
+        return ConnectionConfigSync(
+            domain=f"127.0.0.1:{ctx['lifecycle_port']}",
+            protocol="http",
+            request_timeout=timedelta(seconds=20),
         )
 
-    def teardown(ctx):
-        if "sandbox" in ctx:
-            ctx["sandbox"].close()
+    ctx["config_factory"] = config_factory
+    ctx["sandbox"] = SandboxSync.connect(
+        lifecycle_stub.SANDBOX_ID,
+        connection_config=config_factory(),
+        connect_timeout=timedelta(seconds=20),
+    )
 
-    return check_runner.run(CHECKS, argv, setup, teardown, CHECK_DEADLINE_S)
+
+def disconnect(ctx):
+    if "sandbox" in ctx:
+        ctx["sandbox"].close()
+
+
+def main(argv):
+    return check_runner.run(CHECKS, argv, connect, disconnect, CHECK_DEADLINE_S)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 //! `GET /files/download?path=<p>`: a file's bytes, streamed from the file with constant memory.
 //! `Range` (one range: 206; several: `multipart/byteranges`; none satisfiable: 416 with
 //! `Content-Range: bytes */<size>`), `If-Range`, `If-None-Match` and `If-Modified-Since` work as
-//! HTTP says; a directory or other non-file is refused instead of sent as garbage.
+//! HTTP says; a directory or other non-file is refused instead of sent as garbage. `offset` and
+//! `limit` ask for lines instead (see `files_lines.rs`).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -43,6 +44,7 @@ pub async fn download(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let raw = required_query(query.as_deref(), "path")?;
+    let lines = super::files_lines::Lines::requested(query.as_deref(), &headers)?;
     let opened = api
         .files
         .run(move |place| {
@@ -81,6 +83,9 @@ pub async fn download(
             })
         })
         .await?;
+    if let Some(lines) = lines {
+        return Ok(super::files_lines::respond(opened.file, lines));
+    }
     Ok(respond(opened, &headers))
 }
 

@@ -18,6 +18,7 @@ mod files;
 mod files_delete;
 mod files_download;
 mod files_info;
+mod files_lines;
 mod files_move;
 mod files_permissions;
 mod files_replace;

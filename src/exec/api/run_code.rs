@@ -46,6 +46,7 @@ pub async fn run_code(
         )?;
         let request = Request {
             command: body.code,
+            argv: None,
             cwd: None,
             envs: Vec::new(),
             uid: None,

@@ -12,6 +12,9 @@ use crate::http::error::ApiError;
 pub struct RunCommand {
     #[serde(default)]
     command: String,
+    /// A program and its arguments, run without a shell (execd 1.1); excludes `command`.
+    #[serde(default)]
+    argv: Option<Vec<String>>,
     #[serde(default)]
     cwd: Option<String>,
     #[serde(default)]
@@ -27,15 +30,30 @@ pub struct RunCommand {
     envs: Option<BTreeMap<String, String>>,
 }
 
-/// `POST /command`: runs `command` with the shell; the response is its event stream.
+/// `POST /command`: runs `command` with the shell, or `argv` without one; the response is its
+/// event stream.
 pub async fn run_command(
     State(api): State<ExecApi>,
     ExecJson(body): ExecJson<RunCommand>,
 ) -> Result<Response, ApiError> {
-    super::command_line(
-        &body.command,
-        "invalid request, validation error command is required",
-    )?;
+    let command = match &body.argv {
+        None => {
+            super::command_line(
+                &body.command,
+                "invalid request, validation error command or argv is required",
+            )?;
+            body.command
+        }
+        Some(argv) => {
+            if !body.command.is_empty() {
+                return Err(invalid(
+                    "invalid request, validation error command and argv are mutually exclusive; send one",
+                ));
+            }
+            check_argv(argv)?;
+            shell_words(argv)
+        }
+    };
     let envs: Vec<(String, String)> = body.envs.unwrap_or_default().into_iter().collect();
     if let Some((k, _)) = envs
         .iter()
@@ -50,7 +68,8 @@ pub async fn run_command(
         None => None,
     };
     let request = Request {
-        command: body.command,
+        command,
+        argv: body.argv,
         cwd,
         envs,
         uid: body.uid,
@@ -67,5 +86,54 @@ pub async fn run_command(
         Err(CommandError::NotFound(m) | CommandError::NotRunning(m)) => {
             Err(super::runtime_error(m))
         }
+    }
+}
+
+/// execd 1.1's rules for `argv`: a program name, and no NUL anywhere (the kernel takes C
+/// strings).
+fn check_argv(argv: &[String]) -> Result<(), ApiError> {
+    match argv.first() {
+        None => Err(invalid(
+            "invalid request, validation error argv must name a program",
+        )),
+        Some(program) if program.is_empty() => Err(invalid(
+            "invalid request, validation error argv[0] must not be empty",
+        )),
+        _ => match argv.iter().position(|a| a.contains('\0')) {
+            Some(i) => Err(invalid(format!(
+                "invalid request, validation error argv[{i}] contains NUL"
+            ))),
+            None => Ok(()),
+        },
+    }
+}
+
+/// `argv` as a shell would read it back: the command's `content` in its status.
+fn shell_words(argv: &[String]) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./=:,+@%-".contains(c);
+    argv.iter()
+        .map(|a| {
+            if !a.is_empty() && a.chars().all(plain) {
+                a.clone()
+            } else {
+                crate::exec::sessions::quote(a)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argv_reads_back_as_shell_words() {
+        let argv = ["python3", "-c", "print('hi')", ""].map(String::from);
+        assert_eq!(shell_words(&argv), "python3 -c 'print('\\''hi'\\'')' ''");
+        assert!(check_argv(&argv).is_ok());
+        assert!(check_argv(&[]).is_err());
+        assert!(check_argv(&[String::new()]).is_err());
+        assert!(check_argv(&["a".into(), "b\0".into()]).is_err());
     }
 }

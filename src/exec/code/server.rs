@@ -241,11 +241,13 @@ impl Managed {
         );
         let spec = Spawn {
             script,
+            argv: None,
             interactive: false,
             cwd: None,
             // Read by jupyter_server as its token: not on the command line for `ps` to show.
             envs: vec![("JUPYTER_TOKEN".into(), token)],
             env_override: None,
+            env_file: None,
             uid: None,
             gid: None,
             output: OutputMode::Combined,

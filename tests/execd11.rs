@@ -1,0 +1,254 @@
+//! What execd 1.1 added to the routes execd 1.0 had, in local mode over plain HTTP: `argv`
+//! commands, line-ranged downloads, the upload framing of the 1.1 SDK, the `EXECD_ENVS` file and
+//! the longer retention. (The SDK's own view of these is in `tests/sdk/sdk11_checks.py`.)
+
+mod common;
+
+use std::io::{Read, Write};
+
+use common::{Sandlet, scratch, stream_lines};
+use serde_json::{Value, json};
+
+fn kinds(events: &[Value]) -> Vec<&str> {
+    events.iter().map(|e| e["type"].as_str().unwrap()).collect()
+}
+
+fn q(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+#[test]
+fn argv_runs_without_a_shell_and_bad_argv_is_refused() {
+    let s = Sandlet::start(&[]);
+    let dir = scratch();
+    // Nothing is expanded or split: each argument arrives as it was sent.
+    let events = s.exec_events(
+        "/command",
+        &json!({"argv": ["sh", "-c", "printf '%s|' \"$0\" \"$1\"", "a b", "$HOME;*"]}),
+    );
+    assert_eq!(
+        stream_lines(&events, "stdout"),
+        ["a b|$HOME;*|"],
+        "{events:?}"
+    );
+    assert_eq!(*kinds(&events).last().unwrap(), "execution_complete");
+    let id = events[0]["text"].as_str().unwrap();
+    let status = s.exec("GET", &format!("/command/status/{id}"), None, &[]);
+    assert_eq!(
+        status.json()["content"],
+        "sh -c 'printf '\\''%s|'\\'' \"$0\" \"$1\"' 'a b' '$HOME;*'",
+        "the status shows argv as shell words"
+    );
+
+    // A relative path is relative to cwd; a bare name is looked up on PATH.
+    let script = dir.path().join("tool.sh");
+    std::fs::write(&script, "#!/bin/sh\necho \"ran $1 in $(pwd)\"\nexit 4\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let events = s.exec_events(
+        "/command",
+        &json!({"argv": ["./tool.sh", "x"], "cwd": dir.path()}),
+    );
+    let cwd = dir.path().to_string_lossy();
+    assert_eq!(stream_lines(&events, "stdout"), [format!("ran x in {cwd}")]);
+    assert_eq!(events.last().unwrap()["error"]["evalue"], "4");
+    let events = s.exec_events(
+        "/command",
+        &json!({"argv": ["tool.sh"], "envs": {"PATH": format!("/usr/bin:/bin:{cwd}")}}),
+    );
+    assert_eq!(events.last().unwrap()["error"]["evalue"], "4", "{events:?}");
+
+    // A name found nowhere is a start failure, as execd's: init, then an error naming it.
+    let events = s.exec_events("/command", &json!({"argv": ["no-such-program-x9"]}));
+    assert_eq!(kinds(&events), ["init", "error"], "{events:?}");
+    let evalue = events[1]["error"]["evalue"].as_str().unwrap();
+    assert!(evalue.contains("no-such-program-x9"), "{evalue}");
+
+    for (body, why) in [
+        (json!({"argv": []}), "no program"),
+        (json!({"argv": [""]}), "an empty argv[0]"),
+        (json!({"argv": ["echo", "a\u{0}b"]}), "NUL"),
+        (json!({"argv": ["true"], "command": "true"}), "both forms"),
+        (json!({}), "neither form"),
+    ] {
+        let r = s.exec("POST", "/command", Some(&body), &[]);
+        assert_eq!(r.status, 400, "{why}: {}", r.text());
+        r.assert_error(400, "INVALID_REQUEST_BODY");
+    }
+}
+
+#[test]
+fn downloads_read_line_ranges_as_text() {
+    let s = Sandlet::start(&[]);
+    let dir = scratch();
+    let file = dir.path().join("lines.txt");
+    std::fs::write(&file, "l1\nl2\r\nl3\n\nl5").unwrap();
+    let path = q(&file.to_string_lossy());
+    let get = |query: &str, headers: &[(&str, &str)]| {
+        s.exec(
+            "GET",
+            &format!("/files/download?path={path}{query}"),
+            None,
+            headers,
+        )
+    };
+    for (query, want) in [
+        ("&offset=2&limit=2", "l2\r\nl3\n"),
+        ("&offset=4", "\nl5"),
+        ("&limit=1", "l1\n"),
+        ("&offset=5&limit=10", "l5"),
+        ("&offset=6", ""),
+    ] {
+        let r = get(query, &[]);
+        assert_eq!(r.status, 200, "{query}: {}", r.text());
+        assert_eq!(r.text(), want, "{query}");
+        assert_eq!(
+            r.header("content-type"),
+            Some("text/plain; charset=utf-8"),
+            "{query}"
+        );
+    }
+    // Bytes and lines are two ways to ask for part of a file: not both at once.
+    get("&offset=2", &[("Range", "bytes=0-1")]).assert_error(400, "INVALID_REQUEST_BODY");
+    for bad in ["&offset=0", "&limit=0", "&offset=-2", "&limit=many"] {
+        get(bad, &[]).assert_error(400, "INVALID_REQUEST_BODY");
+    }
+    // Without them it is the file's bytes, as before.
+    let whole = get("", &[]);
+    assert_eq!(whole.body, b"l1\nl2\r\nl3\n\nl5");
+    assert_eq!(
+        whole.header("content-type"),
+        Some("application/octet-stream")
+    );
+}
+
+#[test]
+fn a_chunked_upload_goes_where_its_metadata_says_not_where_the_file_name_says() {
+    let s = Sandlet::start(&[]);
+    let dir = scratch();
+    let target = dir.path().join("deep dir/real name.txt");
+    let decoy = dir.path().join("decoy.txt");
+    let boundary = "opensandbox_0123456789abcdef_1700000000";
+    let metadata = json!({"path": target, "owner": null, "group": null, "mode": 640});
+    // As the 1.1 SDK frames it: metadata first, the file part named by its base name only, and
+    // the body in chunks without a Content-Length.
+    let parts = [
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"metadata\"; filename=\"metadata\"\r\nContent-Type: application/json\r\n\r\n{metadata}\r\n"
+        ),
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"decoy.txt\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+        ),
+        "chunked ".into(),
+        "content\n".into(),
+        format!("\r\n--{boundary}--\r\n"),
+    ];
+    let addr = s.exec_base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "POST /files/upload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    )
+    .unwrap();
+    for part in &parts {
+        write!(stream, "{:x}\r\n{part}\r\n", part.len()).unwrap();
+        stream.flush().unwrap();
+    }
+    stream.write_all(b"0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "chunked content\n"
+    );
+    assert!(!decoy.exists(), "the part's file name is not a destination");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&target).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o640);
+}
+
+#[test]
+fn the_execd_envs_file_reaches_every_start_and_set_env_appends_to_it() {
+    let dir = scratch();
+    let env_file = dir.path().join("etc/sandbox.env");
+    let s = Sandlet::start(&["--exec-envs-file", &env_file.to_string_lossy()]);
+    // What the SDK's set_env runs: the entry single-quoted for the shell, appended.
+    let set = |key: &str, entry: &str| {
+        let quoted = format!("'{}'", entry.replace('\'', "'\\''"));
+        let script = format!(
+            "if [ -z \"${{EXECD_ENVS:-}}\" ]; then echo unset >&2; exit 1; fi\nmkdir -p \"$(dirname \"$EXECD_ENVS\")\"\nprintf '%s\\n' {quoted} >> \"$EXECD_ENVS\""
+        );
+        let events = s.exec_events("/command", &json!({"command": script}));
+        assert_eq!(
+            *kinds(&events).last().unwrap(),
+            "execution_complete",
+            "set_env {key}: {events:?}"
+        );
+    };
+    set("A", "A='x y $HOME'");
+    set("B", "B=\"it's \\\"q\\\"\"");
+    let events = s.exec_events(
+        "/command",
+        &json!({"command": "printf '%s|%s|%s\\n' \"$A\" \"$B\" \"$EXECD_ENVS\""}),
+    );
+    assert_eq!(
+        stream_lines(&events, "stdout"),
+        [format!("x y $HOME|it's \"q\"|{}", env_file.display())]
+    );
+    // The request's own variables win over the file.
+    let events = s.exec_events(
+        "/command",
+        &json!({"command": "echo \"$A\"", "envs": {"A": "mine"}}),
+    );
+    assert_eq!(stream_lines(&events, "stdout"), ["mine"]);
+    // Bash sessions start from it too.
+    let sid = s.exec("POST", "/session", None, &[]).json()["session_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let events = s.exec_events(
+        &format!("/session/{sid}/run"),
+        &json!({"command": "echo \"$A\""}),
+    );
+    assert_eq!(stream_lines(&events, "stdout"), ["x y $HOME"]);
+
+    // Off: no file, no variable.
+    let off = Sandlet::start(&["--exec-envs-file", "off"]);
+    let events = off.exec_events(
+        "/command",
+        &json!({"command": "echo \"[${EXECD_ENVS:-}]\""}),
+    );
+    assert_eq!(stream_lines(&events, "stdout"), ["[]"]);
+}
+
+#[test]
+fn finished_commands_are_kept_a_day_by_default() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandlet"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let mut lines = help
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("--exec-keep-seconds "));
+    lines.next();
+    let description = lines.next().unwrap_or_default();
+    assert!(
+        description.contains("[default: 86400]"),
+        "execd 1.1 keeps finished commands at least 24 h: {description}"
+    );
+}
+
+#[test]
+#[ignore = "needs the OpenSandbox SDK from PyPI: `./test` installs it and runs every test"]
+fn the_real_sdk_uses_what_execd_1_1_added() {
+    let dir = scratch();
+    let env_file = dir.path().join("sandbox.env");
+    let s = Sandlet::start(&["--exec-envs-file", &env_file.to_string_lossy()]);
+    let cwd = std::fs::canonicalize(dir.path()).unwrap();
+    common::run_sdk_checks(
+        "sdk11_checks.py",
+        &s.exec_base,
+        &[("SANDLET_SDK_CWD", cwd.display().to_string())],
+    );
+}
