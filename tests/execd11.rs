@@ -242,13 +242,153 @@ fn finished_commands_are_kept_a_day_by_default() {
 #[test]
 #[ignore = "needs the OpenSandbox SDK from PyPI: `./test` installs it and runs every test"]
 fn the_real_sdk_uses_what_execd_1_1_added() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = scratch();
     let env_file = dir.path().join("sandbox.env");
     let s = Sandlet::start(&["--exec-envs-file", &env_file.to_string_lossy()]);
+    let mut identity = None;
+    if let Some((uid, gid, _)) = account("nobody")
+        && common::root_or_skip("files_with_identity")
+    {
+        std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o755)).unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "root only\n").unwrap();
+        std::fs::set_permissions(&secret, PermissionsExt::from_mode(0o600)).unwrap();
+        let theirs = dir.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(uid), Some(gid)).unwrap();
+        identity = Some(format!("{uid}:{gid}:{}", theirs.display()));
+    }
     let cwd = std::fs::canonicalize(dir.path()).unwrap();
-    common::run_sdk_checks(
-        "sdk11_checks.py",
-        &s.exec_base,
-        &[("SANDLET_SDK_CWD", cwd.display().to_string())],
+    let mut envs = vec![("SANDLET_SDK_CWD", cwd.display().to_string())];
+    envs.extend(identity.map(|i| ("SANDLET_SDK_IDENTITY", i)));
+    common::run_sdk_checks("sdk11_checks.py", &s.exec_base, &envs);
+}
+
+/// `POST <prefix>/files/upload` of one file, as the SDK frames it.
+fn upload(s: &Sandlet, prefix: &str, path: &str, content: &[u8], mode: u32) -> common::Reply {
+    let boundary = "sandlet-execd11-boundary";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"metadata\"; filename=\"metadata\"\r\nContent-Type: application/json\r\n\r\n{}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\nContent-Type: application/octet-stream\r\n\r\n",
+        json!({"path": path, "mode": mode})
+    )
+    .into_bytes();
+    body.extend_from_slice(content);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    s.exec_bytes(
+        "POST",
+        &format!("{prefix}/files/upload"),
+        Some(body),
+        &[(
+            "Content-Type",
+            &format!("multipart/form-data; boundary={boundary}"),
+        )],
+    )
+}
+
+/// The uid, gid and home of a user of this machine's /etc/passwd.
+fn account(name: &str) -> Option<(u32, u32, String)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    let line = passwd
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}:")))?;
+    let f: Vec<&str> = line.split(':').collect();
+    Some((f[2].parse().ok()?, f[3].parse().ok()?, f[5].to_string()))
+}
+
+#[test]
+fn identity_routes_act_with_that_identitys_rights_and_the_kernel_decides() {
+    if !common::root_or_skip("file operations as another user") {
+        return;
+    }
+    let Some((uid, gid, home)) = account("nobody") else {
+        eprintln!("skipped: no user nobody in /etc/passwd");
+        return;
+    };
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let s = Sandlet::start(&[]);
+    let dir = scratch();
+    std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o755)).unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "root only\n").unwrap();
+    std::fs::set_permissions(&secret, PermissionsExt::from_mode(0o600)).unwrap();
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(uid), Some(gid)).unwrap();
+    let me = format!("/v1/filesystem/{uid}/{gid}");
+    let get = |prefix: &str, route: &str, path: &std::path::Path| {
+        s.exec(
+            "GET",
+            &format!("{prefix}{route}?path={}", q(&path.to_string_lossy())),
+            None,
+            &[],
+        )
+    };
+
+    // What the identity may not read is a 403; sandlet itself (root) still reads it.
+    get(&me, "/files/download", &secret).assert_error(403, "PERMISSION_DENIED");
+    assert_eq!(get("", "/files/download", &secret).text(), "root only\n");
+    // What it writes is its own, where it may write; elsewhere nothing is written.
+    let mine = theirs.join("sub/mine.txt");
+    let r = upload(&s, &me, &mine.to_string_lossy(), b"mine\n", 644);
+    assert_eq!(r.status, 200, "{}", r.text());
+    for made in [&mine, &theirs.join("sub")] {
+        let m = std::fs::metadata(made).unwrap();
+        assert_eq!((m.uid(), m.gid()), (uid, gid), "{}", made.display());
+    }
+    let refused = dir.path().join("not-mine.txt");
+    upload(&s, &me, &refused.to_string_lossy(), b"x", 644).assert_error(403, "PERMISSION_DENIED");
+    assert!(!refused.exists());
+    let r = s.exec(
+        "POST",
+        &format!("{me}/directories"),
+        Some(&json!({dir.path().join("d").to_string_lossy(): {"mode": 755}})),
+        &[],
     );
+    r.assert_error(403, "PERMISSION_DENIED");
+    // Another gid than the user's own: what it creates has that group.
+    let other_gid = gid.wrapping_add(7);
+    let grouped = theirs.join("grouped.txt");
+    let r = upload(
+        &s,
+        &format!("/v1/filesystem/{uid}/{other_gid}"),
+        &grouped.to_string_lossy(),
+        b"g",
+        600,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(std::fs::metadata(&grouped).unwrap().gid(), other_gid);
+    // `~` is the identity's home.
+    let r = s.exec("GET", &format!("{me}/files/info?path=~"), None, &[]);
+    if std::path::Path::new(&home).exists() {
+        assert_eq!(r.json()["~"]["path"], home.as_str(), "{}", r.text());
+    } else {
+        r.assert_error(404, "FILE_NOT_FOUND");
+        assert!(r.text().contains(&home), "{}", r.text());
+    }
+    // Every file route is there under the prefix.
+    let listed = get(&me, "/directories/list", &theirs);
+    assert_eq!(listed.status, 200, "{}", listed.text());
+    assert_eq!(listed.json().as_array().unwrap().len(), 2);
+
+    // A uid the sandbox does not know, or no uid at all, is the client's error.
+    let unknown = (4_000_000u32..)
+        .find(|u| {
+            !std::fs::read_to_string("/etc/passwd")
+                .unwrap()
+                .contains(&format!(":{u}:"))
+        })
+        .unwrap();
+    get(
+        &format!("/v1/filesystem/{unknown}/{gid}"),
+        "/files/info",
+        &theirs,
+    )
+    .assert_error(400, "INVALID_REQUEST_BODY");
+    for bad in ["4294967295/0", "0/4294967295", "-1/0", "root/0"] {
+        get(&format!("/v1/filesystem/{bad}"), "/files/info", &theirs)
+            .assert_error(400, "INVALID_REQUEST_BODY");
+    }
+    let r = s.exec("GET", "/v1/filesystem/0/0/nothing-here", None, &[]);
+    assert_eq!(r.status, 404);
 }

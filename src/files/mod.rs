@@ -89,10 +89,22 @@ impl FileError {
 pub struct Files {
     target: Option<Arc<TargetWatch>>,
     pub config: FilesConfig,
-    /// Turns to walk a tree (see [`Files::walk_turn`]).
+    /// Turns to walk a tree (see [`Files::walk_turn`]), shared by every scope.
     walks: Arc<Semaphore>,
-    /// Requests waiting for a turn.
-    waiting: AtomicUsize,
+    /// Requests waiting for a turn, in every scope.
+    waiting: Arc<AtomicUsize>,
+    scope: Scope,
+}
+
+/// Whose rights the operations have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// The sandbox's user's: the main container's in sidecar mode, sandlet's own in local mode.
+    Sandbox,
+    /// A uid and gid's, with the groups the sandbox's account files give the uid, and its
+    /// home as `~` (execd 1.1's `/v1/filesystem/{uid}/{gid}`). The uid must be one the
+    /// sandbox's `/etc/passwd` knows.
+    Identity { uid: u32, gid: u32 },
 }
 
 /// Where one request's paths resolve, and as whom.
@@ -113,8 +125,21 @@ impl Files {
         Arc::new(Files {
             target,
             walks: Arc::new(Semaphore::new(config.max_walks)),
-            waiting: AtomicUsize::new(0),
+            waiting: Arc::new(AtomicUsize::new(0)),
             config,
+            scope: Scope::Sandbox,
+        })
+    }
+
+    /// The same files, acted on as `uid` and `gid`: the kernel decides what they may do, and
+    /// what they create is theirs.
+    pub fn as_identity(&self, uid: u32, gid: u32) -> Arc<Files> {
+        Arc::new(Files {
+            target: self.target.clone(),
+            config: self.config.clone(),
+            walks: Arc::clone(&self.walks),
+            waiting: Arc::clone(&self.waiting),
+            scope: Scope::Identity { uid, gid },
         })
     }
 
@@ -177,6 +202,14 @@ impl Files {
     }
 
     fn place(&self) -> Result<Place, FileError> {
+        let mut place = self.sandbox_place()?;
+        if let Scope::Identity { uid, gid } = self.scope {
+            place.become_identity(uid, gid)?;
+        }
+        Ok(place)
+    }
+
+    fn sandbox_place(&self) -> Result<Place, FileError> {
         let Some(watch) = &self.target else {
             return Ok(Place {
                 root: Root::open("/".as_ref()).map_err(|e| FileError::io("cannot open /", e))?,
@@ -247,6 +280,24 @@ impl Place {
             .map(acting::act_as)
             .transpose()
             .map_err(|e| FileError::Failed(e.to_string()))
+    }
+
+    /// Acts as `uid` (which the sandbox must know) and `gid` from now on, with the uid's groups,
+    /// and its home as `~`.
+    fn become_identity(&mut self, uid: u32, gid: u32) -> Result<(), FileError> {
+        let users = self.users();
+        if users.by_uid(uid).is_none() {
+            return Err(FileError::Invalid(format!(
+                "uid {uid} is not in the sandbox's /etc/passwd"
+            )));
+        }
+        let user = users
+            .resolve(&format!("{uid}:{gid}"))
+            .map_err(FileError::Invalid)?;
+        self.acting = Some(user.credentials);
+        self.env.retain(|(k, _)| k != "HOME");
+        self.env.push(("HOME".into(), user.home));
+        Ok(())
     }
 
     /// A request's path as the sandbox means it: `~` and `$NAME` expanded, made absolute and

@@ -1,5 +1,5 @@
 """Checks what execd 1.1 added, with the real OpenSandbox Python SDK 1.1.1: commands given as
-argv, line-ranged reads, uploads framed as the 1.1 SDK frames them, set_env.
+argv, line-ranged reads, uploads framed as the 1.1 SDK frames them, set_env, files_with_identity.
 
 Run like sdk_checks.py (same stand-in lifecycle server, same environment variables):
 
@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from opensandbox.exceptions import SandboxException
-from opensandbox.models.filesystem import WriteEntry
+from opensandbox.models.filesystem import DirectoryListEntry, WriteEntry
 
 import check_runner
 from sdk_checks import CHECK_DEADLINE_S, CWD, check_connect, connect, describe, disconnect, err, out
@@ -81,6 +81,44 @@ def check_set_env(ctx):
     cmds.delete_session(sid)
 
 
+def check_files_with_identity(ctx):
+    """files_with_identity(uid, gid): every file call as that identity; the kernel decides.
+
+    SANDLET_SDK_IDENTITY=uid:gid:dir names the identity and a directory it owns; the scratch
+    directory (SANDLET_SDK_CWD) holds a file only root may read, `secret`."""
+    spec = os.environ.get("SANDLET_SDK_IDENTITY")
+    if not spec:
+        return "skipped (SANDLET_SDK_IDENTITY not set)"
+    uid, gid, home = spec.split(":", 2)
+    uid, gid = int(uid), int(gid)
+    fs = ctx["sandbox"].files_with_identity(uid, gid)
+    mine = os.path.join(home, "by identity", "note.txt")
+    fs.write_file(mine, "written as the identity\n", mode=640)
+    assert fs.read_file(mine) == "written as the identity\n"
+    info = fs.get_file_info([mine])[mine]
+    assert info.mode == 640, info
+    st = os.stat(mine)
+    assert (st.st_uid, st.st_gid) == (uid, gid), f"owned by {st.st_uid}:{st.st_gid}"
+    try:
+        fs.read_file(os.path.join(CWD, "secret"))
+    except SandboxException as e:
+        assert getattr(e, "status_code", None) == 403 or "403" in str(e), e
+    else:
+        raise AssertionError("the identity read a file only root may read")
+    try:
+        fs.write_file(os.path.join(CWD, "not mine.txt"), "x")
+    except SandboxException:
+        pass
+    else:
+        raise AssertionError("the identity wrote where it may not")
+    assert not os.path.exists(os.path.join(CWD, "not mine.txt"))
+    listed = [e.path for e in fs.list_directory(DirectoryListEntry(path=home, depth=2))]
+    assert mine in listed, listed
+    fs.delete_files([mine])
+    assert not os.path.exists(mine)
+    assert ctx["sandbox"].files.read_file(os.path.join(CWD, "secret")) == "root only\n"
+
+
 CHECKS = [
     ("connect", check_connect),
     ("argv", check_argv),
@@ -88,6 +126,7 @@ CHECKS = [
     ("read-lines", check_read_lines),
     ("upload-paths", check_upload_paths),
     ("set-env", check_set_env),
+    ("files-with-identity", check_files_with_identity),
 ]
 
 

@@ -1,17 +1,17 @@
 //! `POST /directories`: `{dir: {owner?, group?, mode?}}`, each `mkdir -p`; an existing directory
 //! is fine. The mode and owner, when given, apply to the leaf.
 
-use axum::extract::State;
 use axum::response::Response;
 use indexmap::IndexMap;
 
 use super::files::Permission;
-use super::{ExecApi, ExecJson, empty_ok};
+use super::scoped::Scoped;
+use super::{ExecJson, empty_ok};
 use crate::files::{FileError, set_permissions};
 use crate::http::error::ApiError;
 
 pub async fn create_directories(
-    State(api): State<ExecApi>,
+    Scoped(api): Scoped,
     ExecJson(request): ExecJson<Option<IndexMap<String, Permission>>>,
 ) -> Result<Response, ApiError> {
     let request = request.unwrap_or_default();

@@ -1,16 +1,17 @@
 //! `DELETE /directories?path=...`: removes each tree (a file or symlink there too); missing ones
 //! are no error. The sandbox's root and its mount points are refused before anything goes.
 
-use axum::extract::{RawQuery, State};
+use axum::extract::RawQuery;
 use axum::response::Response;
 
+use super::empty_ok;
 use super::files::query_values;
-use super::{ExecApi, empty_ok};
+use super::scoped::Scoped;
 use crate::files::{FileError, remove_dir, root};
 use crate::http::error::ApiError;
 
 pub async fn delete_directories(
-    State(api): State<ExecApi>,
+    Scoped(api): Scoped,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let raw = query_values(query.as_deref(), "path");

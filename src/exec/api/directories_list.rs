@@ -1,16 +1,17 @@
 //! `GET /directories/list?path=<dir>&depth=<n>`: a directory's tree to `depth` (default 1),
 //! streamed as the walk finds it (see `files::walk_response`).
 
-use axum::extract::{RawQuery, State};
+use axum::extract::RawQuery;
 use axum::response::Response;
 
 use super::files::{query_values, required_query, walk_response};
-use super::{ExecApi, invalid};
+use super::invalid;
+use super::scoped::Scoped;
 use crate::files::list;
 use crate::http::error::ApiError;
 
 pub async fn list_directory(
-    State(api): State<ExecApi>,
+    Scoped(api): Scoped,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let raw = required_query(query.as_deref(), "path")?;

@@ -8,15 +8,15 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{RawQuery, State};
+use axum::extract::RawQuery;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, TimeZone, Utc};
 use nix::fcntl::OFlag;
 use tokio::sync::mpsc;
 
-use super::ExecApi;
 use super::files::required_query;
+use super::scoped::Scoped;
 use crate::files::{FileError, root};
 use crate::http::error::ApiError;
 
@@ -39,7 +39,7 @@ struct Opened {
 }
 
 pub async fn download(
-    State(api): State<ExecApi>,
+    Scoped(api): Scoped,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {

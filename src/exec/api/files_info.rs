@@ -2,16 +2,16 @@
 //! paths as sent.
 
 use axum::Json;
-use axum::extract::{RawQuery, State};
+use axum::extract::RawQuery;
 use indexmap::IndexMap;
 
-use super::ExecApi;
 use super::files::query_values;
+use super::scoped::Scoped;
 use crate::files::FileInfo;
 use crate::http::error::ApiError;
 
 pub async fn file_info(
-    State(api): State<ExecApi>,
+    Scoped(api): Scoped,
     RawQuery(query): RawQuery,
 ) -> Result<Json<IndexMap<String, FileInfo>>, ApiError> {
     let paths = query_values(query.as_deref(), "path");

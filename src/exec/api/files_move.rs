@@ -1,12 +1,12 @@
 //! `POST /files/mv`: `[{src, dest}]`, in order. A destination that exists is refused, atomically
 //! (`RENAME_NOREPLACE`: no check-then-rename race); its parent directories are created.
 
-use axum::extract::State;
 use axum::response::Response;
 use nix::fcntl::{RenameFlags, renameat2};
 use serde::Deserialize;
 
-use super::{ExecApi, ExecJson, empty_ok};
+use super::scoped::Scoped;
+use super::{ExecJson, empty_ok};
 use crate::files::{FileError, root};
 use crate::http::error::ApiError;
 
@@ -17,7 +17,7 @@ pub struct Move {
 }
 
 pub async fn move_files(
-    State(api): State<ExecApi>,
+    Scoped(api): Scoped,
     ExecJson(moves): ExecJson<Vec<Move>>,
 ) -> Result<Response, ApiError> {
     api.files

@@ -2,17 +2,17 @@
 //! mode digits, owner and group in the sandbox's account files) before any is applied; an owner
 //! or group left out stays as it is.
 
-use axum::extract::State;
 use axum::response::Response;
 use indexmap::IndexMap;
 
 use super::files::Permission;
-use super::{ExecApi, ExecJson, empty_ok};
+use super::scoped::Scoped;
+use super::{ExecJson, empty_ok};
 use crate::files::{FileError, set_permissions};
 use crate::http::error::ApiError;
 
 pub async fn set_file_permissions(
-    State(api): State<ExecApi>,
+    Scoped(api): Scoped,
     ExecJson(request): ExecJson<Option<IndexMap<String, Permission>>>,
 ) -> Result<Response, ApiError> {
     let request = request.unwrap_or_default();

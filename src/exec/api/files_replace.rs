@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::Read;
 
 use axum::Json;
-use axum::extract::{RawQuery, State};
+use axum::extract::RawQuery;
 use axum::response::{IntoResponse, Response};
 use indexmap::IndexMap;
 use memchr::memmem::Finder;
@@ -17,7 +17,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::files::query_values;
-use super::{ExecApi, ExecJson, empty_ok};
+use super::scoped::Scoped;
+use super::{ExecJson, empty_ok};
 use crate::files::root::is_file;
 use crate::files::{FileError, Place, Staged};
 use crate::http::error::ApiError;
@@ -31,7 +32,7 @@ pub struct Replacement {
 }
 
 pub async fn replace_contents(
-    State(api): State<ExecApi>,
+    Scoped(api): Scoped,
     RawQuery(query): RawQuery,
     ExecJson(request): ExecJson<Option<IndexMap<String, Replacement>>>,
 ) -> Result<Response, ApiError> {

@@ -2,17 +2,17 @@
 //! `files::glob`); directories are never returned and symlinks never followed. The answer
 //! streams as the walk finds it (see `files::walk_response`).
 
-use axum::extract::{RawQuery, State};
+use axum::extract::RawQuery;
 use axum::response::Response;
 
-use super::ExecApi;
 use super::files::{query_values, required_query, walk_response};
+use super::scoped::Scoped;
 use crate::files::glob::Pattern;
 use crate::files::{FileError, search};
 use crate::http::error::ApiError;
 
 pub async fn search_files(
-    State(api): State<ExecApi>,
+    Scoped(api): Scoped,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let raw = required_query(query.as_deref(), "path")?;

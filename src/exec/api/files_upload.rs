@@ -13,13 +13,14 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::multipart::Field;
-use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::{ExecApi, empty_ok};
+use super::empty_ok;
+use super::scoped::Scoped;
 use crate::files::{self, FileError, Filesystems, Parked, Place, Staged};
 use crate::http::error::ApiError;
 
@@ -82,7 +83,7 @@ struct Upload {
     received: u64,
 }
 
-pub async fn upload(State(api): State<ExecApi>, request: Request) -> Result<Response, ApiError> {
+pub async fn upload(Scoped(api): Scoped, request: Request) -> Result<Response, ApiError> {
     let mut form = Multipart::from_request(request, &()).await.map_err(|e| {
         ApiError::bad_request(
             "INVALID_FILE",

@@ -35,6 +35,7 @@ mod pty_ws;
 mod run_code;
 mod run_command;
 mod run_in_session;
+mod scoped;
 
 use std::sync::Arc;
 
@@ -124,6 +125,35 @@ pub fn router(api: ExecApi, auth: Auth, max_body_bytes: u64, max_upload_bytes: u
         .route("/pty/{id}/ws", get(pty_ws::pty_ws))
         .route("/metrics", get(metrics::metrics))
         .route("/metrics/watch", get(metrics::watch))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        // The routes above, not the file routes merged after them (which have their own).
+        .layer(middleware::from_fn_with_state(body_limit, refuse_oversized))
+        .merge(file_routes(body_limit, upload_limit))
+        .nest(
+            "/v1/filesystem/{uid}/{gid}",
+            file_routes(body_limit, upload_limit).layer(middleware::from_fn_with_state(
+                api.clone(),
+                scoped::identity,
+            )),
+        )
+        // Around every route and the fallback, so any method on any path under /proxy/ is
+        // forwarded (no route matches there) before a 404 or 405 could be answered.
+        .layer(middleware::from_fn_with_state(
+            api.proxy.clone(),
+            proxy::intercept,
+        ))
+        // Every route, /ping and /proxy/ included, as with execd; the 404s too.
+        .layer(middleware::from_fn_with_state(auth, require_execd_token))
+        .layer(DefaultBodyLimit::max(
+            usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
+        ))
+        .with_state(api)
+}
+
+/// The file and directory routes, acting on the files of the request's scope (see `scoped.rs`).
+fn file_routes(body_limit: BodyLimit, upload_limit: BodyLimit) -> Router<ExecApi> {
+    Router::new()
         .route("/files", delete(files_delete::delete_files))
         .route("/files/info", get(files_info::file_info))
         .route("/files/mv", post(files_move::move_files))
@@ -140,9 +170,7 @@ pub fn router(api: ExecApi, auth: Auth, max_body_bytes: u64, max_upload_bytes: u
             post(directories_create::create_directories)
                 .delete(directories_delete::delete_directories),
         )
-        .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
-        // The routes above, not the upload added after it.
         .layer(middleware::from_fn_with_state(body_limit, refuse_oversized))
         // Uploads stream to disk; their own limit (--exec-max-upload-bytes) applies instead.
         .route(
@@ -154,18 +182,6 @@ pub fn router(api: ExecApi, auth: Auth, max_body_bytes: u64, max_upload_bytes: u
                 ))
                 .layer(DefaultBodyLimit::disable()),
         )
-        // Around every route and the fallback, so any method on any path under /proxy/ is
-        // forwarded (no route matches there) before a 404 or 405 could be answered.
-        .layer(middleware::from_fn_with_state(
-            api.proxy.clone(),
-            proxy::intercept,
-        ))
-        // Every route, /ping and /proxy/ included, as with execd; the 404s too.
-        .layer(middleware::from_fn_with_state(auth, require_execd_token))
-        .layer(DefaultBodyLimit::max(
-            usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
-        ))
-        .with_state(api)
 }
 
 async fn require_execd_token(State(auth): State<Auth>, request: Request, next: Next) -> Response {
