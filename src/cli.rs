@@ -185,6 +185,38 @@ pub struct ServeArgs {
     #[arg(long, env = "SANDLET_EXEC_PTY_MAX_MESSAGE_BYTES", default_value = "1MiB", value_parser = bytes,
           help_heading = "Exec API (port 44772)")]
     pub exec_pty_max_message_bytes: u64,
+    /// Isolated sessions (`/v1/isolated/session`) at once, at most.
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_ISOLATION_MAX_SESSIONS",
+        default_value_t = 16,
+        help_heading = "Exec API (port 44772)"
+    )]
+    pub exec_isolation_max_sessions: usize,
+    /// Seconds an isolated session may sit without a run before it is destroyed, when its
+    /// request says nothing (`idle_timeout_seconds`; 0: never).
+    #[arg(long, env = "SANDLET_EXEC_ISOLATION_IDLE_SECONDS", default_value_t = 1800,
+          value_parser = seconds, help_heading = "Exec API (port 44772)")]
+    pub exec_isolation_idle_seconds: u64,
+    /// Where isolated sessions keep persistent overlay layers, by its path in the sandbox: it
+    /// must be on a filesystem overlayfs takes as upper (an emptyDir; the OpenSandbox server
+    /// mounts one here with `bootstrap.execd.isolation=enable`).
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_ISOLATION_DIR",
+        default_value = "/var/lib/execd/isolation",
+        help_heading = "Exec API (port 44772)"
+    )]
+    pub exec_isolation_dir: String,
+    /// Directories (comma-separated) whose subtrees isolated sessions may bind (`binds`,
+    /// `extra_writable`); none by default.
+    #[arg(
+        long,
+        env = "SANDLET_EXEC_ISOLATION_WRITABLE",
+        value_delimiter = ',',
+        help_heading = "Exec API (port 44772)"
+    )]
+    pub exec_isolation_writable: Vec<String>,
     /// What one `/files/upload` request may carry (all its files together).
     #[arg(long, env = "SANDLET_EXEC_MAX_UPLOAD_BYTES", default_value = "16GiB", value_parser = bytes,
           help_heading = "Exec API (port 44772)")]

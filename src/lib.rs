@@ -9,6 +9,7 @@ pub mod error;
 pub mod exec;
 pub mod files;
 pub mod http;
+pub mod isolation;
 pub mod memory;
 pub mod process;
 pub mod roles;

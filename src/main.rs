@@ -23,6 +23,14 @@ fn main() -> ExitCode {
         }
         return ExitCode::from(shim::run() as u8);
     }
+    // An isolated session's holder: neither (see `isolation::holder`), whatever sandlet's
+    // name (the holder is started as sandlet's own executable, `execd` included).
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == sandlet::isolation::ROLE)
+    {
+        return ExitCode::from(sandlet::isolation::run_holder() as u8);
+    }
     let argv0 = std::env::args_os().next().unwrap_or_default();
     let mut args = match Role::of(&argv0) {
         Some(Role::Bootstrap) => return roles::bootstrap(std::env::args_os().skip(1).collect()),

@@ -298,12 +298,53 @@ fn exec_api(
     });
     let commands = exec::Commands::new(Arc::clone(&config), Arc::clone(launcher), target.cloned());
     let sessions = exec::Sessions::new(Arc::clone(&config), Arc::clone(launcher), target.cloned());
-    let ptys = exec::Ptys::new(config, Arc::clone(launcher), target.cloned());
-    let (c, s, p, k) = (
+    let ptys = exec::Ptys::new(Arc::clone(&config), Arc::clone(launcher), target.cloned());
+    if args.exec_isolation_max_sessions == 0
+        || !args.exec_isolation_dir.starts_with('/')
+        || args
+            .exec_isolation_writable
+            .iter()
+            .any(|d| !d.starts_with('/'))
+    {
+        return Err(Error::Config(
+            "--exec-isolation-max-sessions must be at least 1; --exec-isolation-dir and --exec-isolation-writable take absolute paths".into(),
+        ));
+    }
+    let isolation = crate::isolation::Isolation::new(
+        Arc::clone(&config),
+        crate::isolation::IsolationConfig {
+            max_sessions: args.exec_isolation_max_sessions,
+            default_idle_seconds: args.exec_isolation_idle_seconds,
+            layers_dir: args.exec_isolation_dir.clone(),
+            writable: args
+                .exec_isolation_writable
+                .iter()
+                .filter(|d| !d.is_empty())
+                .map(|d| d.trim_end_matches('/').to_string())
+                .map(|d| if d.is_empty() { "/".into() } else { d })
+                .collect(),
+            // In sidecar mode sessions are in the main container, which has none of these.
+            hidden: if target.is_some() {
+                Vec::new()
+            } else {
+                [&args.data_dir, &config.data_dir]
+                    .iter()
+                    .filter_map(|d| std::path::absolute(d).ok())
+                    .map(|d| d.to_string_lossy().into_owned())
+                    .collect()
+            },
+        },
+        Arc::clone(launcher),
+        target.cloned(),
+        Arc::clone(&commands),
+        Arc::clone(&files),
+    );
+    let (c, s, p, k, i) = (
         Arc::clone(&commands),
         Arc::clone(&sessions),
         Arc::clone(&ptys),
         Arc::clone(&code),
+        Arc::clone(&isolation),
     );
     tokio::spawn(async move {
         let mut sweep = tokio::time::interval(RETENTION_SWEEP);
@@ -313,6 +354,7 @@ fn exec_api(
             s.evict_idle();
             p.evict_idle();
             k.evict_idle();
+            i.evict_idle();
         }
     });
     tracing::info!(token = auth.is_enabled(), "exec API ready");
@@ -327,6 +369,7 @@ fn exec_api(
             pty_max_message: args.exec_pty_max_message_bytes as usize,
             shutdown,
             proxy,
+            isolation,
         },
         auth,
         args.max_body_bytes,

@@ -265,27 +265,6 @@ fn the_real_sdk_uses_what_execd_1_1_added() {
     common::run_sdk_checks("sdk11_checks.py", &s.exec_base, &envs);
 }
 
-/// `POST <prefix>/files/upload` of one file, as the SDK frames it.
-fn upload(s: &Sandlet, prefix: &str, path: &str, content: &[u8], mode: u32) -> common::Reply {
-    let boundary = "sandlet-execd11-boundary";
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"metadata\"; filename=\"metadata\"\r\nContent-Type: application/json\r\n\r\n{}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\nContent-Type: application/octet-stream\r\n\r\n",
-        json!({"path": path, "mode": mode})
-    )
-    .into_bytes();
-    body.extend_from_slice(content);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    s.exec_bytes(
-        "POST",
-        &format!("{prefix}/files/upload"),
-        Some(body),
-        &[(
-            "Content-Type",
-            &format!("multipart/form-data; boundary={boundary}"),
-        )],
-    )
-}
-
 /// The uid, gid and home of a user of this machine's /etc/passwd.
 fn account(name: &str) -> Option<(u32, u32, String)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
@@ -330,14 +309,15 @@ fn identity_routes_act_with_that_identitys_rights_and_the_kernel_decides() {
     assert_eq!(get("", "/files/download", &secret).text(), "root only\n");
     // What it writes is its own, where it may write; elsewhere nothing is written.
     let mine = theirs.join("sub/mine.txt");
-    let r = upload(&s, &me, &mine.to_string_lossy(), b"mine\n", 644);
+    let r = common::upload_one(&s, &me, &mine.to_string_lossy(), b"mine\n", 644);
     assert_eq!(r.status, 200, "{}", r.text());
     for made in [&mine, &theirs.join("sub")] {
         let m = std::fs::metadata(made).unwrap();
         assert_eq!((m.uid(), m.gid()), (uid, gid), "{}", made.display());
     }
     let refused = dir.path().join("not-mine.txt");
-    upload(&s, &me, &refused.to_string_lossy(), b"x", 644).assert_error(403, "PERMISSION_DENIED");
+    common::upload_one(&s, &me, &refused.to_string_lossy(), b"x", 644)
+        .assert_error(403, "PERMISSION_DENIED");
     assert!(!refused.exists());
     let r = s.exec(
         "POST",
@@ -349,7 +329,7 @@ fn identity_routes_act_with_that_identitys_rights_and_the_kernel_decides() {
     // Another gid than the user's own: what it creates has that group.
     let other_gid = gid.wrapping_add(7);
     let grouped = theirs.join("grouped.txt");
-    let r = upload(
+    let r = common::upload_one(
         &s,
         &format!("/v1/filesystem/{uid}/{other_gid}"),
         &grouped.to_string_lossy(),

@@ -157,7 +157,7 @@ pub enum PlaceError {
 }
 
 /// How a process is to be started: where, as whom, from which environment.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct StartIn {
     /// Replace the inherited environment with `env` (sidecar mode), rather than add to it.
     pub clear_env: bool,

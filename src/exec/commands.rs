@@ -12,9 +12,9 @@ use indexmap::IndexMap;
 use tokio::sync::mpsc;
 
 use super::events::{Event, LineFrames};
-use super::run::{Driven, Driver, Spawn, SpawnError, spawn};
+use super::run::{Driven, Driver, Spawn, SpawnError, spawn, spawn_in};
 use super::{ExecConfig, RunSlot, new_id};
-use crate::container::TargetWatch;
+use crate::container::{StartIn, TargetWatch};
 use crate::process::shim::{COMBINED_LOG, OutputMode};
 use crate::process::{ExitRecord, Launcher, Outcome};
 
@@ -58,8 +58,16 @@ pub struct Status {
     pub finished: Option<Finished>,
 }
 
-/// What `POST /command` asked for.
+/// What `POST /command` asked for (or an isolated session's run, with `place`).
 pub struct Request {
+    /// The command's id; a fresh one when `None`.
+    pub id: Option<String>,
+    /// Where and as whom to start, resolved by the caller (an isolated session); `None`: the
+    /// sandbox, as `uid` and `gid` say.
+    pub place: Option<StartIn>,
+    /// Stop the command when its client goes away (an isolated session's foreground runs, as
+    /// bash sessions' runs); `/command` runs on.
+    pub stop_when_client_leaves: bool,
     /// The shell script, or `argv` as the shell would read it (the status's `content`).
     pub command: String,
     /// The program and arguments to run without a shell, if not `command`.
@@ -102,7 +110,7 @@ impl Commands {
     ) -> Result<mpsc::Receiver<Bytes>, CommandError> {
         let slot = RunSlot::take(&self.config).map_err(CommandError::Limit)?;
         let received = std::time::Instant::now();
-        let id = new_id();
+        let id = request.id.clone().unwrap_or_else(new_id);
         // A background command's log is there from its start; a foreground command keeps
         // nothing on disk (its shim, not a record, stops it should sandlet die).
         let log_dir = if request.background {
@@ -140,7 +148,11 @@ impl Commands {
             log_dir,
             state: Mutex::new(State::Running { interrupt }),
         });
-        let started = match spawn(&self.launcher, self.target.as_deref(), spec).await {
+        let spawned = match request.place {
+            Some(place) => spawn_in(&self.launcher, place, spec).await,
+            None => spawn(&self.launcher, self.target.as_deref(), spec).await,
+        };
+        let started = match spawned {
             Ok(started) => Some(started),
             Err(SpawnError::Invalid(message)) => {
                 command.remove_log();
@@ -193,8 +205,17 @@ impl Commands {
                 table.evict_expired();
             });
         } else {
+            let stop_when_client_leaves = request.stop_when_client_leaves;
             tokio::spawn(async move {
-                let record = stream(driver, &tx, launcher, &command, received).await;
+                let record = stream(
+                    driver,
+                    &tx,
+                    launcher,
+                    &command,
+                    received,
+                    stop_when_client_leaves,
+                )
+                .await;
                 tracing::debug!(command = %command.id, outcome = ?record.outcome, "command ended");
                 drop(slot);
                 table.evict_expired();
@@ -243,15 +264,25 @@ impl Commands {
                 .get(id)
                 .ok_or_else(|| CommandError::NotFound(format!("command not found: {id}")))?,
         );
-        match &*command.lock() {
-            State::Running { interrupt } => {
-                let _ = interrupt.send(());
-                tracing::info!(command = id, "command interrupted");
-                Ok(())
-            }
-            State::Finished(_) => Err(CommandError::NotRunning(format!(
+        if command.stop() {
+            tracing::info!(command = id, "command interrupted");
+            Ok(())
+        } else {
+            Err(CommandError::NotRunning(format!(
                 "command {id} is not running"
-            ))),
+            )))
+        }
+    }
+
+    /// Forgets commands (an isolated session's runs, with the session), stopping any still
+    /// running, and removes their directories.
+    pub fn forget(&self, ids: &[String]) {
+        let mut table = self.lock();
+        for id in ids {
+            if let Some(command) = table.shift_remove(id) {
+                command.stop();
+                command.remove_log();
+            }
         }
     }
 
@@ -308,6 +339,15 @@ impl Command {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Interrupts the command if it runs (SIGTERM to its tree, SIGKILL after the grace);
+    /// whether it did.
+    fn stop(&self) -> bool {
+        match &*self.lock() {
+            State::Running { interrupt } => interrupt.send(()).is_ok(),
+            State::Finished(_) => false,
+        }
+    }
+
     fn finish(&self, finished: Finished) {
         *self.lock() = State::Finished(finished);
     }
@@ -315,16 +355,24 @@ impl Command {
 
 /// Forwards a foreground command's output as line events until it ends, then the terminal
 /// event. A client that went away stops receiving; the command runs on to its end (as in
-/// execd) and its status records how it ended.
+/// execd) and its status records how it ended, unless `stop_when_client_leaves`: then it is
+/// interrupted (its whole tree).
 async fn stream(
     mut driver: Driver,
     tx: &mpsc::Sender<Bytes>,
     launcher: Arc<Launcher>,
     command: &Command,
     received: std::time::Instant,
+    stop_when_client_leaves: bool,
 ) -> ExitRecord {
     let mut frames = [LineFrames::new(false), LineFrames::new(true)];
     let mut connected = true;
+    let client_left = || {
+        if stop_when_client_leaves {
+            command.stop();
+        }
+        false
+    };
     let record = loop {
         match driver.next().await {
             Driven::Output(stream, data) => {
@@ -334,12 +382,12 @@ async fn stream(
                 let mut out = Vec::with_capacity(data.len() + data.len() / 2);
                 frames[usize::from(stream == 2)].feed(&data, &mut out);
                 if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
-                    connected = false;
+                    connected = client_left();
                 }
             }
             Driven::Ping => {
                 if connected && tx.send(Event::ping().frame()).await.is_err() {
-                    connected = false;
+                    connected = client_left();
                 }
             }
             Driven::Ended(record) => break record,

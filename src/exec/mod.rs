@@ -18,10 +18,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 pub use code::Code;
-pub use commands::Commands;
+pub use commands::{CommandError, Commands, Request};
 pub use env_file::EnvFile;
 pub use metrics::Metrics;
 pub use pty::Ptys;
+pub(crate) use run::{Driven, Driver, Spawn, SpawnError, spawn};
 pub use sessions::Sessions;
 
 /// Limits and places of the exec API (documented defaults in the README).
@@ -113,11 +114,13 @@ pub fn uuid_v4() -> String {
 /// Removes the background output logs an earlier sandlet left in `data_dir`. Its processes are
 /// not there to stop: each one's shim killed its whole tree when that sandlet ended.
 pub fn remove_leftovers(data_dir: &std::path::Path) {
-    let commands = data_dir.join("commands");
-    if let Err(e) = std::fs::remove_dir_all(&commands)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(dir = %commands.display(), error = %e, "cannot remove earlier commands' logs");
+    // `isolated`: isolated sessions' holder specs not yet read by a holder.
+    for dir in ["commands", "isolated"].map(|d| data_dir.join(d)) {
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove an earlier run's leftovers");
+        }
     }
 }
 

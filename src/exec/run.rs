@@ -101,6 +101,16 @@ pub async fn spawn(
         PlaceError::Unavailable(m) => SpawnError::Failed(m),
         PlaceError::User(m) => SpawnError::Invalid(m),
     })?;
+    spawn_in(launcher, place, spec).await
+}
+
+/// Starts in a place resolved by the caller (an isolated session's); `spec`'s `uid` and `gid`
+/// are the place's business then, and not looked at.
+pub async fn spawn_in(
+    launcher: &Arc<Launcher>,
+    place: StartIn,
+    spec: Spawn,
+) -> Result<Started, SpawnError> {
     let StartIn {
         clear_env,
         env: base,
@@ -462,6 +472,11 @@ impl Driver {
     pub fn kill_leftovers(&mut self) {
         self.tree.signal(Signal::SIGKILL);
         self.kill_at = Some(Instant::now());
+    }
+
+    /// The pid of the process started (the leader of its group).
+    pub fn task_pid(&self) -> i32 {
+        self.tree.pgid
     }
 
     /// After the ending: once the tree is gone, gives the shim back to the launcher (or reaps

@@ -2,7 +2,7 @@
 //! expanded as execd expands it, then resolved inside the sandbox's root (see `root.rs`); in
 //! sidecar mode operations run with the main container's user's rights (see `acting.rs`).
 
-mod acting;
+pub(crate) mod acting;
 pub mod glob;
 mod info;
 pub mod root;
@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use info::FileInfo;
 pub use staging::{Filesystems, Parked, Staged, write_pieces};
-pub use tree::{list, remove_dir, remove_file, search};
+pub use tree::{list, remove_dir, remove_file, search, walk_below};
 
 use crate::container::{TargetWatch, UserDb};
 use crate::process::enter::Credentials;
@@ -96,8 +96,8 @@ pub struct Files {
     scope: Scope,
 }
 
-/// Whose rights the operations have.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Whose rights the operations have, and in which filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Scope {
     /// The sandbox's user's: the main container's in sidecar mode, sandlet's own in local mode.
     Sandbox,
@@ -105,6 +105,24 @@ enum Scope {
     /// home as `~` (execd 1.1's `/v1/filesystem/{uid}/{gid}`). The uid must be one the
     /// sandbox's `/etc/passwd` knows.
     Identity { uid: u32, gid: u32 },
+    /// An isolated session's filesystem (reached through its PID 1), as the session's user,
+    /// only below the session's own mounts.
+    Session(SessionView),
+}
+
+/// Where an isolated session's files are and who acts on them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionView {
+    /// The session's root, `/proc/<its PID 1>/root`.
+    pub root: PathBuf,
+    pub credentials: Credentials,
+    /// `~`.
+    pub home: String,
+    /// What relative paths are relative to.
+    pub cwd: String,
+    /// The only paths the routes reach (with what is below them): the session's overlays,
+    /// binds and writable extras.
+    pub within: Vec<String>,
 }
 
 /// Where one request's paths resolve, and as whom.
@@ -118,6 +136,8 @@ pub struct Place {
     acting: Option<Credentials>,
     root_path: PathBuf,
     users: OnceLock<UserDb>,
+    /// When not empty, the only paths (and what is below them) a request may name.
+    within: Vec<String>,
 }
 
 impl Files {
@@ -128,6 +148,17 @@ impl Files {
             waiting: Arc::new(AtomicUsize::new(0)),
             config,
             scope: Scope::Sandbox,
+        })
+    }
+
+    /// An isolated session's files, as its user.
+    pub fn in_session(&self, view: SessionView) -> Arc<Files> {
+        Arc::new(Files {
+            target: None,
+            config: self.config.clone(),
+            walks: Arc::clone(&self.walks),
+            waiting: Arc::clone(&self.waiting),
+            scope: Scope::Session(view),
         })
     }
 
@@ -202,8 +233,22 @@ impl Files {
     }
 
     fn place(&self) -> Result<Place, FileError> {
+        if let Scope::Session(view) = &self.scope {
+            return Ok(Place {
+                root: Root::open(&view.root).map_err(|e| {
+                    FileError::Unavailable(format!("the session's filesystem is gone: {e}"))
+                })?,
+                env: vec![("HOME".into(), view.home.clone())],
+                cwd: view.cwd.clone(),
+                acting: Some(view.credentials.clone()),
+                root_path: view.root.clone(),
+                users: OnceLock::new(),
+                within: view.within.clone(),
+            });
+        }
         let mut place = self.sandbox_place()?;
-        if let Scope::Identity { uid, gid } = self.scope {
+        if let Scope::Identity { uid, gid } = &self.scope {
+            let (uid, gid) = (*uid, *gid);
             place.become_identity(uid, gid)?;
         }
         Ok(place)
@@ -218,6 +263,7 @@ impl Files {
                 acting: None,
                 root_path: "/".into(),
                 users: OnceLock::new(),
+                within: Vec::new(),
             });
         };
         let located = watch.current().map_err(FileError::Unavailable)?;
@@ -240,6 +286,7 @@ impl Files {
             }),
             root_path,
             users: OnceLock::new(),
+            within: Vec::new(),
         };
         // `~` needs a HOME: the user's from the container's passwd if its environment has none.
         let uid = located.target.uid;
@@ -310,7 +357,21 @@ impl Place {
             return Err(FileError::Invalid(format!("the path {raw:?} contains NUL")));
         }
         let expanded = crate::exec::expand_path(raw, &self.env).map_err(FileError::Invalid)?;
-        Ok(root::clean(&self.cwd, &expanded))
+        let path = root::clean(&self.cwd, &expanded);
+        let inside = |dir: &String| {
+            dir == "/"
+                || path == *dir
+                || path
+                    .strip_prefix(dir.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+        };
+        if !self.within.is_empty() && !self.within.iter().any(inside) {
+            return Err(FileError::Invalid(format!(
+                "{path} is outside the session's overlays and binds ({})",
+                self.within.join(", ")
+            )));
+        }
+        Ok(path)
     }
 
     /// Every path of a request resolved, before any is acted on.

@@ -261,6 +261,25 @@ fn empty_dir(fd: OwnedFd, path: &str) -> Result<(), FileError> {
     visit(dir, path, 1)
 }
 
+/// Visits every entry below the directory `path`, pre-order by name, with its lstat; `visit`
+/// says whether to descend into a directory (symlinks never are). An entry removed while the
+/// walk reaches it is skipped.
+pub fn walk_below(
+    place: &Place,
+    path: &str,
+    visit: &mut dyn FnMut(&str, &FileStat) -> Result<bool, FileError>,
+) -> Result<(), FileError> {
+    walk(
+        open_dir(place, path)?,
+        path,
+        1,
+        &mut |entry, _| match entry.lstat()? {
+            Some(st) => visit(entry.path, &st),
+            None => Err(FileError::NotFound(format!("{} was removed", entry.path))),
+        },
+    )
+}
+
 /// Visits every entry below the directory `fd` (at `path`), pre-order by name, with its level
 /// (1 for `fd`'s own entries); `visit` says whether to descend into a directory (symlinks never
 /// are). Holds one directory's names per level, no more.

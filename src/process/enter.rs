@@ -8,11 +8,15 @@
 //! 2. enter it, by one of two [`Method`]s: join its namespaces (cgroup, IPC, UTS, net, then mount
 //!    last: it resets root and cwd), or, where sandlet may not join namespaces (no
 //!    CAP_SYS_ADMIN, as with a container runtime's default capabilities), change root to its
-//!    filesystem (`/proc/<pid>/root`, CAP_SYS_CHROOT);
+//!    filesystem (`/proc/<pid>/root`, CAP_SYS_CHROOT). A PID namespace of its own (an isolated
+//!    session's) is joined by the shim before it forks, as only children enter one
+//!    ([`ChildSetup::enter_pid_namespace`]);
 //! 3. go to its working directory (the fd of `/proc/<pid>/cwd`, opened before);
 //! 4. drop the capabilities its bounding set lacks, so a root task never holds more than the
 //!    container could (needs CAP_SETPCAP, so before the uid changes);
-//! 5. supplementary groups, gid, uid (setuid away from root clears every capability);
+//! 5. supplementary groups; then its user namespace, if it has one of its own (an isolated
+//!    session's, whose ids map to the same ids outside), while the task still has the
+//!    capabilities to join it; then gid, uid (setuid away from root clears every capability);
 //! 6. no_new_privs when the container has it;
 //! 7. the requested working directory, as the task's user.
 //!
@@ -92,6 +96,7 @@ pub enum Step {
     ContainerDir = 3,
     DropCapabilities = 4,
     Groups = 5,
+    JoinUserNamespace = 12,
     Gid = 6,
     Uid = 7,
     NoNewPrivs = 8,
@@ -110,6 +115,7 @@ impl Step {
             ContainerDir,
             DropCapabilities,
             Groups,
+            JoinUserNamespace,
             Gid,
             Uid,
             NoNewPrivs,
@@ -128,6 +134,7 @@ impl Step {
             Step::ContainerDir => "enter the main container's working directory",
             Step::DropCapabilities => "limit capabilities to the main container's",
             Step::Groups => "set the supplementary groups",
+            Step::JoinUserNamespace => "enter the isolated session's user namespace",
             Step::Gid => "set the group id",
             Step::Uid => "set the user id",
             Step::NoNewPrivs => "set no_new_privs",
@@ -158,6 +165,10 @@ pub trait Syscalls {
 pub struct ChildSetup {
     cgroups: Vec<OwnedFd>,
     namespaces: Vec<(OwnedFd, CloneFlags)>,
+    /// The target's PID namespace, when it has one of its own: entered by the shim itself.
+    pid_namespace: Option<OwnedFd>,
+    /// The target's user namespace, when it has one of its own.
+    user_namespace: Option<OwnedFd>,
     /// The container's root, for [`Method::Chroot`].
     root: Option<OwnedFd>,
     container_dir: Option<OwnedFd>,
@@ -198,6 +209,23 @@ impl ChildSetup {
                         .map_err(|e| format!("cannot open {theirs}: {e}"))?;
                         setup.namespaces.push((fd, kind));
                     }
+                    // Only an isolated session's differ: a main container shares the pod's
+                    // PID namespace, and one in a user namespace of its own is refused.
+                    let own = |name: &str| -> Result<Option<OwnedFd>, String> {
+                        if same_namespace(pid, name) != Some(false) {
+                            return Ok(None);
+                        }
+                        let theirs = format!("/proc/{pid}/ns/{name}");
+                        open(
+                            theirs.as_str(),
+                            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                            Mode::empty(),
+                        )
+                        .map(Some)
+                        .map_err(|e| format!("cannot open {theirs}: {e}"))
+                    };
+                    setup.pid_namespace = own("pid")?;
+                    setup.user_namespace = own("user")?;
                 }
                 Method::Chroot => {
                     let root = format!("/proc/{pid}/root");
@@ -269,8 +297,14 @@ impl ChildSetup {
                 Err(e) => return Err((Step::DropCapabilities, e)),
             }
         }
-        if let Some((groups, gid, uid)) = &self.credentials {
+        if let Some((groups, _, _)) = &self.credentials {
             sys.setgroups(groups).map_err(|e| (Step::Groups, e))?;
+        }
+        if let Some(ns) = &self.user_namespace {
+            sys.setns(ns.as_raw_fd(), CloneFlags::CLONE_NEWUSER)
+                .map_err(|e| (Step::JoinUserNamespace, e))?;
+        }
+        if let Some((_, gid, uid)) = &self.credentials {
             sys.setgid(*gid).map_err(|e| (Step::Gid, e))?;
             sys.setuid(*uid).map_err(|e| (Step::Uid, e))?;
         }
@@ -283,10 +317,23 @@ impl ChildSetup {
         Ok(())
     }
 
+    /// Joins the target's own PID namespace, if it has one, for the children this process forks
+    /// from now on (the task). There is no way back: a shim that did this serves no other task.
+    pub fn enter_pid_namespace(&self) -> Result<bool, String> {
+        let Some(ns) = &self.pid_namespace else {
+            return Ok(false);
+        };
+        nix::sched::setns(ns, CloneFlags::CLONE_NEWPID)
+            .map_err(|e| format!("cannot enter the isolated session's PID namespace: {e}"))?;
+        Ok(true)
+    }
+
     /// Whether the task needs the hook at all; without it, std can use posix_spawn.
     pub fn is_empty(&self) -> bool {
         self.cgroups.is_empty()
             && self.namespaces.is_empty()
+            && self.pid_namespace.is_none()
+            && self.user_namespace.is_none()
             && self.root.is_none()
             && self.container_dir.is_none()
             && self.credentials.is_none()
@@ -412,7 +459,10 @@ mod tests {
             self.call("cgroup", String::new())
         }
         fn setns(&self, _: RawFd, kind: CloneFlags) -> Result<(), Errno> {
-            let name = NAMESPACES.iter().find(|(_, k)| *k == kind).unwrap().0;
+            let name = NAMESPACES
+                .iter()
+                .find(|(_, k)| *k == kind)
+                .map_or("user", |(name, _)| *name);
             self.call("setns", name.into())
         }
         fn chroot_to(&self, _: RawFd) -> Result<(), Errno> {
@@ -446,6 +496,8 @@ mod tests {
         ChildSetup {
             cgroups: vec![fd(), fd()],
             namespaces: NAMESPACES.iter().map(|(_, k)| (fd(), *k)).collect(),
+            pid_namespace: None,
+            user_namespace: Some(fd()),
             root: None,
             container_dir: Some(fd()),
             drop_capabilities: vec![19, 21],
@@ -473,6 +525,7 @@ mod tests {
                 "drop 19",
                 "drop 21",
                 "setgroups [1000, 2000]",
+                "setns user",
                 "setgid 1000",
                 "setuid 1000",
                 "nnp ",
@@ -486,6 +539,7 @@ mod tests {
         let sys = Recorder::default();
         let setup = ChildSetup {
             namespaces: Vec::new(),
+            user_namespace: None,
             root: Some(open("/", OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()).unwrap()),
             ..full_setup()
         };

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 pub use identity::{ProcessIdentity, all_pids, stat};
 pub use launch::{ExitWatch, Launched, Launcher, ShimEvent, read_exit_record};
 pub use output::{LogChunk, read_log};
-pub use pidfd::PidFd;
+pub use pidfd::{PidFd, signal_identity};
 pub use reaper::Reaper;
 pub use tree::Tree;
 

@@ -30,6 +30,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -164,6 +165,10 @@ impl OutputMode {
 const TERMINAL_ROWS: u16 = 24;
 const TERMINAL_COLS: u16 = 80;
 
+/// Set once the shim has entered an isolated session's PID namespace: its children are born
+/// there from then on.
+static IN_SESSION_PID_NAMESPACE: AtomicBool = AtomicBool::new(false);
+
 /// Runs the shim; returns the process exit code.
 pub fn run() -> i32 {
     // Unbuffered: every report is one write, flushed as it is made.
@@ -214,7 +219,10 @@ pub fn run() -> i32 {
             let _ = report.write_all(format!("E shim failed: {e}\n").as_bytes());
             return 1;
         }
-        if !spec.reuse || report.write_all(b"R\n").is_err() {
+        // A shim that entered an isolated session's PID namespace would fork the next task
+        // into it: it serves no other.
+        let reusable = spec.reuse && !IN_SESSION_PID_NAMESPACE.load(Ordering::Relaxed);
+        if !reusable || report.write_all(b"R\n").is_err() {
             return 0;
         }
     }
@@ -602,6 +610,9 @@ fn spawn_with(
     controlling_terminal: bool,
 ) -> Result<std::process::Child, String> {
     use std::os::fd::AsRawFd;
+    if setup.enter_pid_namespace()? {
+        IN_SESSION_PID_NAMESPACE.store(true, Ordering::Relaxed);
+    }
     let (step_r, step_w) =
         nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).map_err(|e| e.to_string())?;
     let step_fd = step_w.as_raw_fd();

@@ -549,6 +549,27 @@ pub fn sdk_python() -> String {
     python
 }
 
+/// `POST <prefix>/files/upload` of one file, as the SDK frames it.
+pub fn upload_one(s: &Sandlet, prefix: &str, path: &str, content: &[u8], mode: u32) -> Reply {
+    let boundary = "sandlet-execd11-boundary";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"metadata\"; filename=\"metadata\"\r\nContent-Type: application/json\r\n\r\n{}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\nContent-Type: application/octet-stream\r\n\r\n",
+        serde_json::json!({"path": path, "mode": mode})
+    )
+    .into_bytes();
+    body.extend_from_slice(content);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    s.exec_bytes(
+        "POST",
+        &format!("{prefix}/files/upload"),
+        Some(body),
+        &[(
+            "Content-Type",
+            &format!("multipart/form-data; boundary={boundary}"),
+        )],
+    )
+}
+
 /// Runs `tests/sdk/<script>` with the SDK venv's Python against sandlet's exec API at
 /// `exec_base`, and asserts that every check passed.
 pub fn run_sdk_checks(script: &str, exec_base: &str, envs: &[(&str, String)]) {

@@ -4,7 +4,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::{ExecApi, invalid};
-use crate::exec::commands::CommandError;
+use crate::exec::CommandError;
 use crate::http::error::ApiError;
 
 /// Bytes per answer at most; a client continues from the cursor it is given.
@@ -22,12 +22,7 @@ pub async fn command_logs(
     Path(id): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, ApiError> {
-    // Missing or unparsable: 0, as execd; negative: refused.
-    let cursor = match q.cursor.as_deref().map(str::parse::<i64>) {
-        Some(Ok(c)) if c < 0 => return Err(invalid(format!("cursor must not be negative: {c}"))),
-        Some(Ok(c)) => c as u64,
-        _ => 0,
-    };
+    let cursor = cursor(&q)?;
     let (data, next) = api
         .commands
         .logs(&id, cursor, MAX_READ)
@@ -39,6 +34,20 @@ pub async fn command_logs(
                 invalid(m)
             }
         })?;
+    Ok(log_answer(data, next, "EXECD-COMMANDS-TAIL-CURSOR"))
+}
+
+/// A cursor query: missing or unparsable is 0, as execd; negative is refused.
+pub fn cursor(q: &LogsQuery) -> Result<u64, ApiError> {
+    match q.cursor.as_deref().map(str::parse::<i64>) {
+        Some(Ok(c)) if c < 0 => Err(invalid(format!("cursor must not be negative: {c}"))),
+        Some(Ok(c)) => Ok(c as u64),
+        _ => Ok(0),
+    }
+}
+
+/// Output as text, with the cursor to continue from in `cursor_header`.
+pub fn log_answer(data: Vec<u8>, next: u64, cursor_header: &'static str) -> Response {
     let mut response = data.into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -46,8 +55,8 @@ pub async fn command_logs(
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     headers.insert(
-        "EXECD-COMMANDS-TAIL-CURSOR",
+        cursor_header,
         HeaderValue::from_str(&next.to_string()).expect("digits"),
     );
-    Ok(response)
+    response
 }

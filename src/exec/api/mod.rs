@@ -26,6 +26,9 @@ mod files_search;
 mod files_upload;
 mod get_code_context;
 mod interrupt;
+mod isolated_artifacts;
+mod isolated_runs;
+mod isolated_sessions;
 mod list_code_contexts;
 mod metrics;
 mod ping;
@@ -75,6 +78,8 @@ pub struct ExecApi {
     pub shutdown: watch::Receiver<bool>,
     /// `/proxy/{port}/...` to the pod's loopback.
     pub proxy: proxy::Proxy,
+    /// `/v1/isolated/...`: isolated sessions.
+    pub isolation: Arc<crate::isolation::Isolation>,
 }
 
 pub fn router(api: ExecApi, auth: Auth, max_body_bytes: u64, max_upload_bytes: u64) -> Router {
@@ -125,6 +130,33 @@ pub fn router(api: ExecApi, auth: Auth, max_body_bytes: u64, max_upload_bytes: u
         .route("/pty/{id}/ws", get(pty_ws::pty_ws))
         .route("/metrics", get(metrics::metrics))
         .route("/metrics/watch", get(metrics::watch))
+        .route(
+            "/v1/isolated/capabilities",
+            get(isolated_sessions::capabilities),
+        )
+        .route("/v1/isolated/session", post(isolated_sessions::create))
+        .route("/v1/isolated/sessions", get(isolated_sessions::list))
+        .route(
+            "/v1/isolated/session/{id}",
+            get(isolated_sessions::get).delete(isolated_sessions::delete),
+        )
+        .route("/v1/isolated/session/{id}/run", post(isolated_runs::run))
+        .route(
+            "/v1/isolated/session/{id}/runs/{run}",
+            get(isolated_runs::status),
+        )
+        .route(
+            "/v1/isolated/session/{id}/runs/{run}/logs",
+            get(isolated_runs::logs),
+        )
+        .route(
+            "/v1/isolated/session/{id}/diff",
+            get(isolated_artifacts::diff),
+        )
+        .route(
+            "/v1/isolated/session/{id}/commit",
+            post(isolated_artifacts::commit),
+        )
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         // The routes above, not the file routes merged after them (which have their own).
@@ -136,6 +168,11 @@ pub fn router(api: ExecApi, auth: Auth, max_body_bytes: u64, max_upload_bytes: u
                 api.clone(),
                 scoped::identity,
             )),
+        )
+        .nest(
+            "/v1/isolated/session/{id}",
+            file_routes(body_limit, upload_limit)
+                .layer(middleware::from_fn_with_state(api.clone(), scoped::session)),
         )
         // Around every route and the fallback, so any method on any path under /proxy/ is
         // forwarded (no route matches there) before a 404 or 405 could be answered.

@@ -45,6 +45,9 @@ pub async fn run_code(
             "invalid request, validation error code is required",
         )?;
         let request = Request {
+            id: None,
+            place: None,
+            stop_when_client_leaves: false,
             command: body.code,
             argv: None,
             cwd: None,

@@ -68,6 +68,9 @@ pub async fn run_command(
         None => None,
     };
     let request = Request {
+        id: None,
+        place: None,
+        stop_when_client_leaves: false,
         command,
         argv: body.argv,
         cwd,

@@ -1,6 +1,7 @@
 //! The file and directory routes under a prefix that says whose files they act on, with the
 //! same handlers: `/v1/filesystem/{uid}/{gid}/...` acts as that identity (execd 1.1, the SDK's
-//! `files_with_identity`). A prefix's middleware puts a [`FilesScope`] on the request; the
+//! `files_with_identity`), `/v1/isolated/session/{id}/...` on an isolated session's files as
+//! its user. A prefix's middleware puts a [`FilesScope`] on the request; the
 //! handlers take the API through [`Scoped`], which hands them that scope's files.
 
 use std::collections::HashMap;
@@ -62,4 +63,21 @@ pub async fn identity(
         .extensions_mut()
         .insert(FilesScope(api.files.as_identity(uid, gid)));
     next.run(request).await
+}
+
+/// `/v1/isolated/session/{id}/...` (file routes): the session's files, as its user.
+pub async fn session(
+    State(api): State<ExecApi>,
+    Path(params): Path<HashMap<String, String>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let id = params.get("id").map(String::as_str).unwrap_or_default();
+    match api.isolation.files(id) {
+        Ok(files) => {
+            request.extensions_mut().insert(FilesScope(files));
+            next.run(request).await
+        }
+        Err(e) => crate::http::error::ApiError::from(e).into_response(),
+    }
 }
