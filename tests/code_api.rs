@@ -309,11 +309,11 @@ fn without_jupyter_installed_runs_end_with_an_error_event_saying_so() {
     r.assert_error(400, "INVALID_REQUEST_BODY");
     s.exec("DELETE", "/code/contexts/nope", None, &[])
         .assert_error(404, "CONTEXT_NOT_FOUND");
-    // An empty language is a shell command, as in execd.
+    // An empty language is a shell command, as in execd (its lines keep their endings).
     let events = run(&s, json!({"code": "echo from-shell", "context": {}}));
     assert_eq!(
         events.iter().find(|e| e["type"] == "stdout").unwrap()["text"],
-        "from-shell"
+        "from-shell\n"
     );
 }
 
