@@ -245,23 +245,35 @@ fn the_real_sdk_uses_what_execd_1_1_added() {
     use std::os::unix::fs::PermissionsExt;
     let dir = scratch();
     let env_file = dir.path().join("sandbox.env");
-    let s = Sandlet::start(&["--exec-envs-file", &env_file.to_string_lossy()]);
-    let mut identity = None;
+    let layers = dir.path().join("layers");
+    std::fs::create_dir_all(&layers).unwrap();
+    let s = Sandlet::start(&[
+        "--exec-envs-file",
+        &env_file.to_string_lossy(),
+        "--exec-isolation-dir",
+        &layers.to_string_lossy(),
+    ]);
+    let cwd = std::fs::canonicalize(dir.path()).unwrap();
+    let mut envs = vec![("SANDLET_SDK_CWD", cwd.display().to_string())];
     if let Some((uid, gid, _)) = account("nobody")
-        && common::root_or_skip("files_with_identity")
+        && common::root_or_skip("files_with_identity and isolated sessions")
     {
         std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o755)).unwrap();
         let secret = dir.path().join("secret");
         std::fs::write(&secret, "root only\n").unwrap();
         std::fs::set_permissions(&secret, PermissionsExt::from_mode(0o600)).unwrap();
-        let theirs = dir.path().join("theirs");
+        let theirs = cwd.join("theirs");
         std::fs::create_dir(&theirs).unwrap();
         std::os::unix::fs::chown(&theirs, Some(uid), Some(gid)).unwrap();
-        identity = Some(format!("{uid}:{gid}:{}", theirs.display()));
+        envs.push((
+            "SANDLET_SDK_IDENTITY",
+            format!("{uid}:{gid}:{}:nobody", theirs.display()),
+        ));
+        envs.push((
+            "SANDLET_SDK_ISOLATION_WS",
+            cwd.join("isolated ws").display().to_string(),
+        ));
     }
-    let cwd = std::fs::canonicalize(dir.path()).unwrap();
-    let mut envs = vec![("SANDLET_SDK_CWD", cwd.display().to_string())];
-    envs.extend(identity.map(|i| ("SANDLET_SDK_IDENTITY", i)));
     common::run_sdk_checks("sdk11_checks.py", &s.exec_base, &envs);
 }
 

@@ -16,7 +16,8 @@
 //!
 //! Runs join PID 1's namespaces through the shims (`process::enter`). Failures are reported as
 //! `error invalid <message>` (the request cannot be met: a missing bind source, a persistent
-//! overlay where layers cannot live) or `error failed <message>`. With `probe` set, the whole
+//! overlay where layers cannot live), `error unsupported <message>` (sandlet lacks what it
+//! takes) or `error failed <message>`. With `probe` set, the whole
 //! setup is tried once and `probe <json>` says what works; nothing stays.
 
 use std::io::{Read, Write};
@@ -43,6 +44,9 @@ pub enum HolderError {
     /// The request cannot be met as asked: the client's to change.
     #[error("{0}")]
     Invalid(String),
+    /// What was asked cannot be had here (sandlet lacks what it takes).
+    #[error("{0}")]
+    Unsupported(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -51,6 +55,7 @@ impl HolderError {
     fn line(&self) -> String {
         let (kind, message) = match self {
             HolderError::Invalid(m) => ("invalid", m),
+            HolderError::Unsupported(m) => ("unsupported", m),
             HolderError::Failed(m) => ("failed", m),
         };
         format!("error {kind} {}\n", message.replace('\n', " "))
@@ -62,6 +67,7 @@ impl HolderError {
         let (kind, message) = rest.split_once(' ').unwrap_or((rest, ""));
         Some(match kind {
             "invalid" => HolderError::Invalid(message.into()),
+            "unsupported" => HolderError::Unsupported(message.into()),
             _ => HolderError::Failed(message.into()),
         })
     }
@@ -128,6 +134,13 @@ fn keep(spec: &HolderSpec, stdout: &mut impl Write) -> Result<i32, HolderError> 
                     e,
                 )
             })?;
+    }
+    if spec
+        .mounts
+        .iter()
+        .any(|m| matches!(m, MountSpec::Overlay { .. }))
+    {
+        mounts::check_overlay_capabilities()?;
     }
     remove_stale_layers(spec);
     let persist = prepare_sandbox(spec)?;

@@ -500,6 +500,7 @@ impl Isolation {
             driver.finish(Arc::clone(&self.launcher));
             return Err(match e {
                 HolderError::Invalid(m) => IsolationError::Invalid(m),
+                HolderError::Unsupported(m) => IsolationError::Unsupported(m),
                 HolderError::Failed(m) => IsolationError::Failed(m),
             });
         }

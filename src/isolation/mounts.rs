@@ -16,8 +16,9 @@
 //! 5. `nosuid` everywhere, and the session's root becomes the root (`pivot_root(".", ".")`),
 //!    the scratch and the sandbox's tree detached.
 //!
-//! Overlay layers are named to the kernel by `/proc/self/fd/N` paths of directories opened
-//! beforehand, so no path ever needs escaping in the mount options.
+//! Overlay layers are named to the kernel by `/proc/self/fd/N` paths (of a `/proc` the scratch
+//! root mounts for itself) of directories opened beforehand, so no path ever needs escaping in
+//! the mount options.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -66,12 +67,22 @@ pub fn build(spec: &HolderSpec) -> Result<(), HolderError> {
             HolderError::Failed("no scratch directory (/tmp, /dev, /run, /mnt)".into())
         })?;
     tmpfs(scratch, "mode=0700", MsFlags::empty())?;
-    for dir in ["newroot", "oldroot", "uppers"] {
+    for dir in ["newroot", "oldroot", "uppers", "proc"] {
         mkdir(&format!("{scratch}/{dir}"), 0o700)?;
     }
     nix::unistd::pivot_root(scratch, format!("{scratch}/oldroot").as_str())
         .map_err(|e| failed("cannot pivot to the scratch root", e))?;
     nix::unistd::chdir("/").map_err(|e| failed("cannot enter the scratch root", e))?;
+    // A /proc of the scratch's own, whatever the sandbox has: the mount table and the
+    // `/proc/self/fd` paths of overlay layers are read through it.
+    mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| failed("cannot mount a /proc while building", e))?;
     let mounts = MountInfo::read()?;
 
     let root_overlay = spec.mounts.iter().position(|m| m.dest() == "/");
@@ -99,13 +110,22 @@ pub fn build(spec: &HolderSpec) -> Result<(), HolderError> {
         let _ = umount2(in_new(dir).as_str(), MntFlags::MNT_DETACH);
     }
     proc(&mounts)?;
-    dev()?;
-    if spec.private_tmp {
-        tmpfs(&in_new("/tmp"), "mode=1777", MsFlags::MS_NODEV)?;
-    } else {
-        bind(&format!("{OLD}/tmp"), &in_new("/tmp"), true, false)?;
+    // An image without one of these directories gets none in the session either (the root
+    // is read-only: no mount point can be made).
+    let exists = |dir: &str| Path::new(&in_new(dir)).is_dir();
+    if exists("/dev") {
+        dev()?;
     }
-    tmpfs(&in_new("/run"), "mode=0755", MsFlags::MS_NODEV)?;
+    if exists("/tmp") {
+        if spec.private_tmp {
+            tmpfs(&in_new("/tmp"), "mode=1777", MsFlags::MS_NODEV)?;
+        } else {
+            bind(&format!("{OLD}/tmp"), &in_new("/tmp"), true, false)?;
+        }
+    }
+    if exists("/run") {
+        tmpfs(&in_new("/run"), "mode=0755", MsFlags::MS_NODEV)?;
+    }
     // The layers of other sessions, sandlet's own records: not the session's to see.
     for dir in &spec.hidden {
         if Path::new(&in_new(dir)).is_dir() {
@@ -180,8 +200,7 @@ fn overlay(spec: &HolderSpec, index: usize, path: &str, persist: bool) -> Result
         .map_err(|e| failed(format!("cannot open {p}"), e))
     };
     let layers: [OwnedFd; 3] = [open_dir(&lower)?, open_dir(&upper)?, open_dir(&work)?];
-    // The session's /proc is mounted by now when `path` is not `/`; the sandbox's always is.
-    let fd = |f: &OwnedFd| format!("{OLD}/proc/self/fd/{}", f.as_raw_fd());
+    let fd = |f: &OwnedFd| format!("/proc/self/fd/{}", f.as_raw_fd());
     let options = format!(
         "lowerdir={},upperdir={},workdir={},index=off,redirect_dir=off,metacopy=off",
         fd(&layers[0]),
@@ -196,6 +215,34 @@ fn overlay(spec: &HolderSpec, index: usize, path: &str, persist: bool) -> Result
         Some(options.as_str()),
     )
     .map_err(|e| failed(format!("cannot mount the overlay at {path}"), e))
+}
+
+/// overlayfs does its work in the upper layer with its mounter's rights: a work directory of
+/// mode 0, copies of lower files given to their owners, modes set on files it does not own.
+/// Without these capabilities (a container runtime's defaults) overlays fail, some only later.
+const OVERLAY_CAPABILITIES: [(u32, &str); 4] = [
+    (0, "CAP_CHOWN"),
+    (1, "CAP_DAC_OVERRIDE"),
+    (3, "CAP_FOWNER"),
+    (4, "CAP_FSETID"),
+];
+
+/// Whether this process can mount overlays; the error names what it lacks.
+pub fn check_overlay_capabilities() -> Result<(), HolderError> {
+    let effective = crate::process::enter::capability_set(std::process::id() as i32, "CapEff:")
+        .map_err(|e| failed("cannot read sandlet's capabilities", e))?;
+    let missing: Vec<&str> = OVERLAY_CAPABILITIES
+        .iter()
+        .filter(|(bit, _)| effective & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(HolderError::Unsupported(format!(
+        "overlays need CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_FSETID (a container runtime's defaults) in sandlet's container, which lacks {}",
+        missing.join(", ")
+    )))
 }
 
 /// A bind mount, of the whole tree below `source` with `recursive`, read-only or not.
@@ -359,7 +406,7 @@ struct MountInfo {
 
 impl MountInfo {
     fn read() -> Result<MountInfo, HolderError> {
-        let text = std::fs::read_to_string(format!("{OLD}/proc/self/mountinfo"))
+        let text = std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| failed("cannot read the mount table", e))?;
         Ok(MountInfo::parse(&text))
     }

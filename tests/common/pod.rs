@@ -58,6 +58,8 @@ const APPLETS: &[&str] = &[
     "readlink",
     "tty",
     "stty",
+    "dirname",
+    "printf",
 ];
 
 /// What the main container's image has beyond busybox: host directories bind-mounted

@@ -1,5 +1,7 @@
 """Checks what execd 1.1 added, with the real OpenSandbox Python SDK 1.1.1: commands given as
-argv, line-ranged reads, uploads framed as the 1.1 SDK frames them, set_env, files_with_identity.
+argv, line-ranged reads, uploads framed as the 1.1 SDK frames them, set_env, files_with_identity,
+isolated sessions. Every check acts through the SDK alone, so it runs the same against sandlet
+in local and in sidecar placement.
 
 Run like sdk_checks.py (same stand-in lifecycle server, same environment variables):
 
@@ -9,11 +11,18 @@ Run like sdk_checks.py (same stand-in lifecycle server, same environment variabl
 
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from opensandbox.exceptions import SandboxException
 from opensandbox.models.filesystem import DirectoryListEntry, WriteEntry
+from opensandbox.models.isolated import (
+    CreateIsolatedSessionRequest,
+    IsolatedOverlaySpec,
+    IsolatedRunOpts,
+    IsolatedWorkspaceSpec,
+)
 
 import check_runner
 from sdk_checks import CHECK_DEADLINE_S, CWD, check_connect, connect, describe, disconnect, err, out
@@ -84,39 +93,102 @@ def check_set_env(ctx):
 def check_files_with_identity(ctx):
     """files_with_identity(uid, gid): every file call as that identity; the kernel decides.
 
-    SANDLET_SDK_IDENTITY=uid:gid:dir names the identity and a directory it owns; the scratch
-    directory (SANDLET_SDK_CWD) holds a file only root may read, `secret`."""
+    SANDLET_SDK_IDENTITY=uid:gid:dir:name names the identity (known to the sandbox's passwd as
+    `name`) and a directory it owns; the scratch directory (SANDLET_SDK_CWD) holds `secret`, a
+    file only root may read."""
     spec = os.environ.get("SANDLET_SDK_IDENTITY")
     if not spec:
         return "skipped (SANDLET_SDK_IDENTITY not set)"
-    uid, gid, home = spec.split(":", 2)
+    uid, gid, home, name = spec.split(":", 3)
     uid, gid = int(uid), int(gid)
+    root = ctx["sandbox"].files
     fs = ctx["sandbox"].files_with_identity(uid, gid)
     mine = os.path.join(home, "by identity", "note.txt")
     fs.write_file(mine, "written as the identity\n", mode=640)
     assert fs.read_file(mine) == "written as the identity\n"
-    info = fs.get_file_info([mine])[mine]
-    assert info.mode == 640, info
-    st = os.stat(mine)
-    assert (st.st_uid, st.st_gid) == (uid, gid), f"owned by {st.st_uid}:{st.st_gid}"
-    try:
-        fs.read_file(os.path.join(CWD, "secret"))
-    except SandboxException as e:
-        assert getattr(e, "status_code", None) == 403 or "403" in str(e), e
-    else:
-        raise AssertionError("the identity read a file only root may read")
-    try:
-        fs.write_file(os.path.join(CWD, "not mine.txt"), "x")
-    except SandboxException:
-        pass
-    else:
-        raise AssertionError("the identity wrote where it may not")
-    assert not os.path.exists(os.path.join(CWD, "not mine.txt"))
+    info = root.get_file_info([mine])[mine]
+    assert (info.owner, info.mode) == (name, 640), info
+    secret = os.path.join(CWD, "secret")
+    expect_error(lambda: fs.read_file(secret), 403, "the identity read a file only root may read")
+    expect_error(lambda: fs.write_file(os.path.join(CWD, "not mine.txt"), "x"), 403, "the identity wrote where it may not")
+    expect_error(lambda: root.get_file_info([os.path.join(CWD, "not mine.txt")]), 404, "a refused write left a file")
     listed = [e.path for e in fs.list_directory(DirectoryListEntry(path=home, depth=2))]
     assert mine in listed, listed
     fs.delete_files([mine])
-    assert not os.path.exists(mine)
-    assert ctx["sandbox"].files.read_file(os.path.join(CWD, "secret")) == "root only\n"
+    expect_error(lambda: root.read_file(mine), 404, "a deleted file could still be read")
+    assert root.read_file(secret) == "root only\n"
+    stranger = ctx["sandbox"].files_with_identity(3999999, 0)
+    expect_error(lambda: stranger.read_file(mine), 400, "a uid the sandbox does not know was taken")
+
+
+def expect_error(call, status, why):
+    try:
+        call()
+    except SandboxException as e:
+        got = getattr(e, "status_code", None)
+        assert got == status or str(status) in str(e), f"{why}: expected {status}, got {got}: {e}"
+    else:
+        raise AssertionError(why)
+
+
+def check_isolation(ctx):
+    """sandbox.isolation: capabilities, a session's runs (streamed, background, timed out), its
+    files, its state, attach, list, delete, run_once; and what is refused.
+
+    SANDLET_SDK_ISOLATION_WS: a workspace directory in the sandbox."""
+    ws = os.environ.get("SANDLET_SDK_ISOLATION_WS")
+    if not ws:
+        return "skipped (SANDLET_SDK_ISOLATION_WS not set)"
+    iso = ctx["sandbox"].isolation
+    caps = iso.capabilities()
+    assert caps.available and caps.setpriv_available, caps
+    session = iso.create(CreateIsolatedSessionRequest(workspace=IsolatedWorkspaceSpec(path=ws)))
+    assert session.info.profile == "strict" and session.info.workspace.path == ws, session.info
+    ex = session.run("echo hi > made.txt; cat made.txt; ls /proc | grep -c '^[0-9]'")
+    assert ex.exit_code == 0 and out(ex)[0] == "hi\n", describe(ex)
+    assert int(out(ex)[1]) <= 4, f"the session sees only its own processes: {describe(ex)}"
+    expect_error(lambda: ctx["sandbox"].files.read_file(ws + "/made.txt"), 404, "the overlay wrote through")
+    assert session.files.read_file(ws + "/made.txt") == "hi\n"
+    session.files.write_file(ws + "/via-sdk.txt", "sdk\n")
+    assert out(session.run("cat via-sdk.txt")) == ["sdk\n"]
+    expect_error(lambda: session.files.read_file(ws + "/../escape.txt"), 400, "a path outside the overlay was taken")
+
+    started = session.run_background("echo one; sleep 0.2; echo two; exit 4")
+    st = check_runner.poll("the background run ends", lambda: (lambda s: s if not s.running else None)(session.run_status(started.run_id)), 10.0)
+    assert st.exit_code == 4 and st.finished_at is not None, st
+    logs = session.run_logs(started.run_id)
+    assert logs.text == "one\ntwo\n", logs
+    assert session.run_logs(started.run_id, cursor=logs.cursor).text == ""
+
+    t0 = time.monotonic()
+    ex = session.run("sleep 30", opts=IsolatedRunOpts(timeout_seconds=1))
+    assert ex.exit_code == -1 and time.monotonic() - t0 < 10, describe(ex)
+    ex = session.run('echo "$X"', opts=IsolatedRunOpts(envs={"X": "from the run"}))
+    assert out(ex) == ["from the run\n"], describe(ex)
+
+    state = session.get()
+    assert state.status == "active" and state.idle_remaining_seconds is not None, state
+    assert any(x.session_id == session.session_id for x in iso.list())
+    again = iso.attach(session.session_id)
+    assert again.info.workspace.path == ws and out(again.run("cat made.txt")) == ["hi\n"]
+    session.delete()
+    expect_error(session.get, 404, "a deleted session still answered")
+    expect_error(lambda: session.run("true"), 404, "a deleted session ran code")
+
+    ex = iso.run_once("echo once", workspace=ws)
+    assert out(ex) == ["once\n"], describe(ex)
+    assert not [x for x in iso.list() if x.status == "active"], "run_once left its session"
+    expect_error(lambda: iso.attach("00000000-0000-4000-8000-000000000000"), 404, "an unknown session was attached")
+    expect_error(
+        lambda: iso.create(CreateIsolatedSessionRequest(workspace=IsolatedWorkspaceSpec(path="relative"))),
+        400,
+        "a relative workspace was taken",
+    )
+    expect_error(
+        lambda: iso.create(CreateIsolatedSessionRequest(overlays=[IsolatedOverlaySpec(path=ws, mode="rw", persist=True)])),
+        400,
+        "persist with an rw overlay was taken",
+    )
 
 
 CHECKS = [
@@ -127,6 +199,7 @@ CHECKS = [
     ("upload-paths", check_upload_paths),
     ("set-env", check_set_env),
     ("files-with-identity", check_files_with_identity),
+    ("isolation", check_isolation),
 ]
 
 
