@@ -23,7 +23,6 @@ mod mounts;
 mod spec;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -101,8 +100,9 @@ pub struct Isolation {
     commands: Arc<Commands>,
     files: Arc<Files>,
     sessions: Mutex<IndexMap<String, Arc<Session>>>,
-    /// Sessions being made: they count against the limit already.
-    starting: AtomicUsize,
+    /// Ids of sessions being made: they count against the limit already, and their layers are
+    /// not another holder's to remove as stale.
+    starting: Mutex<Vec<String>>,
     probe: tokio::sync::Mutex<Option<(Instant, Result<Probe, String>)>>,
 }
 
@@ -173,7 +173,7 @@ impl Isolation {
             commands,
             files,
             sessions: Mutex::new(IndexMap::new()),
-            starting: AtomicUsize::new(0),
+            starting: Mutex::new(Vec::new()),
             probe: tokio::sync::Mutex::new(None),
         })
     }
@@ -272,7 +272,8 @@ impl Isolation {
             },
         )
         .map_err(IsolationError::Invalid)?;
-        let _slot = self.take_slot()?;
+        let id = uuid_v4();
+        let _slot = self.take_slot(&id)?;
         let probe = self.probe().await.map_err(IsolationError::Unsupported)?;
         if plan.uid_mode == spec::UidMode::Userns && !probe.userns {
             return Err(IsolationError::Unsupported(format!(
@@ -288,9 +289,6 @@ impl Isolation {
             .ok_or_else(|| IsolationError::Failed("no credentials for the session".into()))?;
         plan.uid = Some(credentials.uid);
         plan.gid = Some(credentials.gid);
-        let id = uuid_v4();
-        let mut live = self.session_ids();
-        live.push(id.clone());
         let holder = HolderSpec {
             session: id.clone(),
             placement: place.placement.clone(),
@@ -302,7 +300,7 @@ impl Isolation {
             owner: Some((credentials.uid, credentials.gid)),
             upper_root: self.config.layers_dir.clone(),
             hidden: self.hidden(),
-            live,
+            live: self.session_ids(),
             probe: false,
         };
         let (line, driver) = self.start_holder(&holder).await?;
@@ -399,26 +397,26 @@ impl Isolation {
         hidden
     }
 
-    /// One of `max_sessions` for a session being made, given back when it is made (then the
-    /// session counts) or not.
-    fn take_slot(&self) -> Result<impl Drop + '_, IsolationError> {
-        struct Slot<'a>(&'a AtomicUsize);
+    /// One of `max_sessions` for session `id` while it is made, given back when it is made
+    /// (then the session counts) or not.
+    fn take_slot<'a>(&'a self, id: &str) -> Result<impl Drop + 'a, IsolationError> {
+        struct Slot<'a>(&'a Isolation, String);
         impl Drop for Slot<'_> {
             fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::AcqRel);
+                self.0.lock_starting().retain(|s| *s != self.1);
             }
         }
         let table = self.lock();
-        let active = table.values().filter(|s| s.is_active()).count()
-            + self.starting.load(Ordering::Acquire);
+        let mut starting = self.lock_starting();
+        let active = table.values().filter(|s| s.is_active()).count() + starting.len();
         if active >= self.config.max_sessions {
             return Err(IsolationError::Limit(format!(
                 "{active} isolated sessions exist; the limit is {} (--exec-isolation-max-sessions); delete one first",
                 self.config.max_sessions
             )));
         }
-        self.starting.fetch_add(1, Ordering::AcqRel);
-        Ok(Slot(&self.starting))
+        starting.push(id.to_string());
+        Ok(Slot(self, id.to_string()))
     }
 
     /// Starts a holder and waits for its first line (`ready`, `probe` or an error).
@@ -787,8 +785,15 @@ impl Isolation {
             .is_ok_and(|s| s.active_runs(&self.commands) > 0)
     }
 
+    /// Sessions alive or being made.
     fn session_ids(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+        let mut ids: Vec<String> = self.lock().keys().cloned().collect();
+        ids.extend(self.lock_starting().iter().cloned());
+        ids
+    }
+
+    fn lock_starting(&self) -> MutexGuard<'_, Vec<String>> {
+        self.starting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> MutexGuard<'_, IndexMap<String, Arc<Session>>> {
