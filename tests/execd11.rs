@@ -168,6 +168,58 @@ fn a_chunked_upload_goes_where_its_metadata_says_not_where_the_file_name_says() 
 }
 
 #[test]
+fn an_upload_refused_before_its_body_was_read_closes_the_connection_saying_so() {
+    let s = Sandlet::start(&[]);
+    let boundary = "opensandbox_refused";
+    // A chunked upload (as the 1.1 SDK sends one) whose metadata is refused while its file is
+    // still arriving: the answer must say the connection ends, or a client reusing it for its
+    // next request would see that request dropped (the SDK did, on an isolated session's files).
+    let start = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"metadata\"; filename=\"metadata\"\r\nContent-Type: application/json\r\n\r\n{{\"path\": \"\"}}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\nthe file goes on"
+    );
+    let addr = s.exec_base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "POST /files/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n\r\n{:x}\r\n{start}\r\n",
+        start.len()
+    )
+    .unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        head.push(line.trim_end().to_ascii_lowercase());
+    }
+    assert!(head[0].starts_with("http/1.1 400"), "{head:?}");
+    assert!(head.contains(&"connection: close".to_string()), "{head:?}");
+    let length: usize = head
+        .iter()
+        .find_map(|h| h.strip_prefix("content-length: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).unwrap();
+    let error: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["code"], "INVALID_FILE_METADATA", "{error}");
+
+    // A refusal after the body was read keeps the connection.
+    let r = s.exec(
+        "POST",
+        "/files/mv",
+        Some(&json!([{"src": "/no/such", "dest": "/x"}])),
+        &[],
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.header("connection"), None);
+}
+
+#[test]
 fn the_execd_envs_file_reaches_every_start_and_set_env_appends_to_it() {
     let dir = scratch();
     let env_file = dir.path().join("etc/sandbox.env");

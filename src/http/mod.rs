@@ -7,15 +7,18 @@ pub mod extract;
 
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -68,10 +71,16 @@ pub async fn serve(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
         let router = router.clone();
-        // The peer's address is what `/proxy/` sends upstream as X-Forwarded-For.
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            // The peer's address is what `/proxy/` sends upstream as X-Forwarded-For.
             request.extensions_mut().insert(ConnectInfo(peer));
-            router.clone().oneshot(request.map(axum::body::Body::new))
+            let (request, read) = ReadToEnd::track(request);
+            let answered = router.clone().oneshot(request);
+            async move {
+                let mut response = answered.await?;
+                close_if_refused_unread(&mut response, &read);
+                Ok::<_, std::convert::Infallible>(response)
+            }
         });
         let connection = http
             .serve_connection(TokioIo::new(stream), service)
@@ -95,6 +104,59 @@ pub async fn serve(
         .acquire_many(u32::try_from(limits.max_connections).unwrap_or(u32::MAX))
         .await;
     Ok(())
+}
+
+/// A request body that records whether it was read to its end.
+struct ReadToEnd {
+    body: Incoming,
+    done: Arc<AtomicBool>,
+}
+
+impl ReadToEnd {
+    /// `request` with its body tracked, and the flag set once the body has been read.
+    fn track(request: hyper::Request<Incoming>) -> (Request, Arc<AtomicBool>) {
+        let done = Arc::new(AtomicBool::new(request.body().is_end_stream()));
+        let flag = Arc::clone(&done);
+        let request = request.map(|body| axum::body::Body::new(ReadToEnd { body, done }));
+        (request, flag)
+    }
+}
+
+impl hyper::body::Body for ReadToEnd {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.done.store(true, Ordering::Release);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// An error answered before the request's body was read (an upload refused at its metadata, a
+/// declared length over the limit) says `Connection: close`. hyper closes such a connection
+/// after the response rather than read a body nobody wants, and a client told nothing would
+/// send its next request on it and see the connection drop instead of an answer.
+fn close_if_refused_unread(response: &mut Response, read: &AtomicBool) {
+    let refused = response.status().is_client_error() || response.status().is_server_error();
+    if refused && !read.load(Ordering::Acquire) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
 }
 
 /// A body size limit as a middleware's state: the limit, the flag that sets it and the error
