@@ -2,11 +2,13 @@
 //! replaced. Every entry is checked (non-empty `old`, an existing regular file within the size
 //! limit, and a result within it too) before any file changes; each file is then streamed
 //! through a staged file with constant memory and replaced atomically, its mode and owner kept
-//! (see `files::Staged`).
+//! (see `files::Staged`). Without `verbose` the answer is empty, except in an isolated session:
+//! there the 1.1 SDK's `replace_contents_detailed` asks without it and reads the counts.
 
 use std::fs::File;
 use std::io::Read;
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::RawQuery;
 use axum::response::{IntoResponse, Response};
@@ -17,7 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::files::query_values;
-use super::scoped::Scoped;
+use super::scoped::{InSession, Scoped};
 use super::{ExecJson, empty_ok};
 use crate::files::root::is_file;
 use crate::files::{FileError, Place, Staged};
@@ -33,12 +35,14 @@ pub struct Replacement {
 
 pub async fn replace_contents(
     Scoped(api): Scoped,
+    in_session: Option<Extension<InSession>>,
     RawQuery(query): RawQuery,
     ExecJson(request): ExecJson<Option<IndexMap<String, Replacement>>>,
 ) -> Result<Response, ApiError> {
-    let verbose = query_values(query.as_deref(), "verbose")
-        .first()
-        .is_some_and(|v| v == "true");
+    let verbose = match query_values(query.as_deref(), "verbose").first() {
+        Some(v) => v == "true",
+        None => in_session.is_some(),
+    };
     let request = request.unwrap_or_default();
     let limit = api.files.config.max_replace_bytes;
     let counts = api

@@ -19,6 +19,10 @@ use crate::files::Files;
 #[derive(Clone)]
 pub struct FilesScope(pub Arc<Files>);
 
+/// Marks a request under `/v1/isolated/session/{id}/...`, for the few answers that differ there.
+#[derive(Clone, Copy)]
+pub struct InSession;
+
 /// The exec API as a file route sees it: its `files` are those of the request's scope.
 pub struct Scoped(pub ExecApi);
 
@@ -76,6 +80,7 @@ pub async fn session(
     match api.isolation.files(id) {
         Ok(files) => {
             request.extensions_mut().insert(FilesScope(files));
+            request.extensions_mut().insert(InSession);
             next.run(request).await
         }
         Err(e) => crate::http::error::ApiError::from(e).into_response(),
