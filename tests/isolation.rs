@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Reply, Sandlet, pid_alive, scratch, stream_lines, wait_until};
+use common::{Reply, Sandlet, isolated_out, pid_alive, scratch, stream_lines, wait_until};
 use serde_json::{Value, json};
 
 fn create(s: &Sandlet, body: Value) -> Value {
@@ -27,20 +27,6 @@ fn run(s: &Sandlet, session: &str, code: &str) -> Vec<Value> {
         &format!("/v1/isolated/session/{session}/run"),
         &json!({"code": code}),
     )
-}
-
-/// The stdout lines of a run that must succeed.
-fn out(s: &Sandlet, session: &str, code: &str) -> Vec<String> {
-    let events = run(s, session, code);
-    assert_eq!(
-        events.last().unwrap()["type"],
-        "execution_complete",
-        "{code}: {events:?}"
-    );
-    stream_lines(&events, "stdout")
-        .into_iter()
-        .map(String::from)
-        .collect()
 }
 
 fn exit_code(events: &[Value]) -> i64 {
@@ -120,23 +106,23 @@ fn a_session_has_its_own_processes_tmp_and_root_and_its_overlay_spares_the_works
     assert_eq!(sid.len(), 36, "a UUID, as the SDK parses it");
 
     // Its own PID namespace: PID 1 and the run itself, nothing of the sandbox.
-    let ps = out(&s, &sid, "ls /proc | grep -c '^[0-9]'; echo $$; pwd");
+    let ps = isolated_out(&s, &sid, "ls /proc | grep -c '^[0-9]'; echo $$; pwd");
     assert!(ps[0].parse::<u32>().unwrap() <= 4, "{ps:?}");
     assert_eq!(ps[2], wsp, "runs start in the workspace");
     // A read-only root, its own /tmp.
     let events = run(&s, &sid, "touch /usr/sandlet-was-here");
     assert_ne!(exit_code(&events), 0, "{events:?}");
     assert!(!Path::new("/usr/sandlet-was-here").exists());
-    out(&s, &sid, "echo private > /tmp/only-here");
+    isolated_out(&s, &sid, "echo private > /tmp/only-here");
     assert!(!Path::new("/tmp/only-here").exists());
     // The overlay: the session changes its workspace, the sandbox's stays as it was.
-    out(
+    isolated_out(
         &s,
         &sid,
         "cat kept.txt; echo changed > kept.txt; echo new > sub/new.txt; rm doomed.txt; ln -s kept.txt link",
     );
     assert_eq!(
-        out(&s, &sid, "cat kept.txt sub/new.txt"),
+        isolated_out(&s, &sid, "cat kept.txt sub/new.txt"),
         ["changed", "new"]
     );
     assert_eq!(
@@ -156,7 +142,7 @@ fn a_session_has_its_own_processes_tmp_and_root_and_its_overlay_spares_the_works
         644,
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(out(&s, &sid, "cat up.txt"), ["uploaded"]);
+    assert_eq!(isolated_out(&s, &sid, "cat up.txt"), ["uploaded"]);
     assert!(!ws.join("up.txt").exists());
     let listed = files(&s, &sid, "/directories/list", &ws);
     assert_eq!(listed.status, 200, "{}", listed.text());
@@ -219,7 +205,7 @@ fn a_session_has_its_own_processes_tmp_and_root_and_its_overlay_spares_the_works
         Path::new("kept.txt")
     );
     assert_eq!(
-        out(&s, &sid, "cat kept.txt"),
+        isolated_out(&s, &sid, "cat kept.txt"),
         ["changed"],
         "the session sees the same"
     );
@@ -234,18 +220,16 @@ fn a_session_has_its_own_processes_tmp_and_root_and_its_overlay_spares_the_works
     let list = s.exec("GET", "/v1/isolated/sessions", None, &[]).json();
     assert_eq!(list["sessions"][0]["session_id"], sid.as_str());
     let pid1 = pid1_of(&s, &sid);
-    out(&s, &sid, "sleep 1013 >/dev/null 2>&1 &");
+    isolated_out(&s, &sid, "sleep 1013 >/dev/null 2>&1 &");
     let r = s.exec("DELETE", &format!("/v1/isolated/session/{sid}"), None, &[]);
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(!pid_alive(pid1), "the session's PID 1 outlived its delete");
-    assert!(
-        !std::process::Command::new("pgrep")
-            .args(["-f", "sleep 1013"])
-            .status()
-            .unwrap()
-            .success(),
-        "a process the session left behind outlived it"
-    );
+    let left = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|c| c == b"sleep\x001013\x00");
+    assert!(!left, "a process the session left behind outlived it");
     wait_until("the layers are removed", || {
         std::fs::read_dir(layers.join("sandlet")).is_ok_and(|mut d| d.next().is_none())
     });
@@ -343,7 +327,7 @@ fn background_runs_report_status_and_logs_and_foreground_timeouts_kill() {
         json!({"overlays": [{"path": ws.to_string_lossy(), "mode": "ro"}], "idle_timeout_seconds": 1}),
     ));
     assert_eq!(
-        out(&s, &quick, "touch x 2>/dev/null || echo read-only"),
+        isolated_out(&s, &quick, "touch x 2>/dev/null || echo read-only"),
         ["read-only"]
     );
     wait_until("the idle session is destroyed", || {
@@ -404,7 +388,7 @@ fn identities_user_namespaces_networks_and_environments_are_as_asked() {
         json!({"workspace": {"path": wsp}, "uid": uid, "gid": uid, "share_net": false}),
     ));
     assert_eq!(
-        out(
+        isolated_out(
             &s,
             &setpriv,
             "id -u; id -g; echo made > mine; stat -c %u mine; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '"
@@ -430,13 +414,16 @@ fn identities_user_namespaces_networks_and_environments_are_as_asked() {
         600,
     );
     assert_eq!(upper.status, 200, "{}", upper.text());
-    assert_eq!(out(&s, &setpriv, "stat -c %u by-api"), [uid.to_string()]);
+    assert_eq!(
+        isolated_out(&s, &setpriv, "stat -c %u by-api"),
+        [uid.to_string()]
+    );
 
     let userns = id(&create(
         &s,
         json!({"workspace": {"path": wsp, "mode": "rw"}, "uid": uid, "gid": uid, "uid_mode": "userns"}),
     ));
-    let lines = out(
+    let lines = isolated_out(
         &s,
         &userns,
         "id -u; cat /proc/self/uid_map; echo direct > direct",
@@ -455,14 +442,14 @@ fn identities_user_namespaces_networks_and_environments_are_as_asked() {
         &s,
         json!({"workspace": {"path": wsp, "mode": "ro"}}),
     ));
-    let env = out(&s, &strict, "env");
+    let env = isolated_out(&s, &strict, "env");
     assert!(env.iter().any(|l| l.starts_with("PATH=")), "{env:?}");
     assert!(!env.iter().any(|l| l.contains("_TOKEN=")), "{env:?}");
     let allow = id(&create(
         &s,
         json!({"workspace": {"path": wsp, "mode": "ro"}, "env_passthrough": {"mode": "allow", "keys": ["PATH"]}}),
     ));
-    let env = out(&s, &allow, "env | cut -d= -f1 | sort | tr '\\n' ' '");
+    let env = isolated_out(&s, &allow, "env | cut -d= -f1 | sort | tr '\\n' ' '");
     assert_eq!(env[0].trim(), "HOME PATH PWD SHLVL USER _", "{env:?}");
 }
 
@@ -541,7 +528,7 @@ fn bad_requests_unknown_sessions_and_limits_are_the_clients_errors() {
         json!({"workspace": {"path": ws}, "binds": [{"source": allowed, "dest": "/mnt/in", "readonly": true}]}),
     ));
     assert_eq!(
-        out(
+        isolated_out(
             &s,
             &sid,
             "cat /mnt/in/data.txt; touch /mnt/in/x 2>/dev/null || echo ro"

@@ -536,6 +536,23 @@ pub fn stream_lines<'a>(events: &'a [Value], kind: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// The stdout lines of a run in isolated session `session` (`/v1/isolated`), which must succeed.
+pub fn isolated_out(s: &Sandlet, session: &str, code: &str) -> Vec<String> {
+    let events = s.exec_events(
+        &format!("/v1/isolated/session/{session}/run"),
+        &serde_json::json!({"code": code}),
+    );
+    assert_eq!(
+        events.last().unwrap()["type"],
+        "execution_complete",
+        "{code}: {events:?}"
+    );
+    stream_lines(&events, "stdout")
+        .into_iter()
+        .map(String::from)
+        .collect()
+}
+
 /// The Python of the venv that holds the real OpenSandbox SDKs from PyPI (`.ci/setup` makes it;
 /// `SANDLET_SDK_PYTHON` points elsewhere). Tests that use it are `#[ignore]`d with the reason.
 pub fn sdk_python() -> String {
