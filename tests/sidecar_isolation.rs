@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use common::pod::{MAIN_HOSTNAME, MAIN_UID, Pod, WORKER_UID};
-use common::{Sandlet, stream_lines, wait_until};
+use common::{Sandlet, isolated_out, wait_until};
 use serde_json::{Value, json};
 
 /// The sidecar's capabilities (`common::pod::SIDECAR_CAPABILITIES`), and what overlayfs needs of
@@ -34,22 +34,6 @@ fn owned_dir(pod: &Pod, path: &str, uid: u32) {
     std::os::unix::fs::chown(&dir, Some(uid), Some(uid)).unwrap();
 }
 
-fn out(s: &Sandlet, session: &str, code: &str) -> Vec<String> {
-    let events = s.exec_events(
-        &format!("/v1/isolated/session/{session}/run"),
-        &json!({"code": code}),
-    );
-    assert_eq!(
-        events.last().unwrap()["type"],
-        "execution_complete",
-        "{code}: {events:?}"
-    );
-    stream_lines(&events, "stdout")
-        .into_iter()
-        .map(String::from)
-        .collect()
-}
-
 #[test]
 fn isolated_sessions_are_made_inside_the_main_container() {
     let Some(pod) = Pod::start() else { return };
@@ -72,7 +56,7 @@ fn isolated_sessions_are_made_inside_the_main_container() {
         "the main container's user by default"
     );
     let sid = session["session_id"].as_str().unwrap().to_string();
-    let seen = out(
+    let seen = isolated_out(
         &s,
         &sid,
         "id -u; hostname; cat /etc/sandbox-rootfs; cat kept.txt; echo new > new.txt; ls /proc | grep -c '^[0-9]'",
@@ -172,7 +156,7 @@ fn isolated_sessions_are_made_inside_the_main_container() {
 
 #[test]
 #[ignore = "needs the OpenSandbox SDK from PyPI: `./test` installs it and runs every test"]
-fn the_real_sdk_uses_what_execd_1_1_added_in_sidecar_placement() {
+fn the_real_sdk_drives_execd_in_sidecar_placement() {
     let Some(pod) = Pod::start() else { return };
     owned_dir(&pod, "/work/sdk", MAIN_UID);
     owned_dir(&pod, "/work/sdk/theirs", WORKER_UID);
@@ -182,11 +166,29 @@ fn the_real_sdk_uses_what_execd_1_1_added_in_sidecar_placement() {
     std::fs::write(&secret, "root only\n").unwrap();
     std::os::unix::fs::chown(&secret, Some(MAIN_UID), Some(MAIN_UID)).unwrap();
     std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let s = sidecar(&pod, &["--exec-envs-file", "/tmp/sandbox.env"]);
+    let token = pod.rootfs.parent().unwrap().join("sdk-token");
+    std::fs::write(&token, "sdk-token").unwrap();
+    let s = sidecar(
+        &pod,
+        &[
+            "--exec-envs-file",
+            "/tmp/sandbox.env",
+            "--exec-token-file",
+            &token.to_string_lossy(),
+        ],
+    );
+    let token = ("SANDLET_EXEC_TOKEN", "sdk-token".to_string());
+    // execd 1.0's calls, as the SDK makes them, then what 1.1 added.
+    common::run_sdk_checks(
+        "sdk_checks.py",
+        &s.exec_base,
+        &[token.clone(), ("SANDLET_SDK_CWD", "/work/sdk".into())],
+    );
     common::run_sdk_checks(
         "sdk11_checks.py",
         &s.exec_base,
         &[
+            token,
             ("SANDLET_SDK_CWD", "/work/sdk".into()),
             (
                 "SANDLET_SDK_IDENTITY",

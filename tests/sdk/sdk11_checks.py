@@ -15,7 +15,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from opensandbox.exceptions import SandboxException
 from opensandbox.models.filesystem import DirectoryListEntry, WriteEntry
 from opensandbox.models.isolated import (
     CreateIsolatedSessionRequest,
@@ -25,7 +24,18 @@ from opensandbox.models.isolated import (
 )
 
 import check_runner
-from sdk_checks import CHECK_DEADLINE_S, CWD, check_connect, connect, describe, disconnect, err, out
+from sdk_checks import (
+    CHECK_DEADLINE_S,
+    CWD,
+    check_connect,
+    connect,
+    describe,
+    disconnect,
+    err,
+    exercise_files,
+    expect_error,
+    out,
+)
 
 
 def check_argv(ctx):
@@ -51,20 +61,24 @@ def check_output_line_endings(ctx):
 
 
 def check_read_lines(ctx):
+    """read_file(offset=, limit=) on the sandbox's files (see `read_lines`)."""
+    read_lines(ctx["sandbox"].files, CWD)
+
+
+def read_lines(fs, root):
     """read_file(offset=, limit=): lines from a 1-based offset, as text; not with a Range."""
-    fs = ctx["sandbox"].files
-    path = os.path.join(CWD, "sdk11 lines.txt")
+    path = os.path.join(root, "sdk11 lines.txt")
     fs.write_file(path, "l1\nl2\nl3\nl4\n")
     assert fs.read_file(path, offset=2, limit=2) == "l2\nl3\n"
     assert fs.read_file(path, offset=4) == "l4\n"
     assert fs.read_file(path, limit=1) == "l1\n"
     assert fs.read_file(path, offset=9) == ""
-    try:
-        fs.read_file(path, offset=2, range_header="bytes=0-1")
-    except SandboxException as e:
-        assert "400" in str(e) or getattr(e, "status_code", None) == 400, e
-    else:
-        raise AssertionError("offset together with a Range header was accepted")
+    expect_error(
+        lambda: fs.read_file(path, offset=2, range_header="bytes=0-1"),
+        400,
+        "offset together with a Range header was accepted",
+    )
+    fs.delete_files([path])
 
 
 def check_upload_paths(ctx):
@@ -119,16 +133,11 @@ def check_files_with_identity(ctx):
     assert root.read_file(secret) == "root only\n"
     stranger = ctx["sandbox"].files_with_identity(3999999, 0)
     expect_error(lambda: stranger.read_file(mine), 400, "a uid the sandbox does not know was taken")
-
-
-def expect_error(call, status, why):
-    try:
-        call()
-    except SandboxException as e:
-        got = getattr(e, "status_code", None)
-        assert got == status or str(status) in str(e), f"{why}: expected {status}, got {got}: {e}"
-    else:
-        raise AssertionError(why)
+    expect_error(lambda: stranger.write_file(os.path.join(home, "stranger.txt"), "x"), 400, "a uid the sandbox does not know wrote")
+    expect_error(lambda: root.get_file_info([os.path.join(home, "stranger.txt")]), 404, "a refused identity left a file")
+    # Every other call of the filesystem interface, as the identity, in what it owns.
+    exercise_files(fs, home)
+    read_lines(fs, home)
 
 
 def check_isolation(ctx):
@@ -152,6 +161,20 @@ def check_isolation(ctx):
     session.files.write_file(ws + "/via-sdk.txt", "sdk\n")
     assert out(session.run("cat via-sdk.txt")) == ["sdk\n"]
     expect_error(lambda: session.files.read_file(ws + "/../escape.txt"), 400, "a path outside the overlay was taken")
+    expect_error(lambda: session.files.write_file("/etc/escape.txt", "x"), 400, "a write outside the overlays was taken")
+    expect_error(
+        lambda: session.files.write_file(ws + "/../escape.txt", "x"),
+        400,
+        "a write climbing out of the overlay was taken",
+    )
+    # Every other call of the filesystem interface, in the session's view of its workspace.
+    exercise_files(session.files, ws)
+    read_lines(session.files, ws)
+    expect_error(
+        lambda: ctx["sandbox"].files.get_file_info([os.path.join(ws, "sdk files é")]),
+        404,
+        "the session's files reached the sandbox's workspace",
+    )
 
     started = session.run_background("echo one; sleep 0.2; echo two; exit 4")
     st = check_runner.poll("the background run ends", lambda: (lambda s: s if not s.running else None)(session.run_status(started.run_id)), 10.0)
@@ -159,6 +182,8 @@ def check_isolation(ctx):
     logs = session.run_logs(started.run_id)
     assert logs.text == "one\ntwo\n", logs
     assert session.run_logs(started.run_id, cursor=logs.cursor).text == ""
+    expect_error(lambda: session.run_status("no-such-run"), 404, "an unknown run had a status")
+    expect_error(lambda: session.run_logs("no-such-run"), 404, "an unknown run had logs")
 
     t0 = time.monotonic()
     ex = session.run("sleep 30", opts=IsolatedRunOpts(timeout_seconds=1))
@@ -174,6 +199,10 @@ def check_isolation(ctx):
     session.delete()
     expect_error(session.get, 404, "a deleted session still answered")
     expect_error(lambda: session.run("true"), 404, "a deleted session ran code")
+    expect_error(lambda: session.run_background("true"), 404, "a deleted session ran code in the background")
+    expect_error(lambda: session.run_status(started.run_id), 404, "a deleted session's run had a status")
+    expect_error(lambda: session.files.read_file(ws + "/made.txt"), 404, "a deleted session's files were read")
+    expect_error(session.delete, 404, "a deleted session was deleted again")
 
     ex = iso.run_once("echo once", workspace=ws)
     assert out(ex) == ["once\n"], describe(ex)

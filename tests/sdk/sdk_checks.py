@@ -13,6 +13,7 @@ check runs under a hard deadline (SIGALRM), so a stream that never ends fails in
 of hanging. The last line is `N passed, M failed`.
 """
 
+import json
 import os
 import sys
 import time
@@ -26,6 +27,14 @@ from check_runner import poll
 from opensandbox.config import ConnectionConfigSync
 from opensandbox.exceptions import SandboxApiException, SandboxException
 from opensandbox.models.execd import RunCommandOpts
+from opensandbox.models.filesystem import (
+    ContentReplaceEntry,
+    DirectoryListEntry,
+    MoveEntry,
+    SearchEntry,
+    SetPermissionEntry,
+    WriteEntry,
+)
 from opensandbox.sync import SandboxSync
 
 CWD = os.environ.get("SANDLET_SDK_CWD", "/tmp")
@@ -214,19 +223,17 @@ def check_metrics(ctx):
 
 
 def check_files(ctx):
-    """The SDK's filesystem calls: directories, upload/download (ranges), info, list, search,
-    replace (plain and detailed), permissions, move and delete, with unicode and spaces."""
-    from opensandbox.models.filesystem import (
-        ContentReplaceEntry,
-        DirectoryListEntry,
-        MoveEntry,
-        SearchEntry,
-        SetPermissionEntry,
-        WriteEntry,
-    )
+    """The SDK's filesystem calls on the sandbox's files (see `exercise_files`)."""
+    exercise_files(ctx["sandbox"].files, CWD)
 
-    fs = ctx["sandbox"].files
-    base = os.path.join(CWD, "sdk files é")
+
+def exercise_files(fs, root):
+    """Every call of the SDK's filesystem interface on `fs`, below directory `root`:
+    directories, upload/download (ranges, streamed), info, list, search, replace (plain and
+    detailed), permissions, move and delete, with unicode and spaces. Acts through `fs` alone,
+    so the same calls check `sandbox.files`, `files_with_identity(...)` and an isolated session's
+    `files`, in any placement."""
+    base = os.path.join(root, "sdk files é")
     sub = os.path.join(base, "sub dir")
     fs.create_directories([WriteEntry(path=sub, mode=750)])
     info = fs.get_file_info([sub])[sub]
@@ -246,7 +253,7 @@ def check_files(ctx):
     assert b"".join(fs.read_bytes_stream(binary, chunk_size=4096)) == blob
 
     # A file whose directories do not exist yet: made for it, as execd's `mkdir -p`.
-    fresh = os.path.join(CWD, "sdk upload é", "new dir", "note.txt")
+    fresh = os.path.join(root, "sdk upload é", "new dir", "note.txt")
     fs.write_file(fresh, "parents made\n")
     assert fs.read_file(fresh) == "parents made\n"
 
@@ -269,21 +276,31 @@ def check_files(ctx):
     moved = os.path.join(base, "elsewhere", "moved.txt")
     fs.move_files([MoveEntry(source=text, destination=moved)])
     assert fs.read_file(moved) == "hi ExEcd\n"
-    try:
-        fs.move_files([MoveEntry(source=moved, destination=binary)])
-        raise AssertionError("moving onto an existing file succeeded")
-    except SandboxException:
-        pass
+    expect_error(
+        lambda: fs.move_files([MoveEntry(source=moved, destination=binary)]),
+        409,
+        "moving onto an existing file succeeded",
+    )
     assert fs.read_bytes(binary) == blob, "a refused move changes nothing"
 
-    fs.delete_files([moved])
+    fs.delete_files([moved, fresh])
+    expect_error(lambda: fs.read_file(moved), 404, "a deleted file could still be read")
+    fs.delete_directories([base, os.path.join(root, "sdk upload é")])
+    expect_error(lambda: fs.get_file_info([base]), 404, "a deleted directory is still there")
+
+
+def expect_error(call, status, why):
+    """`call` must fail with HTTP `status` and execd's error body, JSON `{"code", "message"}`."""
     try:
-        fs.read_file(moved)
-        raise AssertionError("a deleted file could still be read")
-    except SandboxException:
-        pass
-    fs.delete_directories([base])
-    assert not os.path.exists(base)
+        call()
+    except SandboxApiException as e:
+        assert e.status_code == status, f"{why}: expected {status}, got {e.status_code}: {e}"
+        body = json.loads(e.response_body) if e.response_body else None
+        assert isinstance(body, dict) and body.get("code") and body.get("message"), (
+            f"{why}: the {status} is not JSON {{code, message}}: {e.response_body!r}"
+        )
+    else:
+        raise AssertionError(why)
 
 
 CHECKS = [
