@@ -274,11 +274,11 @@ fn until_end(mut file: File) -> Response {
     })
 }
 
-type Chunks = mpsc::Sender<Result<Bytes, std::io::Error>>;
+pub(super) type Chunks = mpsc::Sender<Result<Bytes, std::io::Error>>;
 
 /// A response whose body `produce` writes from a blocking thread, at most [`READ_AHEAD`] chunks
 /// ahead of the client.
-fn body_from(produce: impl FnOnce(&Chunks) + Send + 'static) -> Response {
+pub(super) fn body_from(produce: impl FnOnce(&Chunks) + Send + 'static) -> Response {
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     tokio::task::spawn_blocking(move || produce(&tx));
     Response::new(Body::from_stream(
@@ -289,7 +289,7 @@ fn body_from(produce: impl FnOnce(&Chunks) + Send + 'static) -> Response {
 /// Sends what `read` gives, a chunk at a time, until it has given `length` bytes (`None`: until
 /// it gives nothing). False when the body ended early: the client went away, or a read failed
 /// (the error then ends the body, so the client sees it cut short).
-fn send_read(
+pub(super) fn send_read(
     tx: &Chunks,
     mut read: impl FnMut(&mut [u8]) -> std::io::Result<usize>,
     length: Option<u64>,

@@ -5,20 +5,15 @@
 
 use std::fs::File;
 use std::io::Read;
+use std::ops::Range;
 
-use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::Response;
-use tokio::sync::mpsc;
 
 use super::files::query_values;
+use super::files_download::{body_from, send_read};
 use super::invalid;
 use crate::http::error::ApiError;
-
-/// Bytes read per chunk.
-const CHUNK: usize = 256 << 10;
-/// Chunks read ahead of the client.
-const READ_AHEAD: usize = 4;
 
 /// Which lines a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,37 +55,28 @@ impl Lines {
     }
 }
 
-/// The lines of `file`, from its start, streamed.
-pub fn respond(file: File, lines: Lines) -> Response {
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(READ_AHEAD);
-    tokio::task::spawn_blocking(move || {
-        let mut picker = Picker::new(lines);
-        let mut file = file;
-        let mut buf = vec![0u8; CHUNK];
-        while !picker.done() {
-            match file.read(&mut buf) {
-                Ok(0) => return,
-                Ok(n) => {
-                    let picked = picker.pick(&buf[..n]);
-                    if !picked.is_empty()
-                        && tx
-                            .blocking_send(Ok(Bytes::copy_from_slice(picked)))
-                            .is_err()
-                    {
-                        return;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
+/// The lines of `file`, from its start, streamed by the download's chunked reader: each read
+/// gives the part of a chunk of the file that is in the lines.
+pub fn respond(mut file: File, lines: Lines) -> Response {
+    let mut picker = Picker::new(lines);
+    let mut response = body_from(move |tx| {
+        let read_lines = |buf: &mut [u8]| loop {
+            if picker.done() {
+                return Ok(0);
             }
-        }
+            let n = file.read(buf)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            let picked = picker.pick(&buf[..n]);
+            if !picked.is_empty() {
+                let len = picked.len();
+                buf.copy_within(picked, 0);
+                return Ok(len);
+            }
+        };
+        send_read(tx, read_lines, None);
     });
-    let mut response = Response::new(Body::from_stream(
-        tokio_stream::wrappers::ReceiverStream::new(rx),
-    ));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
@@ -118,31 +104,32 @@ impl Picker {
         self.left == Some(0)
     }
 
-    /// The part of `chunk` (the bytes after the last chunk) that is in the requested lines.
-    fn pick<'a>(&mut self, mut chunk: &'a [u8]) -> &'a [u8] {
+    /// Where in `chunk` (the bytes after the last chunk) the requested lines are.
+    fn pick(&mut self, chunk: &[u8]) -> Range<usize> {
+        let mut start = 0;
         while self.skip > 0 {
-            match memchr::memchr(b'\n', chunk) {
+            match memchr::memchr(b'\n', &chunk[start..]) {
                 Some(at) => {
                     self.skip -= 1;
-                    chunk = &chunk[at + 1..];
+                    start += at + 1;
                 }
-                None => return &[],
+                None => return chunk.len()..chunk.len(),
             }
         }
         let Some(left) = &mut self.left else {
-            return chunk;
+            return start..chunk.len();
         };
-        let mut end = 0;
+        let mut end = start;
         while *left > 0 {
             match memchr::memchr(b'\n', &chunk[end..]) {
                 Some(at) => {
                     end += at + 1;
                     *left -= 1;
                 }
-                None => return chunk,
+                None => return start..chunk.len(),
             }
         }
-        &chunk[..end]
+        start..end
     }
 }
 
@@ -157,7 +144,7 @@ mod tests {
             if p.done() {
                 break;
             }
-            out.extend_from_slice(p.pick(c));
+            out.extend_from_slice(&c[p.pick(c)]);
         }
         out
     }
