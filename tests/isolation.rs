@@ -451,6 +451,24 @@ fn identities_user_namespaces_networks_and_environments_are_as_asked() {
     ));
     let env = isolated_out(&s, &allow, "env | cut -d= -f1 | sort | tr '\\n' ' '");
     assert_eq!(env[0].trim(), "HOME PATH PWD SHLVL USER _", "{env:?}");
+
+    // A uid the sandbox's passwd does not know runs as itself with gid 0, as commands do
+    // (execd 1.1 would take gid = uid; see docs/execd-compatibility.md).
+    let stranger = (4_000_000u32..)
+        .find(|u| {
+            !passwd
+                .lines()
+                .any(|l| l.split(':').nth(2) == Some(&u.to_string()))
+        })
+        .unwrap();
+    let unknown = id(&create(
+        &s,
+        json!({"workspace": {"path": wsp, "mode": "ro"}, "uid": stranger}),
+    ));
+    assert_eq!(
+        isolated_out(&s, &unknown, "id -u; id -g"),
+        [stranger.to_string(), "0".to_string()]
+    );
 }
 
 #[test]
