@@ -11,7 +11,7 @@
 
 use std::io::Read;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{Value, json};
 
@@ -157,7 +157,6 @@ fn main() {
         );
         delete.push(t.elapsed());
         assert_eq!(status, 200);
-        std::thread::sleep(Duration::from_millis(5));
     }
     println!();
     row(
