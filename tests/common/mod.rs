@@ -186,22 +186,16 @@ impl Sandlet {
 
     /// Starts (or restarts) the binary on the same data dir and waits until it answers.
     pub fn boot(&mut self) {
-        let port = free_port();
-        self.base = format!("http://127.0.0.1:{port}");
-        let exec_port = free_port();
-        self.exec_base = format!("http://127.0.0.1:{exec_port}");
         let mut cmd = match &self.runner {
             Some(runner) => runner(),
             None => Command::new(env!("CARGO_BIN_EXE_sandlet")),
         };
         cmd.arg("serve")
-            .arg("--listen-addr")
-            .arg(format!("127.0.0.1:{port}"))
+            .args(["--listen-addr", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(self.data_dir())
-            .arg("--exec-listen-addr")
-            .arg(format!("127.0.0.1:{exec_port}"))
-            .args(&self.extra_args)
+            .args(["--exec-listen-addr", "127.0.0.1:0"])
+            .args(self.args_logging_addresses())
             .env("SANDLET_LOG", "debug")
             .env(MARKER_VAR, self.data_dir())
             .stdout(Stdio::null())
@@ -217,10 +211,56 @@ impl Sandlet {
             std::fs::write(&path, format!("{token}\n")).unwrap();
             cmd.arg("--token-file").arg(path);
         }
+        // Port 0, and the ports sandlet bound read from its log: a port picked here and bound
+        // there could be taken in between by any other test's connection.
+        let log_start = std::fs::metadata(&self.stderr_log).map_or(0, |m| m.len() as usize);
         self.child = Some(cmd.spawn().expect("start sandlet"));
+        let apis = ["task", "exec"].map(|api| self.serves(api).then_some(api));
+        let mut bound = [None, None];
+        wait_until("sandlet logs the addresses it serves on", || {
+            let log = std::fs::read(&self.stderr_log).unwrap_or_default();
+            let log = String::from_utf8_lossy(log.get(log_start..).unwrap_or_default());
+            for (api, addr) in apis.iter().zip(&mut bound) {
+                *addr = api.and_then(|api| served_addr(&log, api));
+            }
+            apis.iter()
+                .zip(&bound)
+                .all(|(api, addr)| api.is_none() || addr.is_some())
+        });
+        let [task, exec] = bound.map(|a| a.map(|a| format!("http://{a}")).unwrap_or_default());
+        (self.base, self.exec_base) = (task, exec);
         wait_until("sandlet answers /health", || {
             self.try_get("/health").is_some_and(|r| r.status == 200)
         });
+    }
+
+    /// The extra arguments, with a `--log-level` filter widened to keep the "serving" lines
+    /// [`Sandlet::boot`] reads the ports from.
+    fn args_logging_addresses(&self) -> Vec<String> {
+        let mut args = self.extra_args.clone();
+        for i in 1..args.len() {
+            if args[i - 1] == "--log-level" {
+                args[i] = format!("{},sandlet::serve=info", args[i]);
+            }
+        }
+        args
+    }
+
+    /// Whether `api` ("task" or "exec") is on: not switched off by the extra arguments (the
+    /// last of a flag wins).
+    fn serves(&self, api: &str) -> bool {
+        let flag = if api == "task" {
+            "--listen-addr"
+        } else {
+            "--exec-listen-addr"
+        };
+        let value = self
+            .extra_args
+            .windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .next_back();
+        value != Some("off")
     }
 
     /// The sandlet process itself (a runner's wrappers may stand between it and `child`).
@@ -629,6 +669,24 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     panic!("timed out waiting for: {what}");
 }
 
+/// The address sandlet's log says `api` serves on (its "serving" line, text or JSON), if
+/// logged yet.
+fn served_addr(log: &str, api: &str) -> Option<String> {
+    let text = (format!("api=\"{api}\""), " listen=");
+    let json = (format!("\"api\":\"{api}\""), "\"listen\":\"");
+    log.lines().filter(|l| l.contains("serving")).find_map(|l| {
+        [&text, &json].into_iter().find_map(|(api_field, listen)| {
+            if !l.contains(api_field.as_str()) {
+                return None;
+            }
+            let (_, rest) = l.split_once(listen)?;
+            rest.split(['"', ' ', ',']).next().map(str::to_string)
+        })
+    })
+}
+
+/// A port free now. Racy by nature: for programs that cannot bind port 0 and say which port
+/// they got; sandlet itself is started on port 0 (see [`Sandlet::boot`]).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
