@@ -93,7 +93,13 @@ impl ExecClient {
             Some(b) => self.agent.run(builder.body(b).unwrap()),
             None => self.agent.run(builder.body(()).unwrap()),
         };
-        let mut resp = result.expect("exec API request");
+        Reply::read(result.expect("exec API request"), 1 << 30)
+    }
+}
+
+impl Reply {
+    /// A response read whole, its body up to `limit` bytes (empty if it cannot be read).
+    fn read(mut resp: ureq::http::Response<ureq::Body>, limit: u64) -> Reply {
         let status = resp.status().as_u16();
         let headers = resp
             .headers()
@@ -103,7 +109,7 @@ impl ExecClient {
         let body = resp
             .body_mut()
             .with_config()
-            .limit(1 << 30)
+            .limit(limit)
             .read_to_vec()
             .unwrap_or_default();
         Reply {
@@ -333,24 +339,7 @@ impl Sandlet {
             ),
             None => self.agent.run(builder.body(()).unwrap()),
         };
-        let mut resp = result.ok()?;
-        let status = resp.status().as_u16();
-        let headers = resp
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
-            .collect();
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(64 << 20)
-            .read_to_vec()
-            .ok()?;
-        Some(Reply {
-            status,
-            headers,
-            body,
-        })
+        Some(Reply::read(result.ok()?, 64 << 20))
     }
 
     /// A request to the exec API, with extra headers.
