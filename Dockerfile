@@ -2,6 +2,7 @@
 # The names and tags deploy/ uses (docs/kubernetes.md says how to load them into a cluster):
 #   docker build -t sandlet:dev .
 #   docker build --target controller -t sandlet-controller:dev .
+#   docker build --target execd -t sandlet:execd .      (the OpenSandbox server's execd_image)
 # The build is static glibc (crt-static, non-PIE; see .cargo/config.toml), so the runtime image
 # needs nothing but the binary.
 FROM rust:1.95-bookworm AS build
@@ -18,6 +19,16 @@ RUN cargo build --locked --release \
 FROM scratch AS controller
 COPY --from=build /sandlet-controller /sandlet-controller
 ENTRYPOINT ["/sandlet-controller"]
+
+# The OpenSandbox server's execd_image: its init container runs `/bin/sh -c "cp ./execd ... &&
+# cp ./bootstrap.sh ..."` in the image's working directory. sandlet takes the role its file name
+# gives it, so the one binary is both; busybox (static) brings sh, cp, chmod and test.
+FROM busybox:1.37 AS execd
+COPY --from=build /sandlet /execd
+COPY --from=build /sandlet /bootstrap.sh
+WORKDIR /
+EXPOSE 44772
+CMD ["/execd"]
 
 FROM scratch
 COPY --from=build /sandlet /sandlet
