@@ -3,6 +3,7 @@
 //! followed on sandlet's change feed.
 
 pub mod batch;
+pub mod containerd;
 pub mod context;
 pub mod crd;
 pub mod pods;
