@@ -4,7 +4,8 @@
 //! `task-cleanup`). Pooled (`poolRef`): the pool allocated the pods; they are given back under
 //! the `Release` policy and at deletion. Non-pooled (`template`): it creates pod `<name>-<i>`
 //! for each missing index (with that index's `shardPatches` merged in) and deletes them itself
-//! once their tasks have stopped.
+//! at deletion (finalizer `pod-cleanup` when there are no tasks), so they go whether or not a
+//! garbage collector runs.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -23,8 +24,9 @@ use serde_json::{Value, json};
 
 use crate::context::{Context, Error, Result, apply_status};
 use crate::crd::{
-    ALLOC_RELEASE, ALLOC_STATUS, BATCH_NAME, BatchSandbox, BatchSandboxStatus, ENDPOINTS,
-    POD_INDEX, POOL_NAME, PodList, TASK_CLEANUP, TaskResourcePolicy,
+    ALLOC_RELEASE, ALLOC_STATUS, BATCH_NAME, BatchSandbox, BatchSandboxCondition,
+    BatchSandboxStatus, ConditionStatus, ConditionType, ENDPOINTS, POD_CLEANUP, POD_INDEX,
+    POOL_NAME, Phase, PodList, Pool, TASK_CLEANUP, TaskResourcePolicy,
 };
 use crate::pods::{failure, ip, is_ready};
 use crate::tasks::TaskState;
@@ -32,13 +34,13 @@ use crate::tasks::TaskState;
 pub async fn reconcile(bsb: Arc<BatchSandbox>, ctx: Arc<Context>) -> Result<Action> {
     let ns = bsb.namespace().unwrap_or_default();
     let api: Api<BatchSandbox> = Api::namespaced(ctx.client.clone(), &ns);
-    if bsb.spec.task_template.is_none() {
+    let Some(name) = finalizer_of(&bsb) else {
         if bsb.meta().deletion_timestamp.is_some() {
             return Ok(Action::await_change());
         }
         return apply(&bsb, &ctx).await;
-    }
-    finalizer(&api, TASK_CLEANUP, bsb, |event| async {
+    };
+    finalizer(&api, name, bsb, |event| async {
         match event {
             Finalizer::Apply(bsb) => apply(&bsb, &ctx).await,
             Finalizer::Cleanup(bsb) => cleanup(&bsb, &ctx).await,
@@ -54,6 +56,21 @@ pub async fn reconcile(bsb: Arc<BatchSandbox>, ctx: Arc<Context>) -> Result<Acti
 
 pub fn error_policy(bsb: Arc<BatchSandbox>, error: &Error, ctx: Arc<Context>) -> Action {
     crate::context::after_error(&*bsb, error, ctx)
+}
+
+/// The finalizer a BatchSandbox holds while it exists: `task-cleanup` when it has tasks (they
+/// are stopped before it goes), `pod-cleanup` when it has its own pods and no tasks (they are
+/// deleted before it goes: the OpenSandbox server deletes with
+/// `gracePeriodSeconds=0` and leaves the pods to whoever cleans up); none when pooled without
+/// tasks (the pool's `pool-allocation` takes the pods back).
+fn finalizer_of(bsb: &BatchSandbox) -> Option<&'static str> {
+    if bsb.spec.task_template.is_some() {
+        Some(TASK_CLEANUP)
+    } else if let Ok(Mode::OwnTemplate(_)) = mode(bsb) {
+        Some(POD_CLEANUP)
+    } else {
+        None
+    }
 }
 
 /// Where a BatchSandbox's pods come from.
@@ -226,6 +243,10 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
             return Ok(Action::await_change());
         }
         requeue = left.to_std().ok();
+    } else if let Some(unreadable) = &bsb.spec.expire_time {
+        return Err(Error::Invalid(format!(
+            "batchsandbox {name}: expireTime {unreadable:?} is not an RFC 3339 time"
+        )));
     }
     let indexed = pods_of(bsb, ctx).await?;
     if let Mode::OwnTemplate(template) = mode(bsb)? {
@@ -302,23 +323,7 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
             }
         }
     }
-    if !release.is_empty() {
-        let mut asked = PodList::from_annotation(bsb.meta().annotations.as_ref(), ALLOC_RELEASE);
-        let before = asked.pods.len();
-        asked.pods.extend(release);
-        asked.pods.sort();
-        asked.pods.dedup();
-        if asked.pods.len() != before {
-            api.patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(
-                    json!({"metadata": {"annotations": {ALLOC_RELEASE: asked.to_annotation()}}}),
-                ),
-            )
-            .await?;
-        }
-    }
+    ask_release(&api, bsb, release).await?;
 
     // Phase and conditions, as the Go controller sets them; one failing pod makes it Failed.
     let old = bsb.status.clone().unwrap_or_default();
@@ -326,50 +331,64 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
         .iter()
         .filter_map(|p| Some((p.name_any(), failure(p)?)))
         .collect();
-    let phase = if !failed.is_empty() || old.phase.as_deref() == Some("Failed") {
-        "Failed"
+    let phase = if !failed.is_empty() || old.phase == Some(Phase::Failed) {
+        Phase::Failed
     } else if status.ready > 0 {
-        "Succeed"
+        Phase::Succeed
     } else {
-        "Pending"
+        Phase::Pending
     };
-    status.phase = Some(phase.to_string());
+    status.phase = Some(phase);
     status.pause_observed_generation = bsb.meta().generation;
     status.conditions = match phase {
-        "Succeed" => vec![condition(&old, "Ready", "PodsReady", "Sandbox is running")],
-        "Pending" => vec![condition(
+        Phase::Succeed => vec![condition(
             &old,
-            "Progressing",
+            ConditionType::Ready,
+            "PodsReady",
+            "Sandbox is running",
+        )],
+        Phase::Pending => vec![condition(
+            &old,
+            ConditionType::Progressing,
             "Creating",
             "Sandbox is being created",
         )],
-        _ if !failed.is_empty() => vec![condition(
-            &old,
-            "PodFailed",
-            &failed[0].1,
-            &format!(
+        _ if !failed.is_empty() => {
+            let message = format!(
                 "{}/{} observed pods failed; primary reason={}; sample pod={}",
                 failed.len(),
                 pods.len(),
                 failed[0].1,
                 failed[0].0
-            ),
-        )],
+            );
+            vec![condition(
+                &old,
+                ConditionType::PodFailed,
+                &failed[0].1,
+                &message,
+            )]
+        }
         _ => old.conditions.clone(),
     };
+    if phase == Phase::Pending
+        && let Mode::Pooled(pool) = mode(bsb)?
+        && pods.len() < usize::try_from(bsb.spec.replicas).unwrap_or(0)
+        && let Some((reason, message)) = allocation_pending(ctx, &ns, pool).await?
+    {
+        status.conditions.push(condition(
+            &old,
+            ConditionType::PoolAllocationPending,
+            reason,
+            &message,
+        ));
+    }
 
     let endpoints: Vec<&str> = pods.iter().map(|p| ip(p).unwrap_or("")).collect();
-    let endpoints = serde_json::to_string(&endpoints).expect("strings serialise");
-    let current = bsb.annotations().get(ENDPOINTS);
-    if current != Some(&endpoints) && !(current.is_none() && endpoints == "[]") {
-        api.patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {ENDPOINTS: endpoints}}})),
-        )
-        .await?;
-    }
-    let initial = pods.is_empty() && bsb.status.is_none() && bsb.spec.replicas > 0;
+    set_endpoints(&api, bsb, &endpoints).await?;
+    let initial = pods.is_empty()
+        && bsb.status.is_none()
+        && bsb.spec.replicas > 0
+        && status.conditions.len() == 1;
     let partial = unknown_yet && bsb.status.is_some();
     if bsb.status.as_ref() != Some(&status) && !initial && !partial {
         apply_status(&api, &name, &status).await?;
@@ -441,14 +460,88 @@ fn task_events(
     events
 }
 
+/// Why a pooled BatchSandbox waits for pods, when its pool has none idle: the condition the
+/// server reports as `POOL_CAPACITY_EXHAUSTED` (and answers 429 once that lasts).
+async fn allocation_pending(
+    ctx: &Context,
+    ns: &str,
+    pool: &str,
+) -> Result<Option<(&'static str, String)>> {
+    let Some(pool_obj) = Api::<Pool>::namespaced(ctx.client.clone(), ns)
+        .get_opt(pool)
+        .await?
+    else {
+        return Ok(Some((
+            "PoolNotFound",
+            format!("pool {pool} does not exist in namespace {ns}"),
+        )));
+    };
+    let status = pool_obj.status.unwrap_or_default();
+    let max = pool_obj.spec.capacity_spec.pool_max;
+    Ok(match status.available {
+        0 if status.total >= max => Some((
+            "PoolCapacityExhausted",
+            format!("pool {pool} has no idle pod and is at its poolMax ({max} pods)"),
+        )),
+        0 => Some((
+            "PoolPodsStarting",
+            format!(
+                "pool {pool} has no idle ready pod yet ({} of at most {max} pods exist)",
+                status.total
+            ),
+        )),
+        _ => None,
+    })
+}
+
+/// Adds `pods` to the BatchSandbox's `alloc-release`: the pool takes them back.
+async fn ask_release(api: &Api<BatchSandbox>, bsb: &BatchSandbox, pods: Vec<String>) -> Result<()> {
+    if pods.is_empty() {
+        return Ok(());
+    }
+    let mut asked = PodList::from_annotation(bsb.meta().annotations.as_ref(), ALLOC_RELEASE);
+    let before = asked.pods.len();
+    asked.pods.extend(pods);
+    asked.pods.sort();
+    asked.pods.dedup();
+    if asked.pods.len() != before {
+        api.patch(
+            &bsb.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {ALLOC_RELEASE: asked.to_annotation()}}}),
+            ),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// The `endpoints` annotation: the pods' IPs in index order (the server uses the first).
+async fn set_endpoints(api: &Api<BatchSandbox>, bsb: &BatchSandbox, ips: &[&str]) -> Result<()> {
+    let endpoints = serde_json::to_string(ips).expect("strings serialise");
+    let current = bsb.annotations().get(ENDPOINTS);
+    if current != Some(&endpoints) && !(current.is_none() && endpoints == "[]") {
+        api.patch(
+            &bsb.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {ENDPOINTS: endpoints}}})),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Deleting: every pod's executor is told to run nothing, and the finalizer goes once each
-/// says it runs nothing (or its pod is gone). Then the pool takes the pods back.
+/// says it runs nothing (or its pod is gone). Then the pool takes the pods back, or its own
+/// pods are deleted.
 async fn cleanup(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
     let ns = bsb.namespace().unwrap_or_default();
     let owner = ObjectRef::from_obj(bsb);
     let pods = pods_of(bsb, ctx).await?;
     let mut waiting = Vec::new();
-    for (_, pod) in &pods {
+    let tasks = bsb.spec.task_template.is_some();
+    for (_, pod) in pods.iter().filter(|_| tasks) {
         let Some(ip) = ip(pod) else { continue };
         let key = format!("{ns}/{}", pod.name_any());
         ctx.tracker.declare(&owner, &key, ip, None);
@@ -471,7 +564,7 @@ async fn cleanup(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
     if let Mode::OwnTemplate(_) = mode(bsb)? {
         let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
         for (_, pod) in pods.iter().filter(|(_, p)| !crate::pods::is_terminating(p)) {
-            crate::pool::delete_pod(&api, &pod.name_any()).await?;
+            crate::pods::delete(&api, &pod.name_any(), None).await?;
         }
     }
     Ok(Action::await_change())
@@ -541,20 +634,26 @@ fn merge_by_name(base: &mut Value, patch: &Value) {
     }
 }
 
-fn condition(old: &BatchSandboxStatus, kind: &str, reason: &str, message: &str) -> Condition {
-    let previous = old.conditions.iter().find(|c| c.type_ == kind);
-    let unchanged =
-        previous.is_some_and(|c| c.status == "True" && c.reason == reason && c.message == message);
-    Condition {
-        type_: kind.to_string(),
-        status: "True".to_string(),
+/// A True condition; its transition time is the old one's when nothing about it changed.
+fn condition(
+    old: &BatchSandboxStatus,
+    kind: ConditionType,
+    reason: &str,
+    message: &str,
+) -> BatchSandboxCondition {
+    let previous = old.conditions.iter().find(|c| c.kind == kind);
+    let unchanged = previous.is_some_and(|c| {
+        c.status == ConditionStatus::True && c.reason == reason && c.message == message
+    });
+    BatchSandboxCondition {
+        kind,
+        status: ConditionStatus::True,
         reason: reason.to_string(),
         message: message.to_string(),
         last_transition_time: match previous {
             Some(c) if unchanged => c.last_transition_time.clone(),
-            _ => Time(k8s_openapi::jiff::Timestamp::now()),
+            _ => Some(Time(k8s_openapi::jiff::Timestamp::now())),
         },
-        observed_generation: None,
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -27,14 +27,20 @@ pub const POOL_NAME: &str = "sandbox.opensandbox.io/pool-name";
 pub const POOL_REVISION: &str = "sandbox.opensandbox.io/pool-revision";
 /// Pod label (any value): take this idle pod out of the pool.
 pub const EVICT: &str = "pool.opensandbox.io/evict";
-/// BatchSandbox finalizer: its tasks are stopped before it goes.
 /// Pod label of a non-pooled BatchSandbox's pods: their index.
 pub const POD_INDEX: &str = "batch-sandbox.sandbox.opensandbox.io/pod-index";
 /// Pod label of a non-pooled BatchSandbox's pods: the BatchSandbox's name.
 pub const BATCH_NAME: &str = "batch-sandbox.sandbox.opensandbox.io/name";
+/// BatchSandbox finalizer: its tasks are stopped before it goes.
 pub const TASK_CLEANUP: &str = "batch-sandbox.sandbox.opensandbox.io/task-cleanup";
+/// BatchSandbox finalizer (sandlet-controller's own, on a BatchSandbox with its own template and
+/// no tasks): its pods are deleted before it goes, whether or not a garbage collector runs.
+pub const POD_CLEANUP: &str = "batch-sandbox.sandbox.opensandbox.io/pod-cleanup";
 /// BatchSandbox finalizer: its pods are back in the pool before it goes.
 pub const POOL_ALLOCATION: &str = "pool.sandbox.opensandbox.io/pool-allocation";
+/// The label the OpenSandbox server puts on a BatchSandbox (and its pod template): the sandbox
+/// id its API shows.
+pub const SANDBOX_ID: &str = "opensandbox.io/id";
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
 #[kube(
@@ -112,12 +118,63 @@ pub struct BatchSandboxStatus {
     pub task_pending: i32,
     pub task_unknown: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<String>,
+    pub phase: Option<Phase>,
+    /// The generation whose `pause` the controller last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause_observed_generation: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
-    pub conditions: Vec<Condition>,
+    pub conditions: Vec<BatchSandboxCondition>,
+}
+
+/// A BatchSandbox's phase; the server maps it to the sandbox state its API shows. `Succeed`:
+/// at least one pod is ready (the server shows `Running`); `Running` is read by the server like
+/// `Succeed` and never written by this controller.
+// No doc comments on the variants: schemars would move them to the end of the CRD's enum.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    Pending,
+    Succeed,
+    Running,
+    Pausing,
+    Paused,
+    Resuming,
+    Failed,
+}
+
+/// A BatchSandbox condition's type: the Go controller's, and `PoolAllocationPending` (a pooled
+/// BatchSandbox waits for its pool to have an idle pod; the server reports
+/// `POOL_CAPACITY_EXHAUSTED`, then 429 once that lasts).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ConditionType {
+    Ready,
+    Progressing,
+    Paused,
+    PauseFailed,
+    ResumeFailed,
+    PodFailed,
+    PoolAllocationPending,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ConditionStatus {
+    True,
+    False,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchSandboxCondition {
+    #[serde(rename = "type")]
+    pub kind: ConditionType,
+    pub status: ConditionStatus,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When the condition last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
 }
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
@@ -197,9 +254,13 @@ pub struct PoolStatus {
     pub updated: i32,
 }
 
-/// `{"pods":[…]}`, the value of the allocation annotations.
+/// `{"pods":[…]}`, the value of the allocation annotations; `alloc-status` also names the pool
+/// (`{"poolRef":…,"pods":[…]}`), which the server checks before it shows the allocation.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct PodList {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_ref: Option<String>,
     #[serde(default)]
     pub pods: Vec<String>,
 }
@@ -235,7 +296,7 @@ fn schemaless_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
-/// Both CRDs as multi-document YAML, as `crdgen` prints them.
+/// The CRDs as multi-document YAML, as `crdgen` prints them.
 pub fn crds_yaml() -> String {
     use kube::CustomResourceExt;
     [BatchSandbox::crd(), Pool::crd()]
@@ -286,6 +347,44 @@ mod tests {
     }
 
     #[test]
+    fn the_status_vocabulary_is_the_servers() {
+        let crd = serde_json::to_value(BatchSandbox::crd()).unwrap();
+        let status = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+            ["properties"];
+        // An optional field's enum also holds null (the field is nullable).
+        let values = |enumeration: &serde_json::Value| -> Vec<String> {
+            let values = enumeration.as_array().expect("an enum");
+            values
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        };
+        assert_eq!(
+            values(&status["phase"]["enum"]),
+            [
+                "Pending", "Succeed", "Running", "Pausing", "Paused", "Resuming", "Failed"
+            ]
+        );
+        let condition = &status["conditions"]["items"]["properties"];
+        assert_eq!(
+            condition["type"]["enum"],
+            serde_json::json!([
+                "Ready",
+                "Progressing",
+                "Paused",
+                "PauseFailed",
+                "ResumeFailed",
+                "PodFailed",
+                "PoolAllocationPending"
+            ])
+        );
+        assert_eq!(
+            condition["status"]["enum"],
+            serde_json::json!(["True", "False"])
+        );
+    }
+
+    #[test]
     fn allocation_annotations_round_trip() {
         let mut a = BTreeMap::new();
         a.insert(
@@ -295,6 +394,15 @@ mod tests {
         let list = PodList::from_annotation(Some(&a), ALLOC_STATUS);
         assert_eq!(list.pods, ["p-1", "p-2"]);
         assert_eq!(list.to_annotation(), r#"{"pods":["p-1","p-2"]}"#);
+        let named = PodList {
+            pool_ref: Some("pool-a".into()),
+            pods: vec!["p-1".into()],
+        };
+        assert_eq!(
+            named.to_annotation(),
+            r#"{"poolRef":"pool-a","pods":["p-1"]}"#,
+            "the server reads alloc-status.poolRef"
+        );
         assert!(
             PodList::from_annotation(Some(&a), ALLOC_RELEASE)
                 .pods

@@ -1,6 +1,9 @@
 //! What the controllers read off a pod.
 
 use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams};
+
+use crate::context::Result;
 
 pub fn is_terminating(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
@@ -44,4 +47,18 @@ pub fn failure(pod: &Pod) -> Option<String> {
         .flatten()
         .filter_map(|c| c.state.as_ref()?.waiting.as_ref()?.reason.clone())
         .find(|r| FAILING.contains(&r.as_str()))
+}
+
+/// Deletes pod `name`, with `grace` seconds for its containers to stop (the pod's own
+/// `terminationGracePeriodSeconds` when `None`); a pod already gone is fine.
+pub async fn delete(api: &Api<Pod>, name: &str, grace: Option<u32>) -> Result<()> {
+    let params = DeleteParams {
+        grace_period_seconds: grace,
+        ..Default::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }

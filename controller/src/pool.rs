@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
@@ -24,7 +24,7 @@ use crate::crd::{
     ALLOC_RELEASE, ALLOC_RELEASED, ALLOC_STATUS, BatchSandbox, EVICT, POOL_ALLOCATION, POOL_NAME,
     POOL_REVISION, PodList, Pool, PoolStatus, TASK_CLEANUP,
 };
-use crate::pods::{is_ready, is_terminating};
+use crate::pods::{delete as delete_pod, is_ready, is_terminating};
 
 pub const MANAGER: &str = "sandlet-controller";
 
@@ -170,7 +170,7 @@ pub async fn reconcile(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
     for pod in pods.iter().filter(|p| !holder.contains_key(&p.name_any())) {
         let old = pod.labels().get(POOL_REVISION) != Some(&revision);
         if is_evicted(pod) || (old && !is_ready(pod)) {
-            delete_pod(&pods_api, &pod.name_any()).await?;
+            delete_pod(&pods_api, &pod.name_any(), None).await?;
             removed.insert(pod.name_any());
         }
     }
@@ -187,7 +187,7 @@ pub async fn reconcile(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
         .map(|p| p.name_any())
         .collect();
     for pod in outdated {
-        delete_pod(&pods_api, &pod).await?;
+        delete_pod(&pods_api, &pod, None).await?;
         removed.insert(pod);
     }
 
@@ -227,7 +227,7 @@ pub async fn reconcile(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
             )
         });
         for pod in surplus.into_iter().take(live.len() - desired) {
-            delete_pod(&pods_api, &pod.name_any()).await?;
+            delete_pod(&pods_api, &pod.name_any(), None).await?;
         }
     }
 
@@ -272,6 +272,7 @@ async fn allocate(
 ) -> Result<()> {
     let mut status = PodList::from_annotation(bsb.meta().annotations.as_ref(), ALLOC_STATUS);
     status.pods.extend(picked.iter().cloned());
+    status.pool_ref = bsb.spec.pool_ref.clone();
     let mut finalizers = bsb.finalizers().to_vec();
     if !finalizers.iter().any(|f| f == POOL_ALLOCATION) {
         finalizers.push(POOL_ALLOCATION.to_string());
@@ -317,7 +318,7 @@ async fn release(
     to_release: &[String],
 ) -> Result<()> {
     for pod in to_release {
-        delete_pod(pods, pod).await?;
+        delete_pod(pods, pod, None).await?;
     }
     ctx.released_lock()
         .entry(key.to_string())
@@ -352,14 +353,6 @@ async fn release(
         )
         .await
     {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-pub(crate) async fn delete_pod(pods: &Api<Pod>, name: &str) -> Result<()> {
-    match pods.delete(name, &DeleteParams::default()).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
         Err(e) => Err(e.into()),
