@@ -287,6 +287,8 @@ async fn main() {
             executor_token: Some(TOKEN.into()),
             executor_port: 5758,
             max_feeds: 1024,
+            containerd_address: None,
+            node_name: None,
         },
     ));
     let pools: Api<Pool> = Api::namespaced(client.clone(), NS);

@@ -5,7 +5,7 @@
 //! the `Release` policy and at deletion. Non-pooled (`template`): it creates pod `<name>-<i>`
 //! for each missing index (with that index's `shardPatches` merged in) and deletes them itself
 //! at deletion (finalizer `pod-cleanup` when there are no tasks), so they go whether or not a
-//! garbage collector runs.
+//! garbage collector runs. Pause and resume: [`crate::pause`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::Utc;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -26,7 +26,7 @@ use crate::context::{Context, Error, Result, apply_status};
 use crate::crd::{
     ALLOC_RELEASE, ALLOC_STATUS, BATCH_NAME, BatchSandbox, BatchSandboxCondition,
     BatchSandboxStatus, ConditionStatus, ConditionType, ENDPOINTS, POD_CLEANUP, POD_INDEX,
-    POOL_NAME, Phase, PodList, Pool, TASK_CLEANUP, TaskResourcePolicy,
+    POOL_NAME, Phase, PodList, Pool, SandboxSnapshot, TASK_CLEANUP, TaskResourcePolicy,
 };
 use crate::pods::{failure, ip, is_ready};
 use crate::tasks::TaskState;
@@ -60,7 +60,7 @@ pub fn error_policy(bsb: Arc<BatchSandbox>, error: &Error, ctx: Arc<Context>) ->
 
 /// The finalizer a BatchSandbox holds while it exists: `task-cleanup` when it has tasks (they
 /// are stopped before it goes), `pod-cleanup` when it has its own pods and no tasks (they are
-/// deleted before it goes: the OpenSandbox server deletes with
+/// deleted, with its pause snapshots, before it goes: the OpenSandbox server deletes with
 /// `gracePeriodSeconds=0` and leaves the pods to whoever cleans up); none when pooled without
 /// tasks (the pool's `pool-allocation` takes the pods back).
 fn finalizer_of(bsb: &BatchSandbox) -> Option<&'static str> {
@@ -74,12 +74,12 @@ fn finalizer_of(bsb: &BatchSandbox) -> Option<&'static str> {
 }
 
 /// Where a BatchSandbox's pods come from.
-enum Mode<'a> {
+pub(crate) enum Mode<'a> {
     Pooled(&'a str),
     OwnTemplate(&'a Value),
 }
 
-fn mode(bsb: &BatchSandbox) -> Result<Mode<'_>> {
+pub(crate) fn mode(bsb: &BatchSandbox) -> Result<Mode<'_>> {
     match (
         bsb.spec.pool_ref.as_deref().filter(|p| !p.is_empty()),
         &bsb.spec.template,
@@ -99,7 +99,7 @@ fn mode(bsb: &BatchSandbox) -> Result<Mode<'_>> {
 
 /// The pods a BatchSandbox has, with their index: the position in the allocation (pooled) or
 /// the `pod-index` label (non-pooled), in index order.
-async fn pods_of(bsb: &BatchSandbox, ctx: &Context) -> Result<Vec<(usize, Arc<Pod>)>> {
+pub(crate) async fn pods_of(bsb: &BatchSandbox, ctx: &Context) -> Result<Vec<(usize, Arc<Pod>)>> {
     let ns = bsb.namespace().unwrap_or_default();
     let in_namespace = |p: &Pod| p.metadata.namespace.as_deref() == Some(ns.as_str());
     match mode(bsb)? {
@@ -248,6 +248,9 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
             "batchsandbox {name}: expireTime {unreadable:?} is not an RFC 3339 time"
         )));
     }
+    if let Some(action) = crate::pause::dispatch(bsb, ctx).await? {
+        return Ok(action);
+    }
     let indexed = pods_of(bsb, ctx).await?;
     if let Mode::OwnTemplate(template) = mode(bsb)? {
         create_missing(bsb, template, &indexed, ctx).await?;
@@ -331,10 +334,13 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
         .iter()
         .filter_map(|p| Some((p.name_any(), failure(p)?)))
         .collect();
+    let resuming = old.phase == Some(Phase::Resuming);
     let phase = if !failed.is_empty() || old.phase == Some(Phase::Failed) {
         Phase::Failed
     } else if status.ready > 0 {
         Phase::Succeed
+    } else if resuming {
+        Phase::Resuming
     } else {
         Phase::Pending
     };
@@ -353,6 +359,12 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
             "Creating",
             "Sandbox is being created",
         )],
+        Phase::Resuming => vec![condition(
+            &old,
+            ConditionType::Progressing,
+            "ResumeInProgress",
+            "Sandbox is being recreated from its snapshot",
+        )],
         _ if !failed.is_empty() => {
             let message = format!(
                 "{}/{} observed pods failed; primary reason={}; sample pod={}",
@@ -361,15 +373,37 @@ async fn apply(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
                 failed[0].1,
                 failed[0].0
             );
-            vec![condition(
+            let mut conditions = vec![condition(
                 &old,
                 ConditionType::PodFailed,
                 &failed[0].1,
                 &message,
-            )]
+            )];
+            if resuming {
+                let message = format!("the resumed pod does not start: {message}");
+                conditions.push(condition(
+                    &old,
+                    ConditionType::ResumeFailed,
+                    &failed[0].1,
+                    &message,
+                ));
+            }
+            conditions
         }
         _ => old.conditions.clone(),
     };
+    // A failed pause or resume stays on record (the server retries through it) until the next
+    // one starts.
+    for kind in [ConditionType::PauseFailed, ConditionType::ResumeFailed] {
+        if !status.conditions.iter().any(|c| c.kind == kind)
+            && let Some(failed) = old
+                .conditions
+                .iter()
+                .find(|c| c.kind == kind && c.status == ConditionStatus::True)
+        {
+            status.conditions.push(failed.clone());
+        }
+    }
     if phase == Phase::Pending
         && let Mode::Pooled(pool) = mode(bsb)?
         && pods.len() < usize::try_from(bsb.spec.replicas).unwrap_or(0)
@@ -495,7 +529,11 @@ async fn allocation_pending(
 }
 
 /// Adds `pods` to the BatchSandbox's `alloc-release`: the pool takes them back.
-async fn ask_release(api: &Api<BatchSandbox>, bsb: &BatchSandbox, pods: Vec<String>) -> Result<()> {
+pub(crate) async fn ask_release(
+    api: &Api<BatchSandbox>,
+    bsb: &BatchSandbox,
+    pods: Vec<String>,
+) -> Result<()> {
     if pods.is_empty() {
         return Ok(());
     }
@@ -518,7 +556,11 @@ async fn ask_release(api: &Api<BatchSandbox>, bsb: &BatchSandbox, pods: Vec<Stri
 }
 
 /// The `endpoints` annotation: the pods' IPs in index order (the server uses the first).
-async fn set_endpoints(api: &Api<BatchSandbox>, bsb: &BatchSandbox, ips: &[&str]) -> Result<()> {
+pub(crate) async fn set_endpoints(
+    api: &Api<BatchSandbox>,
+    bsb: &BatchSandbox,
+    ips: &[&str],
+) -> Result<()> {
     let endpoints = serde_json::to_string(ips).expect("strings serialise");
     let current = bsb.annotations().get(ENDPOINTS);
     if current != Some(&endpoints) && !(current.is_none() && endpoints == "[]") {
@@ -532,9 +574,22 @@ async fn set_endpoints(api: &Api<BatchSandbox>, bsb: &BatchSandbox, ips: &[&str]
     Ok(())
 }
 
+/// The SandboxSnapshots this BatchSandbox's pauses made.
+pub(crate) async fn pause_snapshots(
+    bsb: &BatchSandbox,
+    ctx: &Context,
+) -> Result<Vec<SandboxSnapshot>> {
+    let ns = bsb.namespace().unwrap_or_default();
+    let selector = format!("{BATCH_NAME}={}", bsb.name_any());
+    Ok(Api::<SandboxSnapshot>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items)
+}
+
 /// Deleting: every pod's executor is told to run nothing, and the finalizer goes once each
 /// says it runs nothing (or its pod is gone). Then the pool takes the pods back, or its own
-/// pods are deleted.
+/// pods and pause snapshots are deleted.
 async fn cleanup(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
     let ns = bsb.namespace().unwrap_or_default();
     let owner = ObjectRef::from_obj(bsb);
@@ -565,6 +620,19 @@ async fn cleanup(bsb: &BatchSandbox, ctx: &Context) -> Result<Action> {
         let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
         for (_, pod) in pods.iter().filter(|(_, p)| !crate::pods::is_terminating(p)) {
             crate::pods::delete(&api, &pod.name_any(), None).await?;
+        }
+    }
+    let snapshots: Api<SandboxSnapshot> = Api::namespaced(ctx.client.clone(), &ns);
+    for snapshot in pause_snapshots(bsb, ctx).await? {
+        if snapshot.meta().deletion_timestamp.is_none() {
+            match snapshots
+                .delete(&snapshot.name_any(), &Default::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     Ok(Action::await_change())
@@ -635,7 +703,7 @@ fn merge_by_name(base: &mut Value, patch: &Value) {
 }
 
 /// A True condition; its transition time is the old one's when nothing about it changed.
-fn condition(
+pub(crate) fn condition(
     old: &BatchSandboxStatus,
     kind: ConditionType,
     reason: &str,

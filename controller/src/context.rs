@@ -24,6 +24,8 @@ pub enum Error {
     Invalid(String),
     #[error("not ready: {0}")]
     NotReady(&'static str),
+    #[error("{0}")]
+    Containerd(#[from] crate::containerd::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -42,6 +44,11 @@ pub struct Context {
     pub allocations: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
     /// Pods this process released (deleted), by `namespace/pool`, for the same reason.
     pub released: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    /// The node's containerd, when this process runs on the node and may commit its
+    /// containers (SandboxSnapshots, pause).
+    pub containerd: Option<crate::containerd::Containerd>,
+    /// The node whose pods this process commits; `None`: every pod's (one node).
+    pub node_name: Option<String>,
 }
 
 impl Context {

@@ -29,15 +29,19 @@ pub const POOL_REVISION: &str = "sandbox.opensandbox.io/pool-revision";
 pub const EVICT: &str = "pool.opensandbox.io/evict";
 /// Pod label of a non-pooled BatchSandbox's pods: their index.
 pub const POD_INDEX: &str = "batch-sandbox.sandbox.opensandbox.io/pod-index";
-/// Pod label of a non-pooled BatchSandbox's pods: the BatchSandbox's name.
+/// Label of a non-pooled BatchSandbox's pods, and of the SandboxSnapshots its pauses make: the
+/// BatchSandbox's name.
 pub const BATCH_NAME: &str = "batch-sandbox.sandbox.opensandbox.io/name";
 /// BatchSandbox finalizer: its tasks are stopped before it goes.
 pub const TASK_CLEANUP: &str = "batch-sandbox.sandbox.opensandbox.io/task-cleanup";
 /// BatchSandbox finalizer (sandlet-controller's own, on a BatchSandbox with its own template and
-/// no tasks): its pods are deleted before it goes, whether or not a garbage collector runs.
+/// no tasks): its pods and pause snapshots are deleted before it goes, whether or not a garbage
+/// collector runs.
 pub const POD_CLEANUP: &str = "batch-sandbox.sandbox.opensandbox.io/pod-cleanup";
 /// BatchSandbox finalizer: its pods are back in the pool before it goes.
 pub const POOL_ALLOCATION: &str = "pool.sandbox.opensandbox.io/pool-allocation";
+/// SandboxSnapshot finalizer: the images it committed are removed from the node before it goes.
+pub const SNAPSHOT_CLEANUP: &str = "sandboxsnapshot.sandbox.opensandbox.io/cleanup";
 /// The label the OpenSandbox server puts on a BatchSandbox (and its pod template): the sandbox
 /// id its API shows.
 pub const SANDBOX_ID: &str = "opensandbox.io/id";
@@ -92,7 +96,8 @@ pub struct BatchSandboxSpec {
     /// `Retain` (default) or `Release`: give a pod back once its task succeeded or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_resource_policy_when_completed: Option<TaskResourcePolicy>,
-    /// Pause (true) or resume (false); not implemented by this controller (see the README).
+    /// Pause (true) or resume (false): the server writes it, the controller never clears it;
+    /// `null` lets the server ask again after a failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pause: Option<bool>,
 }
@@ -167,6 +172,81 @@ pub enum ConditionStatus {
 pub struct BatchSandboxCondition {
     #[serde(rename = "type")]
     pub kind: ConditionType,
+    pub status: ConditionStatus,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// When the condition last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+}
+
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
+#[kube(
+    group = "sandbox.opensandbox.io",
+    version = "v1alpha1",
+    kind = "SandboxSnapshot",
+    namespaced,
+    status = "SandboxSnapshotStatus",
+    shortname = "sbxsnap",
+    printcolumn = r#"{"name":"PHASE","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"SANDBOX","type":"string","jsonPath":".spec.sandboxName"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxSnapshotSpec {
+    /// The BatchSandbox (same namespace) whose running pod's containers are committed.
+    pub sandbox_name: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxSnapshotStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<SnapshotPhase>,
+    /// One image per container, once `Succeed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<ContainerSnapshot>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<SnapshotCondition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_pod_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SnapshotPhase {
+    Pending,
+    Committing,
+    Succeed,
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerSnapshot {
+    pub container_name: String,
+    pub image_uri: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_digest: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SnapshotConditionType {
+    Ready,
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotCondition {
+    #[serde(rename = "type")]
+    pub kind: SnapshotConditionType,
     pub status: ConditionStatus,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
@@ -299,7 +379,7 @@ fn schemaless_list(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 /// The CRDs as multi-document YAML, as `crdgen` prints them.
 pub fn crds_yaml() -> String {
     use kube::CustomResourceExt;
-    [BatchSandbox::crd(), Pool::crd()]
+    [BatchSandbox::crd(), Pool::crd(), SandboxSnapshot::crd()]
         .iter()
         .map(|crd| serde_yaml::to_string(crd).expect("a CRD serialises"))
         .collect::<Vec<_>>()
@@ -381,6 +461,21 @@ mod tests {
         assert_eq!(
             condition["status"]["enum"],
             serde_json::json!(["True", "False"])
+        );
+        let snapshot = SandboxSnapshot::crd();
+        assert_eq!(
+            snapshot.spec.names.short_names,
+            Some(vec!["sbxsnap".to_string()])
+        );
+        let snapshot = serde_json::to_value(snapshot).unwrap();
+        let schema = &snapshot["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"];
+        assert_eq!(
+            schema["spec"]["required"],
+            serde_json::json!(["sandboxName"])
+        );
+        assert_eq!(
+            values(&schema["status"]["properties"]["phase"]["enum"]),
+            ["Pending", "Committing", "Succeed", "Failed"]
         );
     }
 

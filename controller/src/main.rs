@@ -16,6 +16,14 @@ struct Args {
     /// Change-feed connections open at once, at most.
     #[arg(long, default_value_t = 4096)]
     max_feeds: usize,
+    /// containerd's socket on this node: with it, this process commits SandboxSnapshots of
+    /// the pods on this node (pause). Without it, a pause fails with reason NoNodeAgent.
+    #[arg(long, env = "CONTAINERD_ADDRESS")]
+    containerd_address: Option<std::path::PathBuf>,
+    /// Commit only snapshots of pods on this node (a node agent, one per node); default: all
+    /// (a one-node cluster).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
 }
@@ -51,6 +59,8 @@ async fn main() -> std::process::ExitCode {
             executor_token: token,
             executor_port: args.executor_port,
             max_feeds: args.max_feeds,
+            containerd_address: args.containerd_address,
+            node_name: args.node_name,
         },
     )
     .await;

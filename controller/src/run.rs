@@ -1,4 +1,5 @@
-//! Runs both controllers in one process until a shutdown signal.
+//! Runs the controllers (Pool, BatchSandbox, SandboxSnapshot) in one process until a shutdown
+//! signal.
 
 use std::sync::{Arc, Mutex};
 
@@ -11,9 +12,9 @@ use kube::{Api, Client};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::context::Context;
-use crate::crd::{ALLOC_STATUS, BATCH_NAME, BatchSandbox, PodList, Pool};
+use crate::crd::{ALLOC_STATUS, BATCH_NAME, BatchSandbox, PodList, Pool, SandboxSnapshot};
 use crate::tasks::Tracker;
-use crate::{batch, pool};
+use crate::{batch, pool, snapshot};
 use kube::runtime::reflector::ObjectRef;
 
 pub struct Settings {
@@ -24,6 +25,10 @@ pub struct Settings {
     pub executor_port: u16,
     /// Change-feed connections open at once, at most.
     pub max_feeds: usize,
+    /// The node's containerd socket: this process commits SandboxSnapshots (pause).
+    pub containerd_address: Option<std::path::PathBuf>,
+    /// Only snapshots of pods on this node (a node agent); `None`: all.
+    pub node_name: Option<String>,
 }
 
 pub async fn run(client: Client, settings: Settings) {
@@ -47,20 +52,31 @@ pub async fn run(client: Client, settings: Settings) {
         pods: pod_cache,
         allocations: Mutex::new(Default::default()),
         released: Mutex::new(Default::default()),
+        containerd: settings
+            .containerd_address
+            .as_deref()
+            .map(crate::containerd::Containerd::new),
+        node_name: settings.node_name,
     });
-    let (pools, sandboxes, pods): (Api<Pool>, Api<BatchSandbox>, Api<Pod>) =
-        match &settings.namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-            ),
-        };
+    let (pools, sandboxes, pods, snapshots): (
+        Api<Pool>,
+        Api<BatchSandbox>,
+        Api<Pod>,
+        Api<SandboxSnapshot>,
+    ) = match &settings.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
     let config = watcher::Config::default();
     let pool_controller = Controller::new(pools, config.clone())
         .owns(pods.clone(), config.clone())
@@ -76,9 +92,19 @@ pub async fn run(client: Client, settings: Settings) {
         .for_each(|_| async {});
     // A pod event wakes the BatchSandbox that created it (non-pooled, by its label) or that
     // holds it (pooled, by its alloc-status); task changes wake it through the followers.
+    let snapshot_controller = Controller::new(snapshots.clone(), config.clone())
+        .shutdown_on_signal()
+        .run(
+            snapshot::reconcile,
+            snapshot::error_policy,
+            Arc::clone(&ctx),
+        )
+        .for_each(|_| async {});
     let bsb_controller = Controller::new(sandboxes, config.clone());
     let holders = bsb_controller.store();
+    // A snapshot's progress wakes the BatchSandbox pausing through it (its owner).
     let bsb_controller = bsb_controller
+        .owns(snapshots, config.clone())
         .watches_stream(
             kube::runtime::reflector(pod_cache_writer, watcher(pods, config.clone()))
                 .default_backoff()
@@ -105,5 +131,5 @@ pub async fn run(client: Client, settings: Settings) {
         .shutdown_on_signal()
         .run(batch::reconcile, batch::error_policy, Arc::clone(&ctx))
         .for_each(|_| async {});
-    tokio::join!(pool_controller, bsb_controller);
+    tokio::join!(pool_controller, bsb_controller, snapshot_controller);
 }

@@ -275,6 +275,8 @@ pub fn start_controller(
             executor_token: Some(token.into()),
             executor_port: 5758,
             max_feeds: 64,
+            containerd_address: None,
+            node_name: None,
         },
     ))
 }
