@@ -10,6 +10,7 @@
     reason = "of the apiserver env these tests use only eventually()"
 )]
 mod kube_env;
+#[allow(dead_code, reason = "the node env serves other test binaries too")]
 mod node_env;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

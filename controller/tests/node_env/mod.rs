@@ -1,7 +1,8 @@
 //! A real one-node Kubernetes for the tests: `.ci/node up` (kubelet, containerd, runc, CNI
 //! bridge, the control plane and sandlet-controller, in their own network, mount and PID
 //! namespaces and under this process's cgroups) booted once per test binary under an instance
-//! name of its own, so test binaries run side by side.
+//! name of its own (`test-<pid>`, or `SANDLET_NODE_INSTANCE` when set), so test binaries run
+//! side by side and next to nodes people run by hand.
 //!
 //! The node's addresses exist only in its network namespace. The tests reach them through
 //! loopback forwards: [`NodeEnv::forward`] listens on an ephemeral 127.0.0.1 port of this
@@ -38,6 +39,9 @@ pub struct NodeEnv {
     netns: File,
     /// The admin kubeconfig, its server replaced by the loopback forward.
     kubeconfig: Kubeconfig,
+    /// The admin kubeconfig file as `up` wrote it: valid in the node's network namespace
+    /// (apiserver at 127.0.0.1:6443).
+    kubeconfig_path: PathBuf,
     executor_token: String,
     /// Never waited for: it outlives this process, reading its stdin until this process ends
     /// (see the module docs).
@@ -70,6 +74,16 @@ fn assert_prerequisites() {
         "no kubelet in {}: `./test` builds the node (.ci/node-setup) and runs every test",
         cache.display()
     );
+}
+
+/// The instance this test binary boots: `SANDLET_NODE_INSTANCE` when set (one name per person
+/// or job sharing the machine; the node is taken down at the end all the same), else
+/// `test-<pid>`.
+fn instance_name() -> String {
+    std::env::var("SANDLET_NODE_INSTANCE")
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| format!("test-{}", std::process::id()))
 }
 
 /// Runs `.ci/node down` for test instances whose test binary is gone (its watcher too, e.g.
@@ -110,7 +124,7 @@ impl NodeEnv {
     fn boot() -> NodeEnv {
         let started = Instant::now();
         remove_abandoned_instances();
-        let instance = format!("test-{}", std::process::id());
+        let instance = instance_name();
         let watcher = Command::new("setsid")
             .args(["sh", "-c", "cat >/dev/null; exec \"$0\" down"])
             .arg(node_script())
@@ -145,7 +159,8 @@ impl NodeEnv {
         let executor_token =
             std::fs::read_to_string(&vars["SANDLET_NODE_EXECUTOR_TOKEN_FILE"]).unwrap();
         let api = forward(&netns, (Ipv4Addr::LOCALHOST, 6443).into());
-        let mut kubeconfig = Kubeconfig::read_from(&vars["KUBECONFIG"]).unwrap();
+        let kubeconfig_path = PathBuf::from(&vars["KUBECONFIG"]);
+        let mut kubeconfig = Kubeconfig::read_from(&kubeconfig_path).unwrap();
         for cluster in &mut kubeconfig.clusters {
             cluster.cluster.as_mut().unwrap().server = Some(format!("https://{api}"));
         }
@@ -158,6 +173,7 @@ impl NodeEnv {
             cgroup,
             netns,
             kubeconfig,
+            kubeconfig_path,
             executor_token: executor_token.trim().into(),
             _watcher: watcher,
         }
@@ -185,12 +201,22 @@ impl NodeEnv {
     /// Runs `.ci/node exec -- cmd...` for this node: `cmd` in its network namespace, with
     /// kubectl, crictl, ctr and helm on PATH and pointed at it.
     pub fn exec(&self, cmd: &[&str]) -> std::process::Output {
-        Command::new(node_script())
+        self.command(cmd).output().unwrap()
+    }
+
+    /// `.ci/node exec -- cmd...` for this node, to spawn or run.
+    pub fn command(&self, cmd: &[&str]) -> Command {
+        let mut command = Command::new(node_script());
+        command
             .args(["exec", "--"])
             .args(cmd)
-            .env("SANDLET_NODE_INSTANCE", &self.instance)
-            .output()
-            .unwrap()
+            .env("SANDLET_NODE_INSTANCE", &self.instance);
+        command
+    }
+
+    /// The admin kubeconfig for a process in the node's network namespace.
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig_path
     }
 
     /// The task API token sandlet-controller sends (the `sandlet-token` Secret's `token`).
