@@ -197,7 +197,7 @@ fn the_names_the_walkthrough_relies_on_agree() {
     }
     assert_eq!(
         ours.iter().map(String::as_str).collect::<Vec<_>>(),
-        ["sandlet-controller:dev", "sandlet:dev"],
+        ["sandlet-controller:dev", "sandlet:dev", "sandlet:execd"],
         "one image name per component"
     );
     for image in &ours {
@@ -308,7 +308,10 @@ async fn every_manifest_applies_to_the_real_apiserver() {
             });
         templates += 1;
     }
-    assert_eq!(templates, 2, "the sidecar and the in-container Pool");
+    assert_eq!(
+        templates, 3,
+        "the sidecar, the in-container and the OpenSandbox server's Pool"
+    );
     // Dry runs leave nothing behind.
     assert!(
         Api::<Pool>::namespaced(client.clone(), NS)
