@@ -11,9 +11,11 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube_env::{FakeKubelet, KubeEnv, eventually};
-use sandlet_controller::crd::{BatchSandbox, POOL_NAME, Pool};
+use sandlet_controller::crd::{
+    BatchSandbox, ConditionType, POOL_NAME, Phase, Pool, SANDBOX_ID, SandboxSnapshot, SnapshotPhase,
+};
 use serde_json::json;
 
 const NS: &str = "e2e";
@@ -509,4 +511,145 @@ async fn b_pods(sandboxes: &Api<BatchSandbox>) -> Vec<String> {
         sandlet_controller::crd::ALLOC_STATUS,
     )
     .pods
+}
+
+/// What the OpenSandbox server writes and reads, on a bare apiserver (no garbage collector) and
+/// a controller without containerd: a BatchSandbox with its own template and no tasks, labelled
+/// with the sandbox id and expiring at a time with fractions and an offset (as the server writes
+/// it), becomes `Succeed` with its pod's IP in `endpoints`; a pause cannot commit here, so it
+/// fails with `PauseFailed`/`NoNodeAgent` and the sandbox runs on; the server's retry (`pause:
+/// null`, then `true`) asks again and fails the same way; a deletion with
+/// `gracePeriodSeconds=0` takes its pods and snapshots with it, with no garbage collector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs kube-apiserver and etcd: `./test` builds them and runs every test"]
+async fn the_servers_sandbox_pause_fails_without_containerd_and_goes_without_a_garbage_collector() {
+    let env = KubeEnv::start_with(NS).await;
+    let client = env.client();
+    let kubelet = FakeKubelet::start(client.clone(), NS, TOKEN).await;
+    let controller = start_controller(client.clone());
+    let sandboxes: Api<BatchSandbox> = Api::namespaced(client.clone(), NS);
+    let snapshots: Api<SandboxSnapshot> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let expire = (chrono::Utc::now() + chrono::TimeDelta::hours(1))
+        .format("%Y-%m-%dT%H:%M:%S%.6f+00:00")
+        .to_string();
+    sandboxes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "sandbox.opensandbox.io/v1alpha1", "kind": "BatchSandbox",
+                "metadata": {"name": "srv", "labels": {SANDBOX_ID: "srv"}},
+                "spec": {
+                    "replicas": 1,
+                    "expireTime": expire,
+                    "template": {"metadata": {"labels": {SANDBOX_ID: "srv"}}, "spec": {
+                        "containers": [{"name": "sandbox", "image": "busybox"}]}},
+                }
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let phase = |b: &BatchSandbox| b.status.as_ref().and_then(|s| s.phase);
+    eventually(
+        "srv Succeed with an endpoint",
+        Duration::from_secs(60),
+        async || {
+            let b = sandboxes.get("srv").await.ok()?;
+            (phase(&b) == Some(Phase::Succeed) && !kube_env::endpoints(&b).is_empty()).then_some(())
+        },
+    )
+    .await;
+
+    let pause_failed = |b: &BatchSandbox| {
+        let status = b.status.clone()?;
+        let failed = status
+            .conditions
+            .iter()
+            .find(|c| c.kind == ConditionType::PauseFailed)?
+            .clone();
+        Some((status.phase?, status.pause_observed_generation?, failed))
+    };
+    let patch = async |spec: serde_json::Value| {
+        sandboxes
+            .patch(
+                "srv",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": spec })),
+            )
+            .await
+            .unwrap()
+            .metadata
+            .generation
+            .unwrap()
+    };
+    let mut asked = patch(json!({"pause": true})).await;
+    for attempt in ["the first pause", "the retried pause"] {
+        if attempt == "the retried pause" {
+            // The server's retry bridge.
+            patch(json!({"pause": null})).await;
+            asked = patch(json!({"pause": true})).await;
+        }
+        let (phase, failed) = eventually(
+            &format!("{attempt} fails"),
+            Duration::from_secs(60),
+            async || {
+                let b = sandboxes.get("srv").await.ok()?;
+                let (phase, observed, failed) = pause_failed(&b)?;
+                (observed == asked).then_some((phase, failed))
+            },
+        )
+        .await;
+        assert_eq!(phase, Phase::Succeed, "{attempt}: the sandbox runs on");
+        assert_eq!(
+            failed.reason, "NoNodeAgent",
+            "{attempt}: {}",
+            failed.message
+        );
+        assert!(
+            failed.message.contains("--containerd-address"),
+            "{attempt}: the message says what to do: {}",
+            failed.message
+        );
+        let snapshot = snapshots.get(&format!("srv-pause-{asked}")).await.unwrap();
+        assert_eq!(
+            snapshot.status.and_then(|s| s.phase),
+            Some(SnapshotPhase::Failed),
+            "{attempt}"
+        );
+    }
+    assert_eq!(
+        pods.get("srv-0").await.unwrap().metadata.deletion_timestamp,
+        None
+    );
+
+    sandboxes
+        .delete(
+            "srv",
+            &DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the BatchSandbox, its pod and its snapshots are gone",
+        Duration::from_secs(60),
+        async || {
+            let pods_left = pods
+                .list(&ListParams::default().labels(SANDBOX_ID))
+                .await
+                .ok()?
+                .items;
+            let snapshots_left = snapshots.list(&ListParams::default()).await.ok()?.items;
+            (sandboxes.get_opt("srv").await.ok()?.is_none()
+                && pods_left.is_empty()
+                && snapshots_left.is_empty())
+            .then_some(())
+        },
+    )
+    .await;
+    controller.abort();
+    drop(kubelet);
 }
