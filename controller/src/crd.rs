@@ -167,11 +167,13 @@ pub enum ConditionStatus {
     False,
 }
 
+/// A condition of a BatchSandbox or a SandboxSnapshot: its type, whether it holds, why and
+/// since when.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct BatchSandboxCondition {
+pub struct Condition<K> {
     #[serde(rename = "type")]
-    pub kind: ConditionType,
+    pub kind: K,
     pub status: ConditionStatus,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
@@ -181,6 +183,8 @@ pub struct BatchSandboxCondition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_transition_time: Option<Time>,
 }
+
+pub type BatchSandboxCondition = Condition<ConditionType>;
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
 #[kube(
@@ -242,20 +246,7 @@ pub enum SnapshotConditionType {
     Failed,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct SnapshotCondition {
-    #[serde(rename = "type")]
-    pub kind: SnapshotConditionType,
-    pub status: ConditionStatus,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub reason: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub message: String,
-    /// When the condition last changed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_transition_time: Option<Time>,
-}
+pub type SnapshotCondition = Condition<SnapshotConditionType>;
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, JsonSchema)]
 #[kube(

@@ -24,6 +24,7 @@ import traceback
 from datetime import datetime, timedelta
 
 import httpx
+from check_runner import poll
 from opensandbox.config import ConnectionConfigSync
 from opensandbox.sync import SandboxSync
 
@@ -38,19 +39,6 @@ MARKER = "/root/written-before-pause.txt"
 
 class StepTimeout(Exception):
     pass
-
-
-def poll(what, fn, timeout_s, interval_s=0.1):
-    """Call fn() until it returns a truthy value; fail with `what` after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while True:
-        last = fn()
-        if last:
-            return last
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not reached within {timeout_s} s (last: {last!r})")
-        time.sleep(interval_s)
 
 
 def config():
