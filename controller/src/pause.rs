@@ -285,13 +285,16 @@ async fn continue_pause(
         ctx.tracker.forget(&key);
     }
     set_endpoints(&api, bsb, &[]).await?;
-    let snapshots_api = snapshots;
     for older in pause_snapshots(bsb, ctx).await? {
-        // Older pauses' images: the new one holds every layer it needs itself.
-        if older.name_any() != snapshot_name && older.meta().deletion_timestamp.is_none() {
-            let _ = snapshots_api
+        // Older pauses' images: the new one references every layer it needs itself. Left
+        // behind, they go with the BatchSandbox.
+        if older.name_any() != snapshot_name
+            && older.meta().deletion_timestamp.is_none()
+            && let Err(e) = snapshots
                 .delete(&older.name_any(), &Default::default())
-                .await;
+                .await
+        {
+            tracing::warn!(snapshot = %older.name_any(), error = %e, "older snapshot not deleted");
         }
     }
     let status = BatchSandboxStatus {
