@@ -279,8 +279,9 @@ async fn the_opensandbox_server_runs_sandboxes_on_kubernetes_through_sandlet() {
     eprintln!("{out}{}", String::from_utf8_lossy(&run.stderr));
     assert!(
         run.status.success(),
-        "server_checks.py failed; the server's log:\n{}",
-        server.log_tail()
+        "server_checks.py failed; the server's log:\n{}\nsandlet-controller's log:\n{}",
+        server.log_tail(),
+        node.log_tail("sandlet-controller", 80)
     );
     let figures: Value = out
         .lines()

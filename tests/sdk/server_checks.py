@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 import httpx
 from check_runner import poll
 from opensandbox.config import ConnectionConfigSync
-from opensandbox.sync import SandboxSync
+from opensandbox.sync import SandboxManagerSync, SandboxSync
 
 SERVER = os.environ["OPENSANDBOX_SERVER"]
 API_KEY = os.environ["OPENSANDBOX_API_KEY"]
@@ -117,6 +117,32 @@ def scenario(mode):
         text = sandbox.files.read_file(MARKER)
         assert text == f"kept across the pause of {sandbox.id}", text
 
+    def snapshot():
+        """The server's own snapshot API (template mode): a SandboxSnapshot the controller
+        commits, and a new sandbox restored from it."""
+        sandbox = ctx["sandbox"]
+        manager = SandboxManagerSync.create(connection_config=config())
+        snap = sandbox.create_snapshot()
+        ready = poll(
+            f"snapshot {snap.id} Ready",
+            lambda: (lambda s: s if s.status.state in ("Ready", "Failed") else None)(
+                manager.get_snapshot(snap.id)
+            ),
+            STEP_DEADLINE_S - 30,
+        )
+        assert ready.status.state == "Ready", ready.status
+        restored = SandboxSync.create(
+            snapshot_id=snap.id,
+            ready_timeout=READY,
+            connection_config=config(),
+        )
+        text = restored.files.read_file(MARKER)
+        assert text == f"kept across the pause of {sandbox.id}", text
+        restored.kill()
+        restored.close()
+        manager.delete_snapshot(snap.id)
+        return f"snapshot {snap.id} restored as {restored.id}"
+
     def metrics():
         m = ctx["sandbox"].get_metrics()
         assert m.cpu_count > 0 and m.memory_total_in_mib > 0, m
@@ -154,9 +180,11 @@ def scenario(mode):
         assert stdout(execution) == text, stdout(execution)
         execution = resumed.commands.run('echo "$OPENSANDBOX_ID"')
         assert stdout(execution) == sandbox.id, stdout(execution)
-        assert state(sandbox.id) == "Running"
+        # The SDK is done once execd answers; the server's view follows the controller's next
+        # status write (the phase stays Resuming until the pod's executor has answered).
+        seen = wait_state(sandbox.id, "Running")
         ctx["sandbox"] = resumed
-        return "the file written before the pause is there"
+        return f"the file written before the pause is there; states {seen}"
 
     def kill():
         sandbox = ctx["sandbox"]
@@ -171,6 +199,10 @@ def scenario(mode):
     steps = [
         ("create", create),
         ("files", files),
+    ]
+    if mode == "template":
+        steps.append(("snapshot", snapshot))
+    steps += [
         ("metrics", metrics),
         ("renew", renew),
         ("pause", pause),

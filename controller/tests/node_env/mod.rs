@@ -42,6 +42,8 @@ pub struct NodeEnv {
     /// The admin kubeconfig file as `up` wrote it: valid in the node's network namespace
     /// (apiserver at 127.0.0.1:6443).
     kubeconfig_path: PathBuf,
+    /// The instance directory (`logs/<component>.log` among others).
+    dir: PathBuf,
     executor_token: String,
     /// Never waited for: it outlives this process, reading its stdin until this process ends
     /// (see the module docs).
@@ -152,7 +154,8 @@ impl NodeEnv {
             .filter_map(|l| l.split_once('=').map(|(k, v)| (k.into(), v.into())))
             .collect();
         let netns = File::open(format!("/proc/{}/ns/net", vars["SANDLET_NODE_PID"])).unwrap();
-        let cgroup = std::fs::read_to_string(Path::new(&vars["SANDLET_NODE_DIR"]).join("cgroup"))
+        let dir = PathBuf::from(&vars["SANDLET_NODE_DIR"]);
+        let cgroup = std::fs::read_to_string(dir.join("cgroup"))
             .unwrap()
             .trim()
             .to_string();
@@ -174,6 +177,7 @@ impl NodeEnv {
             netns,
             kubeconfig,
             kubeconfig_path,
+            dir,
             executor_token: executor_token.trim().into(),
             _watcher: watcher,
         }
@@ -212,6 +216,15 @@ impl NodeEnv {
             .args(cmd)
             .env("SANDLET_NODE_INSTANCE", &self.instance);
         command
+    }
+
+    /// The last `lines` lines of the log of the node's `component` (`sandlet-controller`,
+    /// `kubelet`, `containerd`, ...), to show when a test fails.
+    pub fn log_tail(&self, component: &str, lines: usize) -> String {
+        let path = self.dir.join("logs").join(format!("{component}.log"));
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// The admin kubeconfig for a process in the node's network namespace.
