@@ -1,8 +1,8 @@
 //! A real one-node Kubernetes for the tests: `.ci/node up` (kubelet, containerd, runc, CNI
 //! bridge, the control plane and sandlet-controller, in their own network, mount and PID
 //! namespaces and under this process's cgroups) booted once per test binary under an instance
-//! name of its own (`test-<pid>`, or `SANDLET_NODE_INSTANCE` when set), so test binaries run
-//! side by side and next to nodes people run by hand.
+//! name of its own, `<prefix>-<pid>` (prefix `SANDLET_NODE_INSTANCE`, default `test`), so test
+//! binaries run side by side and people sharing a machine each keep to their own names.
 //!
 //! The node's addresses exist only in its network namespace. The tests reach them through
 //! loopback forwards: [`NodeEnv::forward`] listens on an ephemeral 127.0.0.1 port of this
@@ -78,19 +78,20 @@ fn assert_prerequisites() {
     );
 }
 
-/// The instance this test binary boots: `SANDLET_NODE_INSTANCE` when set (one name per person
-/// or job sharing the machine; the node is taken down at the end all the same), else
-/// `test-<pid>`.
-fn instance_name() -> String {
+/// The prefix of this test binary's instance name: `SANDLET_NODE_INSTANCE` when set (one per
+/// person or job sharing the machine), else `test`. Never the name itself: each test binary
+/// boots a node of its own, and the next binary's `up` must not meet the previous one's `down`.
+fn instance_prefix() -> String {
     std::env::var("SANDLET_NODE_INSTANCE")
         .ok()
-        .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| format!("test-{}", std::process::id()))
+        .filter(|prefix| !prefix.is_empty())
+        .unwrap_or_else(|| "test".into())
 }
 
-/// Runs `.ci/node down` for test instances whose test binary is gone (its watcher too, e.g.
-/// after a reboot): a node left behind is never reused, so nothing else would remove it.
-fn remove_abandoned_instances() {
+/// Runs `.ci/node down` for this prefix's test instances whose test binary is gone (its watcher
+/// too, e.g. after a reboot): a node left behind is never reused, so nothing else would remove
+/// it.
+fn remove_abandoned_instances(prefix: &str) {
     let run = std::env::var_os("SANDLET_NODE_RUN")
         .map(PathBuf::from)
         .unwrap_or_else(|| "/var/tmp/sandlet-node".into());
@@ -99,7 +100,11 @@ fn remove_abandoned_instances() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix("test-") else {
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .filter(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+        else {
             continue;
         };
         if !Path::new("/proc").join(pid).exists() {
@@ -125,8 +130,9 @@ impl NodeEnv {
 
     fn boot() -> NodeEnv {
         let started = Instant::now();
-        remove_abandoned_instances();
-        let instance = instance_name();
+        let prefix = instance_prefix();
+        remove_abandoned_instances(&prefix);
+        let instance = format!("{prefix}-{}", std::process::id());
         let watcher = Command::new("setsid")
             .args(["sh", "-c", "cat >/dev/null; exec \"$0\" down"])
             .arg(node_script())
