@@ -211,7 +211,8 @@ pub async fn reconcile(pool: Arc<Pool>, ctx: Arc<Context>) -> Result<Action> {
         .max(as_count(capacity.pool_min))
         .min(as_count(capacity.pool_max).max(allocated));
     if desired > live.len() {
-        for _ in live.len()..desired {
+        let not_ready = live.iter().filter(|p| !is_ready(p)).count();
+        for _ in 0..pods_to_create(desired, live.len(), not_ready) {
             create_pod(&pool, &pods_api, &revision).await?;
         }
     } else if desired < live.len() {
@@ -405,6 +406,18 @@ fn as_count(n: i32) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
 
+/// How many pods to create towards `desired` when `live` exist and `not_ready` of them are not
+/// ready yet: as the Go controller does, at most a quarter of `desired` (at least one) may be
+/// starting at once. Pods that are starting count in the buffer but cannot fill a shortfall
+/// yet; without the limit each reconcile while a real kubelet starts them (seconds) would see
+/// the shortfall again beside a full buffer, create more, then delete the surplus, forever.
+fn pods_to_create(desired: usize, live: usize, not_ready: usize) -> usize {
+    let starting_at_most = desired.div_ceil(4).max(1);
+    desired
+        .saturating_sub(live)
+        .min(starting_at_most.saturating_sub(not_ready))
+}
+
 /// What of a BatchSandbox the pool acts on: its spec, the allocation annotations, finalizers
 /// and deletion. Its status is not among them: a status write (every task's change of state)
 /// need not wake the pool, whose reconcile lists every pool pod from the apiserver.
@@ -435,6 +448,19 @@ pub fn pool_of(bsb: &BatchSandbox) -> Option<kube::runtime::reflector::ObjectRef
 mod tests {
     use super::*;
     use crate::crd::BatchSandboxStatus;
+
+    #[test]
+    fn at_most_a_quarter_of_the_desired_pods_start_at_once() {
+        // An empty pool of 12 desired starts 3, then no more until some are ready.
+        assert_eq!(pods_to_create(12, 0, 0), 3);
+        assert_eq!(pods_to_create(12, 3, 3), 0);
+        assert_eq!(pods_to_create(12, 3, 1), 2);
+        // Never more than missing; one at a time when a quarter rounds to nothing.
+        assert_eq!(pods_to_create(12, 11, 0), 1);
+        assert_eq!(pods_to_create(2, 0, 0), 1);
+        assert_eq!(pods_to_create(2, 1, 1), 0);
+        assert_eq!(pods_to_create(5, 5, 0), 0);
+    }
 
     #[test]
     fn only_what_the_pool_acts_on_wakes_it() {
