@@ -7,7 +7,7 @@
 
 #[allow(
     dead_code,
-    reason = "of the apiserver env these tests use only eventually()"
+    reason = "of the apiserver env these tests use only eventually() and endpoints()"
 )]
 mod kube_env;
 #[allow(dead_code, reason = "the node env serves other test binaries too")]
@@ -19,7 +19,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, LogParams, PostParams};
 use kube_env::eventually;
-use node_env::NodeEnv;
+use node_env::{CONTROLLER_NAMESPACE, NodeEnv};
 use sandlet_controller::crd::{BatchSandbox, Pool};
 use serde_json::{Value, json};
 
@@ -191,7 +191,7 @@ async fn a_sandlet_pod_runs_a_task_through_its_task_api_at_the_pod_ip() {
 #[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
 async fn the_nodes_controller_runs_a_batch_sandbox_task_in_a_pool_pod() {
     let node = NodeEnv::get();
-    node.namespace("pool").await;
+    node.namespace(CONTROLLER_NAMESPACE).await;
     let client = node.client().await;
     // deploy/pool-in-container.yaml's placement, with the local images.
     let pool: Pool = serde_json::from_value(json!({
@@ -230,7 +230,7 @@ async fn the_nodes_controller_runs_a_batch_sandbox_task_in_a_pool_pod() {
         },
     }))
     .unwrap();
-    Api::<Pool>::namespaced(client.clone(), "pool")
+    Api::<Pool>::namespaced(client.clone(), CONTROLLER_NAMESPACE)
         .create(&PostParams::default(), &pool)
         .await
         .unwrap();
@@ -243,7 +243,7 @@ async fn the_nodes_controller_runs_a_batch_sandbox_task_in_a_pool_pod() {
         },
     }))
     .unwrap();
-    let batches: Api<BatchSandbox> = Api::namespaced(client, "pool");
+    let batches: Api<BatchSandbox> = Api::namespaced(client, CONTROLLER_NAMESPACE);
     batches
         .create(&PostParams::default(), &batch)
         .await
@@ -255,6 +255,323 @@ async fn the_nodes_controller_runs_a_batch_sandbox_task_in_a_pool_pod() {
     })
     .await;
     assert_eq!((status.allocated, status.ready), (1, 1), "{status:?}");
+}
+
+/// What every task of the README Pool prints: its user, its working directory, and files only
+/// the sandbox image has (sandlet's image holds `/sandlet` alone: no passwd, no shell).
+const WHERE_AM_I: &str =
+    "echo \"$(id -un) $(id -u):$(id -g) $(pwd)\"; grep ^sandbox: /etc/passwd; readlink /bin/sh";
+
+/// The OpenSandbox controller README's Pool as written there, only its images swapped
+/// (deploy/examples/opensandbox-readme-pool.yaml): sandlet decides it is a sidecar, finds the
+/// sandbox container by itself and enters it by chroot, holding the runtime's default
+/// capabilities plus SYS_PTRACE. A BatchSandbox with a task template and a failing shard's patch
+/// runs every task there, as the container's user, and the counters reach SUCCEED and FAILED.
+#[tokio::test]
+#[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
+async fn the_opensandbox_readme_pool_runs_every_task_in_its_sandbox_container() {
+    let node = NodeEnv::get();
+    node.namespace(CONTROLLER_NAMESPACE).await;
+    let client = node.client().await;
+    let pool: Pool = serde_yaml::from_str(include_str!(
+        "../../deploy/local-node/opensandbox-readme-pool.yaml"
+    ))
+    .unwrap();
+    Api::<Pool>::namespaced(client.clone(), CONTROLLER_NAMESPACE)
+        .create(&PostParams::default(), &pool)
+        .await
+        .unwrap();
+    let batch: BatchSandbox = serde_json::from_value(json!({
+        "metadata": {"name": "readme"},
+        "spec": {
+            "replicas": 3,
+            "poolRef": "task-example-pool",
+            "taskTemplate": {"spec": {"process": {"command": ["sh", "-c", WHERE_AM_I]}}},
+            "shardTaskPatches": [{}, {},
+                {"spec": {"process": {"command": ["sh", "-c", format!("{WHERE_AM_I}; exit 3")]}}}],
+        },
+    }))
+    .unwrap();
+    let batches: Api<BatchSandbox> = Api::namespaced(client, CONTROLLER_NAMESPACE);
+    batches
+        .create(&PostParams::default(), &batch)
+        .await
+        .unwrap();
+    let status = eventually(
+        "2 tasks SUCCEED and 1 FAILED",
+        Duration::from_secs(180),
+        async || {
+            let status = batches.get("readme").await.ok()?.status?;
+            (status.task_succeed + status.task_failed == 3).then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(
+        (status.allocated, status.task_succeed, status.task_failed),
+        (3, 2, 1),
+        "{status:?}"
+    );
+
+    let http = reqwest::Client::new();
+    let endpoints = kube_env::endpoints(&batches.get("readme").await.unwrap());
+    for (index, ip) in endpoints.iter().enumerate() {
+        let url = format!(
+            "http://{}",
+            node.forward(SocketAddr::new(ip.parse().unwrap(), 5758))
+        );
+        // The template sets no token: the task API asks for none.
+        let get = async |path: &str| {
+            let response = http.get(format!("{url}{path}")).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{path} on {ip}");
+            response.text().await.unwrap()
+        };
+        let health: Value = serde_json::from_str(&get("/health").await).unwrap();
+        assert_eq!(health["sidecar"]["method"], "chroot", "{health}");
+        assert_eq!(health["sidecar"]["target"]["uid"], 1000, "{health}");
+        let output = get(&format!("/tasks/readme-{index}/logs")).await;
+        assert_eq!(
+            output,
+            "sandbox 1000:1000 /home/sandbox\nsandbox:x:1000:1000:sandbox:/home/sandbox:/bin/sh\nbusybox\n",
+            "task readme-{index} on {ip}"
+        );
+        let tasks: Vec<Value> = serde_json::from_str(&get("/getTasks").await).unwrap();
+        let exit_code = &tasks[0]["processStatus"]["terminated"]["exitCode"];
+        assert_eq!(*exit_code, if index == 2 { 3 } else { 0 }, "{tasks:?}");
+    }
+}
+
+/// A process of the node, as the host sees it.
+struct HostProcess {
+    pid: i32,
+    cmdline: Vec<String>,
+    /// `/proc/<pid>/cgroup`.
+    cgroup: String,
+}
+
+/// The processes of pod `uid` (in its kubelet pod cgroup `pod<uid>`), seen from the host.
+fn pod_processes(uid: &str) -> Vec<HostProcess> {
+    let pod_cgroup = format!("/pod{uid}/");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse().ok()?;
+            let cgroup = std::fs::read_to_string(e.path().join("cgroup")).ok()?;
+            let cmdline = std::fs::read_to_string(e.path().join("cmdline")).ok()?;
+            cgroup.contains(&pod_cgroup).then(|| HostProcess {
+                pid,
+                cmdline: cmdline.split_terminator('\0').map(String::from).collect(),
+                cgroup,
+            })
+        })
+        .collect()
+}
+
+/// The one process of pod `uid` whose command line is `cmdline`.
+fn pod_process(uid: &str, cmdline: &[&str]) -> HostProcess {
+    let mut found: Vec<HostProcess> = pod_processes(uid)
+        .into_iter()
+        .filter(|p| p.cmdline == cmdline)
+        .collect();
+    assert_eq!(found.len(), 1, "processes {cmdline:?} in pod {uid}");
+    found.pop().unwrap()
+}
+
+/// The container IDs of a pod's containers, by name (`containerd://<id>` without the scheme).
+async fn container_ids(pods: &Api<Pod>, name: &str) -> Vec<(String, String, i32)> {
+    let status = pods.get(name).await.unwrap().status.unwrap();
+    status
+        .container_statuses
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| {
+            let id = c.container_id.unwrap_or_default();
+            let id = id.rsplit("://").next().unwrap().to_string();
+            (c.name, id, c.restart_count)
+        })
+        .collect()
+}
+
+/// A client of one pod's task API through a forward, for a template that sets no token.
+struct TaskApi {
+    url: String,
+    http: reqwest::Client,
+}
+
+impl TaskApi {
+    fn new(node: &NodeEnv, ip: IpAddr) -> TaskApi {
+        TaskApi {
+            url: format!("http://{}", node.forward(SocketAddr::new(ip, 5758))),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .ok()?;
+        Some((response.status().as_u16(), response.text().await.ok()?))
+    }
+
+    async fn json(&self, path: &str) -> Value {
+        let (status, body) = self.get(path).await.expect("the task API answers");
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// setTasks with the whole list.
+    async fn set_tasks(&self, tasks: Value) {
+        let response = self
+            .http
+            .post(format!("{}/setTasks", self.url))
+            .json(&tasks)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    }
+
+    /// Waits until task `name` is in `state` (`running` or `terminated`) and returns it.
+    async fn task_reaches(&self, name: &str, state: &str) -> Value {
+        let what = format!("task {name} {state}");
+        eventually(&what, Duration::from_secs(120), async || {
+            let (_, body) = self.get("/getTasks").await?;
+            let tasks: Vec<Value> = serde_json::from_str(&body).ok()?;
+            let task = tasks.into_iter().find(|t| t["name"] == name)?;
+            task["processStatus"][state].is_object().then_some(task)
+        })
+        .await
+    }
+
+    /// Waits until sandlet is ready to start tasks (it found the main container) and returns
+    /// its /health.
+    async fn ready(&self) -> Value {
+        eventually("sandlet ready", Duration::from_secs(120), async || {
+            (self.get("/ready").await?.0 == 200).then_some(())
+        })
+        .await;
+        self.json("/health").await
+    }
+}
+
+/// Sidecar mode in a real pod, the README template's containers: the main container's PID 1
+/// killed, the kubelet restarts the container; the task running in it ends
+/// `MainContainerRestarted` and the next one runs in the new container. What /health reports of
+/// cgroups is what the runtime made: the main container's own cgroups, not joined (the sidecar
+/// sees no cgroupfs of them), so tasks are in sandlet's container's cgroups, as they really are.
+#[tokio::test]
+#[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
+async fn a_sidecar_follows_its_main_container_through_a_restart_by_the_kubelet() {
+    let node = NodeEnv::get();
+    node.namespace("sidecar").await;
+    let pods: Api<Pod> = Api::namespaced(node.client().await, "sidecar");
+    let pool: Value = serde_yaml::from_str(include_str!(
+        "../../deploy/local-node/opensandbox-readme-pool.yaml"
+    ))
+    .unwrap();
+    let mut pod =
+        json!({"metadata": {"name": "sidecar"}, "spec": pool["spec"]["template"]["spec"]});
+    pod["spec"]["terminationGracePeriodSeconds"] = json!(1);
+    let ip = run_pod(&pods, pod).await;
+    let uid = pods.get("sidecar").await.unwrap().metadata.uid.unwrap();
+    let api = TaskApi::new(node, ip);
+    let health = api.ready().await;
+    let sidecar = &health["sidecar"];
+    assert_eq!(sidecar["method"], "chroot", "{health}");
+    assert_eq!(sidecar["namespacesNotJoined"], json!(["mnt"]), "{health}");
+
+    // cgroups: the container's as the host sees them, each hierarchy reported, none joined.
+    let containers = container_ids(&pods, "sidecar").await;
+    let id_of = |name: &str| {
+        containers
+            .iter()
+            .find(|c| c.0 == name)
+            .map(|c| c.1.clone())
+            .unwrap()
+    };
+    let main = pod_process(&uid, &["sleep", "3600"]);
+    let sandlet = pod_process(&uid, &["/sandlet", "serve"]);
+    let reported = sidecar["cgroups"].as_array().unwrap();
+    for line in main.cgroup.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (
+            fields.next(),
+            fields.next().unwrap(),
+            fields.next().unwrap(),
+        );
+        assert!(
+            path.ends_with(&format!("/pod{uid}/{}", id_of("sandbox-container"))),
+            "the runtime's cgroup of the main container: {line}"
+        );
+        let hierarchies: Vec<&str> = if controllers.is_empty() {
+            vec!["unified"]
+        } else {
+            controllers.split(',').collect()
+        };
+        for hierarchy in hierarchies {
+            let entry = reported
+                .iter()
+                .find(|c| c["hierarchy"] == hierarchy || c["hierarchy"] == controllers)
+                .unwrap_or_else(|| panic!("{hierarchy} not reported: {health}"));
+            assert_eq!(entry["cgroup"], path, "{hierarchy}: {health}");
+            assert!(
+                entry["procs"].is_null() && entry["note"].is_string(),
+                "{entry}"
+            );
+        }
+    }
+
+    // A task runs in the main container, in sandlet's cgroups as reported.
+    let running = json!({"name": "before", "process": {"command": ["sh", "-c", "touch /tmp/old && exec sleep 3602"]}});
+    api.set_tasks(json!([running])).await;
+    api.task_reaches("before", "running").await;
+    let task = eventually("the task's sleep", Duration::from_secs(30), async || {
+        pod_processes(&uid)
+            .into_iter()
+            .find(|p| p.cmdline == ["sleep", "3602"])
+    })
+    .await;
+    assert_eq!(
+        task.cgroup, sandlet.cgroup,
+        "the task's cgroups are sandlet's"
+    );
+
+    // The main container's PID 1 dies; the kubelet starts a new one.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(main.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let ended = api.task_reaches("before", "terminated").await;
+    assert_eq!(
+        ended["processStatus"]["terminated"]["reason"], "MainContainerRestarted",
+        "{ended}"
+    );
+    eventually(
+        "the kubelet restarted the main container",
+        Duration::from_secs(120),
+        async || {
+            let now = container_ids(&pods, "sidecar").await;
+            let main = now.iter().find(|c| c.0 == "sandbox-container")?;
+            (main.2 == 1 && main.1 != id_of("sandbox-container")).then_some(())
+        },
+    )
+    .await;
+    let health = api.ready().await;
+    assert_ne!(
+        health["sidecar"]["target"]["pid"], sidecar["target"]["pid"],
+        "{health}"
+    );
+    let after =
+        json!({"name": "after", "process": {"command": ["sh", "-c", "ls -A /tmp; id -un"]}});
+    api.set_tasks(json!([running, after])).await;
+    let done = api.task_reaches("after", "terminated").await;
+    assert_eq!(done["processStatus"]["terminated"]["exitCode"], 0, "{done}");
+    let (_, output) = api.get("/tasks/after/logs").await.unwrap();
+    assert_eq!(output, "sandbox\n", "a fresh container: no /tmp/old");
 }
 
 #[test]

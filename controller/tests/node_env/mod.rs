@@ -15,6 +15,9 @@
 //! reading a pipe whose only writer this process holds. When this process ends, however it
 //! ends (a panic, SIGKILL), the pipe closes and the watcher runs `.ci/node down`, which kills the
 //! node's PID namespace and removes its cgroups, mounts and files.
+//!
+//! The node's own sandlet-controller watches [`CONTROLLER_NAMESPACE`] only: tests that run a
+//! controller of their own ([`NodeEnv::spawn_controller`]) use other namespaces.
 
 use std::fs::File;
 use std::io;
@@ -30,6 +33,9 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use nix::sched::{CloneFlags, setns};
 use serde_json::json;
+
+/// The namespace the node's sandlet-controller watches (`SANDLET_NODE_WATCH_NAMESPACE`).
+pub const CONTROLLER_NAMESPACE: &str = "pool";
 
 pub struct NodeEnv {
     instance: String,
@@ -145,6 +151,7 @@ impl NodeEnv {
         let up = Command::new(node_script())
             .arg("up")
             .env("SANDLET_NODE_INSTANCE", &instance)
+            .env("SANDLET_NODE_WATCH_NAMESPACE", CONTROLLER_NAMESPACE)
             // The controller this test binary was built with (the image's sandlet is the
             // release build `.ci/node up` makes).
             .env(
@@ -249,18 +256,19 @@ impl NodeEnv {
         forward(&self.netns, target)
     }
 
-    /// Creates namespace `name` (with the `sandlet-token` Secret) and waits until its default
-    /// service account exists: pods are refused before.
+    /// Creates namespace `name` (with the `sandlet-token` Secret) unless it exists (tests share
+    /// [`CONTROLLER_NAMESPACE`]) and waits until its default service account exists: pods are
+    /// refused before.
     pub async fn namespace(&self, name: &str) {
         let client = self.client().await;
-        Api::<Namespace>::all(client.clone())
+        let created = Api::<Namespace>::all(client.clone())
             .create(
                 &PostParams::default(),
                 &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
             )
-            .await
-            .unwrap();
-        Api::<Secret>::namespaced(client.clone(), name)
+            .await;
+        exists_or_created(created);
+        let created = Api::<Secret>::namespaced(client.clone(), name)
             .create(
                 &PostParams::default(),
                 &serde_json::from_value(json!({
@@ -269,8 +277,8 @@ impl NodeEnv {
                 }))
                 .unwrap(),
             )
-            .await
-            .unwrap();
+            .await;
+        exists_or_created(created);
         let accounts: Api<ServiceAccount> = Api::namespaced(client, name);
         let deadline = Instant::now() + Duration::from_secs(60);
         while accounts.get_opt("default").await.unwrap().is_none() {
@@ -280,6 +288,14 @@ impl NodeEnv {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+fn exists_or_created<T>(created: kube::Result<T>) {
+    match created {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.is_already_exists() => {}
+        Err(e) => panic!("{e}"),
     }
 }
 
