@@ -235,6 +235,18 @@ fn the_names_the_walkthrough_relies_on_agree() {
     }
 }
 
+#[test]
+fn the_charts_crds_are_deploy_crds() {
+    let chart = std::fs::read_to_string(format!(
+        "{DEPLOY}/helm/sandlet/crds/sandbox.opensandbox.io.yaml"
+    ))
+    .unwrap();
+    assert!(
+        chart == include_str!("../../deploy/crds/sandbox.opensandbox.io.yaml"),
+        "deploy/helm/sandlet/crds/ differs from deploy/crds/: copy it again after crdgen"
+    );
+}
+
 /// Applies one document by server-side apply through the dynamic API, with strict field
 /// validation (an unknown or misspelt field is an error), optionally as a dry run.
 async fn apply(

@@ -574,6 +574,177 @@ async fn a_sidecar_follows_its_main_container_through_a_restart_by_the_kubelet()
     assert_eq!(output, "sandbox\n", "a fresh container: no /tmp/old");
 }
 
+/// The chart's directory.
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/helm/sandlet");
+
+/// Runs helm (`.ci/node exec`, which points it at the node) and returns its stdout.
+fn helm(node: &NodeEnv, args: &[&str]) -> String {
+    let cmd: Vec<&str> = ["helm"].iter().chain(args).copied().collect();
+    let out = node.exec(&cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The Pool a `helm template` of the chart renders with `set`.
+fn rendered_pool(node: &NodeEnv, set: &[&str]) -> Value {
+    let mut args = vec!["template", "sample", CHART];
+    for s in set {
+        args.extend(["--set", s]);
+    }
+    let rendered = helm(node, &args);
+    serde_yaml::Deserializer::from_str(&rendered)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .find(|doc: &Value| doc["kind"] == "Pool")
+        .expect("a Pool rendered")
+}
+
+/// The Helm chart (deploy/helm/sandlet): `helm lint --strict` is clean for each placement of
+/// the sample Pool, whose defaults render deploy/pool-sidecar.yaml and deploy/pool-in-container.yaml
+/// as shipped; installed on the node by helm, its controller (a pod running the
+/// sandlet-controller image, as the service account the chart binds) fills the sample Pool of
+/// sidecars and runs a BatchSandbox's tasks there; uninstalled, its cluster-wide objects go.
+#[tokio::test]
+#[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
+async fn the_helm_chart_installs_a_controller_that_runs_tasks_in_its_sample_pool() {
+    let node = NodeEnv::get();
+    for placement in ["sidecar", "in-container"] {
+        let set = format!("samplePool.placement={placement}");
+        helm(
+            node,
+            &[
+                "lint",
+                "--strict",
+                CHART,
+                "--set",
+                "samplePool.enabled=true",
+                "--set",
+                &set,
+            ],
+        );
+        let shipped: Value = serde_yaml::from_str(
+            &std::fs::read_to_string(format!("{CHART}/../../pool-{placement}.yaml")).unwrap(),
+        )
+        .unwrap();
+        let pool = rendered_pool(node, &["samplePool.enabled=true", &set]);
+        assert_eq!(pool["metadata"]["name"], shipped["metadata"]["name"]);
+        assert_eq!(
+            pool["spec"], shipped["spec"],
+            "the chart's {placement} Pool"
+        );
+    }
+    helm(node, &["lint", "--strict", CHART]);
+
+    // The node has no kube-proxy: the controller reaches the apiserver at the node's address.
+    let env = r#"controller.env=[{"name":"KUBERNETES_SERVICE_HOST","value":"10.88.0.1"},{"name":"KUBERNETES_SERVICE_PORT","value":"6443"}]"#;
+    let ns = "helm-sandlet";
+    let installed = helm(
+        node,
+        &[
+            "install",
+            "sbx",
+            CHART,
+            "--namespace",
+            ns,
+            "--create-namespace",
+            "--wait",
+            "--timeout",
+            "3m",
+            "--set",
+            "controller.imagePullPolicy=Never",
+            "--set",
+            &format!("controller.watchNamespace={ns}"),
+            "--set-json",
+            env,
+            "--set",
+            "samplePool.enabled=true",
+            "--set",
+            "samplePool.mainImage=sandlet-sandbox:dev",
+            "--set",
+            "samplePool.imagePullPolicy=Never",
+            "--set-json",
+            r#"samplePool.capacitySpec={"bufferMin":1,"bufferMax":2,"poolMin":2,"poolMax":3}"#,
+            "--set-json",
+            "samplePool.mainResources={}",
+        ],
+    );
+    assert!(installed.contains("STATUS: deployed"), "{installed}");
+
+    let client = node.client().await;
+    let batch: BatchSandbox = serde_json::from_value(json!({
+        "metadata": {"name": "from-helm"},
+        "spec": {
+            "replicas": 2,
+            "poolRef": "sandlet-sidecar",
+            "taskTemplate": {"spec": {"process": {"command": ["sh", "-c", "id -un"]}}},
+        },
+    }))
+    .unwrap();
+    let batches: Api<BatchSandbox> = Api::namespaced(client.clone(), ns);
+    batches
+        .create(&PostParams::default(), &batch)
+        .await
+        .unwrap();
+    let status = eventually("2 tasks SUCCEED", Duration::from_secs(180), async || {
+        let status = batches.get("from-helm").await.ok()?.status?;
+        (status.task_succeed == 2).then_some(status)
+    })
+    .await;
+    assert_eq!((status.allocated, status.task_failed), (2, 0), "{status:?}");
+    // The tasks ran in the main container, as its user, behind the token the chart made.
+    let token = node.exec(&[
+        "kubectl",
+        "-n",
+        ns,
+        "get",
+        "secret",
+        "sandlet-token",
+        "-o",
+        "go-template={{.data.token | base64decode}}",
+    ]);
+    let token = String::from_utf8(token.stdout).unwrap();
+    let ip = kube_env::endpoints(&batches.get("from-helm").await.unwrap())[0].clone();
+    let url = format!(
+        "http://{}",
+        node.forward(SocketAddr::new(ip.parse().unwrap(), 5758))
+    );
+    let logs = reqwest::Client::new()
+        .get(format!("{url}/tasks/from-helm-0/logs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(logs.status(), 200);
+    assert_eq!(logs.text().await.unwrap(), "sandbox\n");
+
+    batches
+        .delete("from-helm", &Default::default())
+        .await
+        .unwrap();
+    eventually(
+        "the BatchSandbox is gone",
+        Duration::from_secs(60),
+        async || {
+            batches
+                .get_opt("from-helm")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    helm(node, &["uninstall", "sbx", "--namespace", ns, "--wait"]);
+    let roles = node.exec(&["kubectl", "get", "clusterrole", "sbx-sandlet-controller"]);
+    assert!(
+        !roles.status.success(),
+        "the ClusterRole outlived the release"
+    );
+}
+
 #[test]
 #[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
 fn the_node_tool_runs_commands_against_the_node_in_its_network() {
