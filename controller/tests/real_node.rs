@@ -14,13 +14,15 @@ mod kube_env;
 mod node_env;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, LogParams, PostParams};
-use kube_env::eventually;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, LogParams, PostParams};
+use kube_env::{counters_reach, counters_until, event_says, eventually};
 use node_env::{CONTROLLER_NAMESPACE, NodeEnv};
-use sandlet_controller::crd::{BatchSandbox, Pool};
+use sandlet_controller::crd::{ALLOC_STATUS, BatchSandbox, PodList, Pool};
 use serde_json::{Value, json};
 
 /// The node's pod network (`.ci/node`): its bridge holds the first address.
@@ -187,17 +189,13 @@ async fn a_sandlet_pod_runs_a_task_through_its_task_api_at_the_pod_ip() {
     assert!(output.starts_with("sandlet "), "task output: {output:?}");
 }
 
-#[tokio::test]
-#[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
-async fn the_nodes_controller_runs_a_batch_sandbox_task_in_a_pool_pod() {
-    let node = NodeEnv::get();
-    node.namespace(CONTROLLER_NAMESPACE).await;
-    let client = node.client().await;
-    // deploy/pool-in-container.yaml's placement, with the local images.
-    let pool: Pool = serde_json::from_value(json!({
-        "metadata": {"name": "local"},
+/// A Pool of deploy/pool-in-container.yaml's placement with the local images: sandlet is the
+/// main container's process (the sandbox image's, running as its user) and checks the token.
+fn in_container_pool(name: &str, capacity: Value) -> Pool {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
         "spec": {
-            "capacitySpec": {"bufferMin": 1, "bufferMax": 1, "poolMin": 1, "poolMax": 2},
+            "capacitySpec": capacity,
             "template": {"spec": {
                 "terminationGracePeriodSeconds": 1,
                 "initContainers": [{
@@ -212,7 +210,7 @@ async fn the_nodes_controller_runs_a_batch_sandbox_task_in_a_pool_pod() {
                     "image": "sandlet-sandbox:dev",
                     "imagePullPolicy": "Never",
                     "command": ["/bin/sh", "-c"],
-                    "args": ["exec /opt/sandlet/sandlet serve --listen-addr 0.0.0.0:5758 --data-dir /var/lib/sandlet"],
+                    "args": ["exec /opt/sandlet/sandlet serve --listen-addr 0.0.0.0:5758 --data-dir /var/lib/sandlet/tasks --exec-data-dir /var/lib/sandlet/exec"],
                     "env": [{"name": "SANDLET_TOKEN_FILE", "value": "/var/run/sandlet/token"}],
                     "readinessProbe": {"httpGet": {"path": "/ready", "port": 5758}, "periodSeconds": 1},
                     "volumeMounts": [
@@ -229,7 +227,242 @@ async fn the_nodes_controller_runs_a_batch_sandbox_task_in_a_pool_pod() {
             }},
         },
     }))
+    .unwrap()
+}
+
+/// The pods a BatchSandbox holds, in index order.
+async fn held_pods(batches: &Api<BatchSandbox>, name: &str) -> Vec<String> {
+    let b = batches.get(name).await.unwrap();
+    PodList::from_annotation(b.metadata.annotations.as_ref(), ALLOC_STATUS).pods
+}
+
+/// `touch /tmp/gate` in pod `pod`'s main container (kubectl exec, through the kubelet).
+fn open_gate(node: &NodeEnv, namespace: &str, pod: &str) {
+    let out = node.exec(&[
+        "kubectl",
+        "-n",
+        namespace,
+        "exec",
+        pod,
+        "-c",
+        "main",
+        "--",
+        "touch",
+        "/tmp/gate",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// The controller's end-to-end case (controller/tests/e2e.rs) on real pods: a Pool fills its
+/// buffer with pods the kubelet starts; a BatchSandbox gets 4, one task each, gated; a
+/// controller restart (its runtime dropped, as a crash) loses nothing while tasks run and end;
+/// a killed executor (the main container's sandlet) is reported unreachable, and when the
+/// kubelet has restarted it, reachable again with its task's true end: the runtime killed the
+/// task along with its container, so it is FAILED (the stand-in kubelet's tasks survive, as no
+/// runtime ends them); deleting the BatchSandbox stops the last running task (it takes a
+/// second on SIGTERM) before its pod is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
+async fn the_controllers_end_to_end_case_on_real_pods() {
+    const NS: &str = "e2e";
+    let node = NodeEnv::get();
+    node.namespace(NS).await;
+    let client = node.client().await;
+    let mut controller = node.spawn_controller(NS);
+    let pools: Api<Pool> = Api::namespaced(client.clone(), NS);
+    let batches: Api<BatchSandbox> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let events: Api<Event> = Api::namespaced(client.clone(), NS);
+
+    let capacity = json!({"bufferMin": 2, "bufferMax": 3, "poolMin": 0, "poolMax": 8});
+    pools
+        .create(&PostParams::default(), &in_container_pool("p", capacity))
+        .await
+        .unwrap();
+    eventually(
+        "the pool's buffer of 2 ready pods",
+        Duration::from_secs(120),
+        async || {
+            let s = pools.get("p").await.ok()?.status?;
+            (s.total == 2 && s.available == 2).then_some(())
+        },
+    )
+    .await;
+
+    // Tasks wait for /tmp/gate; the last one fails, the first one stops slowly on SIGTERM.
+    let gate = "while [ ! -e /tmp/gate ]; do sleep 0.1; done";
+    let slow = format!("trap 'sleep 1; exit 0' TERM; {gate}");
+    let batch: BatchSandbox = serde_json::from_value(json!({
+        "metadata": {"name": "b"},
+        "spec": {
+            "replicas": 4, "poolRef": "p",
+            "taskTemplate": {"spec": {"process": {"command": ["sh", "-c", gate]}}},
+            "shardTaskPatches": [
+                {"spec": {"process": {"command": ["sh", "-c", slow]}}}, {}, {},
+                {"spec": {"process": {"command": ["sh", "-c", format!("{gate}; exit 3")]}}}],
+        },
+    }))
     .unwrap();
+    batches
+        .create(&PostParams::default(), &batch)
+        .await
+        .unwrap();
+    counters_reach(
+        &batches,
+        "b",
+        (4, 4, 0, 0, 0),
+        "4 pods allocated, 4 tasks running",
+        Duration::from_secs(180),
+    )
+    .await;
+    let held = held_pods(&batches, "b").await;
+    assert_eq!(held.len(), 4);
+    for ip in kube_env::endpoints(&batches.get("b").await.unwrap()) {
+        assert!(in_pod_network(ip.parse().unwrap()), "{ip}");
+    }
+
+    // A controller restart while tasks run and end: every status written shows them as they
+    // are, never UNKNOWN or lost.
+    let history = counters_until(&batches, "b", (4, 1, 2, 1, 0)).await;
+    drop(controller);
+    controller = node.spawn_controller(NS);
+    for pod in &held[1..] {
+        open_gate(node, NS, pod);
+    }
+    let history = tokio::time::timeout(Duration::from_secs(120), history)
+        .await
+        .expect("2 SUCCEED and 1 FAILED after the restart")
+        .unwrap();
+    assert!(
+        history
+            .iter()
+            .all(|c| c.0 == 4 && c.4 == 0 && c.1 + c.2 + c.3 == 4),
+        "a restarted controller wrote statuses it did not know: {history:?}"
+    );
+    event_says(
+        &events,
+        "b",
+        "Warning",
+        "TaskFailed",
+        &format!("task b-3 on pod {} failed: exit code 3", held[3]),
+    )
+    .await;
+
+    // The executor of pod 0 is killed: its container ends, the kubelet restarts it.
+    let first = pods.get(&held[0]).await.unwrap();
+    let uid = first.metadata.uid.clone().unwrap();
+    let restarts = |p: &Pod| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .map(|c| c[0].restart_count)
+    };
+    let before = restarts(&first);
+    let sandlet = pod_processes(&uid)
+        .into_iter()
+        .find(|p| {
+            p.cmdline
+                .first()
+                .is_some_and(|c| c == "/opt/sandlet/sandlet")
+                && p.cmdline.get(1).is_some_and(|c| c == "serve")
+        })
+        .expect("the pod's sandlet");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sandlet.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    event_says(&events, "b", "Warning", "ExecutorUnreachable", &held[0]).await;
+    eventually(
+        "the kubelet restarted the executor's container",
+        Duration::from_secs(120),
+        async || {
+            let p = pods.get(&held[0]).await.ok()?;
+            (restarts(&p) > before).then_some(())
+        },
+    )
+    .await;
+    event_says(&events, "b", "Normal", "ExecutorReachable", &held[0]).await;
+    counters_reach(
+        &batches,
+        "b",
+        (4, 0, 2, 2, 0),
+        "the killed executor's task is FAILED, nothing UNKNOWN",
+        Duration::from_secs(120),
+    )
+    .await;
+
+    // A task still running when its BatchSandbox is deleted is stopped before its pod goes.
+    let batch: BatchSandbox = serde_json::from_value(json!({
+        "metadata": {"name": "slow"},
+        "spec": {"replicas": 1, "poolRef": "p",
+                 "taskTemplate": {"spec": {"process": {"command": ["sh", "-c", slow]}}}},
+    }))
+    .unwrap();
+    batches
+        .create(&PostParams::default(), &batch)
+        .await
+        .unwrap();
+    counters_reach(
+        &batches,
+        "slow",
+        (1, 1, 0, 0, 0),
+        "its task runs",
+        Duration::from_secs(180),
+    )
+    .await;
+    let pod = held_pods(&batches, "slow").await.remove(0);
+    let uid = pods.get(&pod).await.unwrap().metadata.uid.unwrap();
+    let task = eventually("the task's shell", Duration::from_secs(30), async || {
+        pod_processes(&uid)
+            .into_iter()
+            .find(|p| p.cmdline.get(2) == Some(&slow))
+    })
+    .await;
+    let task_ended = std::thread::spawn(move || {
+        while Path::new(&format!("/proc/{}", task.pid)).exists() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Instant::now()
+    });
+    batches
+        .delete("slow", &DeleteParams::default())
+        .await
+        .unwrap();
+    let pod_deleted = eventually(
+        "its pod is being deleted",
+        Duration::from_secs(60),
+        async || {
+            let p = pods.get_opt(&pod).await.ok()?;
+            p.is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+                .then(Instant::now)
+        },
+    )
+    .await;
+    let task_ended = task_ended.join().unwrap();
+    assert!(
+        task_ended < pod_deleted,
+        "the pod was deleted before its task had stopped"
+    );
+    eventually(
+        "the BatchSandbox is gone",
+        Duration::from_secs(60),
+        async || batches.get_opt("slow").await.ok()?.is_none().then_some(()),
+    )
+    .await;
+    drop(controller);
+}
+
+#[tokio::test]
+#[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
+async fn the_nodes_controller_runs_a_batch_sandbox_task_in_a_pool_pod() {
+    let node = NodeEnv::get();
+    node.namespace(CONTROLLER_NAMESPACE).await;
+    let client = node.client().await;
+    let pool = in_container_pool(
+        "local",
+        json!({"bufferMin": 1, "bufferMax": 1, "poolMin": 1, "poolMax": 2}),
+    );
     Api::<Pool>::namespaced(client.clone(), CONTROLLER_NAMESPACE)
         .create(&PostParams::default(), &pool)
         .await

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher;
 use kube::{Client, Config, ResourceExt};
@@ -255,6 +256,86 @@ pub async fn eventually<T>(
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// (allocated, tasks running, succeeded, failed, unknown)
+pub fn counters(b: &BatchSandbox) -> (i32, i32, i32, i32, i32) {
+    let s = b.status.clone().unwrap_or_default();
+    (
+        s.allocated,
+        s.task_running,
+        s.task_succeed,
+        s.task_failed,
+        s.task_unknown,
+    )
+}
+
+/// Waits until BatchSandbox `name`'s counters are `want` (see [`counters`]).
+pub async fn counters_reach(
+    sandboxes: &Api<BatchSandbox>,
+    name: &str,
+    want: (i32, i32, i32, i32, i32),
+    what: &str,
+    timeout: Duration,
+) {
+    eventually(what, timeout, async || {
+        let b = sandboxes.get(name).await.ok()?;
+        (counters(&b) == want).then_some(())
+    })
+    .await;
+}
+
+/// Watches BatchSandbox `name` from now on and returns every set of counters its status shows
+/// (see [`counters`]) until it shows `last`.
+pub async fn counters_until(
+    sandboxes: &Api<BatchSandbox>,
+    name: &str,
+    last: (i32, i32, i32, i32, i32),
+) -> tokio::task::JoinHandle<Vec<(i32, i32, i32, i32, i32)>> {
+    use futures::StreamExt;
+    use kube::runtime::watcher;
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut stream = watcher(sandboxes.clone(), config).boxed();
+    // The watch is established (its initial list done) before anything it must see happens.
+    loop {
+        match stream.next().await.expect("the watch runs").unwrap() {
+            watcher::Event::InitDone => break,
+            _ => continue,
+        }
+    }
+    tokio::spawn(async move {
+        let mut history = Vec::new();
+        while let Some(event) = stream.next().await {
+            if let Ok(watcher::Event::Apply(b)) = event {
+                let seen = counters(&b);
+                if history.last() != Some(&seen) {
+                    history.push(seen);
+                }
+                if seen == last {
+                    break;
+                }
+            }
+        }
+        history
+    })
+}
+
+/// Waits for an Event of `kind` and `reason` on BatchSandbox `name` whose note contains `says`.
+pub async fn event_says(events: &Api<Event>, name: &str, kind: &str, reason: &str, says: &str) {
+    let what = format!("a {kind} {reason} event on {name} saying {says:?}");
+    eventually(&what, Duration::from_secs(30), async || {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                    && e.type_.as_deref() == Some(kind)
+                    && e.reason.as_deref() == Some(reason)
+                    && e.note.as_deref().is_some_and(|n| n.contains(says))
+            })
+            .then_some(())
+    })
+    .await;
 }
 
 /// sandlet-controller for `namespace`, in this process, sending `token` to the executors (a

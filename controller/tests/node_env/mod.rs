@@ -22,6 +22,7 @@
 use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -50,6 +51,8 @@ pub struct NodeEnv {
     kubeconfig_path: PathBuf,
     /// The instance directory (`logs/<component>.log` among others).
     dir: PathBuf,
+    /// The node's init, in this PID namespace.
+    pid: u32,
     executor_token: String,
     /// Never waited for: it outlives this process, reading its stdin until this process ends
     /// (see the module docs).
@@ -191,6 +194,7 @@ impl NodeEnv {
             kubeconfig,
             kubeconfig_path,
             dir,
+            pid: vars["SANDLET_NODE_PID"].parse().unwrap(),
             executor_token: executor_token.trim().into(),
             _watcher: watcher,
         }
@@ -256,6 +260,40 @@ impl NodeEnv {
         forward(&self.netns, target)
     }
 
+    /// sandlet-controller (the binary the tests were built with) for `namespace`, a process
+    /// in the node's network namespace, where the pods' addresses are, with the admin
+    /// kubeconfig; its log is `logs/controller-<namespace>.log` in the node's directory.
+    pub fn spawn_controller(&self, namespace: &str) -> NodeController {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("logs/controller-{namespace}.log")))
+            .unwrap();
+        let mut command = Command::new("nsenter");
+        // SAFETY: prctl is async-signal-safe. A test binary killed outright takes its
+        // controller along (nsenter execs it: the signal holds across exec).
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(io::Error::from)
+            });
+        }
+        let child = command
+            .arg(format!("--net=/proc/{}/ns/net", self.pid))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_sandlet-controller"))
+            .args(["--namespace", namespace, "--executor-token-file"])
+            .arg(self.dir.join("executor-token"))
+            .env("KUBECONFIG", &self.kubeconfig_path)
+            .env("RUST_LOG", "sandlet_controller=debug,kube_runtime=info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("nsenter (util-linux) starts the controller");
+        NodeController { child }
+    }
+
     /// Creates namespace `name` (with the `sandlet-token` Secret) unless it exists (tests share
     /// [`CONTROLLER_NAMESPACE`]) and waits until its default service account exists: pods are
     /// refused before.
@@ -288,6 +326,19 @@ impl NodeEnv {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// A sandlet-controller [`NodeEnv::spawn_controller`] started; killed when dropped (SIGKILL:
+/// as a crash, nothing of it is flushed or closed in order).
+pub struct NodeController {
+    child: Child,
+}
+
+impl Drop for NodeController {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
