@@ -101,7 +101,7 @@ pub fn locate(locator: &Locator) -> Result<Target, TargetError> {
             Locator::MarkedOrOther(_) => other,
         };
         // The parent-chain walk (a /proc read per ancestor) only for processes that match.
-        if !matches || started_by_sandlet(pid, me) {
+        if !matches || started_by_sandlet(pid, me) || in_runtime_init(pid) {
             continue;
         }
         let (Ok(stat), Some((uid, gid))) = (stat(pid), ids(pid)) else {
@@ -288,6 +288,15 @@ fn ids(pid: i32) -> Option<(u32, u32)> {
             .ok()
     };
     Some((first("Uid:")?, first("Gid:")?))
+}
+
+/// Whether `pid` is a container's first process still in the runtime's hands: runc's init
+/// (`runc:[2:INIT]`, earlier stages `runc:[0:PARENT]`, `runc:[1:CHILD]`) is already in the
+/// container's namespaces and root, but still root, with runc's environment, until it execs
+/// the container's command. Found there (a restarting main container, seen on a real node),
+/// every later task would run as root with that environment.
+fn in_runtime_init(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.starts_with(b"runc:["))
 }
 
 /// Whether `pid` descends from this sandlet or from any sandlet shim (see the module docs).
