@@ -209,6 +209,20 @@ impl NodeEnv {
         Client::try_from(config).unwrap()
     }
 
+    /// Where path `node_path` of the node's own filesystem (its `/var/lib`, `/run` and
+    /// `/var/log` are the instance's, see `.ci/node`) is on the host: e.g. a hostPath volume.
+    #[allow(dead_code, reason = "benches/pooled_node.rs uses it, the tests do not")]
+    pub fn host_path(&self, node_path: &str) -> PathBuf {
+        let inside = ["/var/lib/", "/run/", "/var/log/"];
+        assert!(
+            inside.iter().any(|p| node_path.starts_with(p)),
+            "{node_path} is the host's own"
+        );
+        self.dir
+            .join("root")
+            .join(node_path.trim_start_matches('/'))
+    }
+
     /// The node's cgroup path, below this process's own (see `.ci/node`).
     pub fn cgroup(&self) -> &str {
         &self.cgroup
