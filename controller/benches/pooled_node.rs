@@ -102,40 +102,18 @@ async fn main() {
 
     // deploy/pool-in-container.yaml's placement with the local images, and the gate.
     let memory_before = node_memory(node);
-    let pool: Pool = serde_json::from_value(json!({
-        "metadata": {"name": "bench"},
-        "spec": {
-            "capacitySpec": {"bufferMin": 0, "bufferMax": 0, "poolMin": n, "poolMax": n},
-            "template": {"spec": {
-                "terminationGracePeriodSeconds": 1,
-                "initContainers": [{
-                    "name": "install-sandlet", "image": "sandlet:dev", "imagePullPolicy": "Never",
-                    "args": ["install", "/opt/sandlet/sandlet"],
-                    "volumeMounts": [{"name": "sandlet-bin", "mountPath": "/opt/sandlet"}],
-                }],
-                "containers": [{
-                    "name": "main", "image": "sandlet-sandbox:dev", "imagePullPolicy": "Never",
-                    "command": ["/bin/sh", "-c"],
-                    "args": ["exec /opt/sandlet/sandlet serve --listen-addr 0.0.0.0:5758 --data-dir /var/lib/sandlet/tasks --exec-data-dir /var/lib/sandlet/exec"],
-                    "env": [{"name": "SANDLET_TOKEN_FILE", "value": "/var/run/sandlet/token"}],
-                    "readinessProbe": {"httpGet": {"path": "/ready", "port": 5758}, "periodSeconds": 1},
-                    "volumeMounts": [
-                        {"name": "sandlet-bin", "mountPath": "/opt/sandlet", "readOnly": true},
-                        {"name": "sandlet-data", "mountPath": "/var/lib/sandlet"},
-                        {"name": "sandlet-token", "mountPath": "/var/run/sandlet", "readOnly": true},
-                        {"name": "gate", "mountPath": "/gate"},
-                    ],
-                }],
-                "volumes": [
-                    {"name": "sandlet-bin", "emptyDir": {}},
-                    {"name": "sandlet-data", "emptyDir": {}},
-                    {"name": "sandlet-token", "secret": {"secretName": "sandlet-token"}},
-                    {"name": "gate", "hostPath": {"path": GATE, "type": "Directory"}},
-                ],
-            }},
-        },
-    }))
-    .unwrap();
+    let capacity = json!({"bufferMin": 0, "bufferMax": 0, "poolMin": n, "poolMax": n});
+    let mut pool = node_env::in_container_pool("bench", capacity);
+    let pod = &mut pool["spec"]["template"]["spec"];
+    pod["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "gate", "hostPath": {"path": GATE, "type": "Directory"}}));
+    pod["containers"][0]["volumeMounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "gate", "mountPath": "/gate"}));
+    let pool: Pool = serde_json::from_value(pool).unwrap();
     let filling = Instant::now();
     Api::<Pool>::namespaced(client.clone(), CONTROLLER_NAMESPACE)
         .create(&PostParams::default(), &pool)

@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, LogParams, PostParams};
 use kube_env::{counters_reach, counters_until, event_says, eventually};
-use node_env::{CONTROLLER_NAMESPACE, NodeEnv};
+use node_env::{CONTROLLER_NAMESPACE, NodeEnv, in_container_pool};
 use sandlet_controller::crd::{ALLOC_STATUS, BatchSandbox, PodList, Pool};
 use serde_json::{Value, json};
 
@@ -189,47 +189,6 @@ async fn a_sandlet_pod_runs_a_task_through_its_task_api_at_the_pod_ip() {
     assert!(output.starts_with("sandlet "), "task output: {output:?}");
 }
 
-/// A Pool of deploy/pool-in-container.yaml's placement with the local images: sandlet is the
-/// main container's process (the sandbox image's, running as its user) and checks the token.
-fn in_container_pool(name: &str, capacity: Value) -> Pool {
-    serde_json::from_value(json!({
-        "metadata": {"name": name},
-        "spec": {
-            "capacitySpec": capacity,
-            "template": {"spec": {
-                "terminationGracePeriodSeconds": 1,
-                "initContainers": [{
-                    "name": "install-sandlet",
-                    "image": "sandlet:dev",
-                    "imagePullPolicy": "Never",
-                    "args": ["install", "/opt/sandlet/sandlet"],
-                    "volumeMounts": [{"name": "sandlet-bin", "mountPath": "/opt/sandlet"}],
-                }],
-                "containers": [{
-                    "name": "main",
-                    "image": "sandlet-sandbox:dev",
-                    "imagePullPolicy": "Never",
-                    "command": ["/bin/sh", "-c"],
-                    "args": ["exec /opt/sandlet/sandlet serve --listen-addr 0.0.0.0:5758 --data-dir /var/lib/sandlet/tasks --exec-data-dir /var/lib/sandlet/exec"],
-                    "env": [{"name": "SANDLET_TOKEN_FILE", "value": "/var/run/sandlet/token"}],
-                    "readinessProbe": {"httpGet": {"path": "/ready", "port": 5758}, "periodSeconds": 1},
-                    "volumeMounts": [
-                        {"name": "sandlet-bin", "mountPath": "/opt/sandlet", "readOnly": true},
-                        {"name": "sandlet-data", "mountPath": "/var/lib/sandlet"},
-                        {"name": "sandlet-token", "mountPath": "/var/run/sandlet", "readOnly": true},
-                    ],
-                }],
-                "volumes": [
-                    {"name": "sandlet-bin", "emptyDir": {}},
-                    {"name": "sandlet-data", "emptyDir": {}},
-                    {"name": "sandlet-token", "secret": {"secretName": "sandlet-token"}},
-                ],
-            }},
-        },
-    }))
-    .unwrap()
-}
-
 /// The pods a BatchSandbox holds, in index order.
 async fn held_pods(batches: &Api<BatchSandbox>, name: &str) -> Vec<String> {
     let b = batches.get(name).await.unwrap();
@@ -276,7 +235,10 @@ async fn the_controllers_end_to_end_case_on_real_pods() {
 
     let capacity = json!({"bufferMin": 2, "bufferMax": 3, "poolMin": 0, "poolMax": 8});
     pools
-        .create(&PostParams::default(), &in_container_pool("p", capacity))
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(in_container_pool("p", capacity)).unwrap(),
+        )
         .await
         .unwrap();
     eventually(
@@ -459,10 +421,8 @@ async fn the_nodes_controller_runs_a_batch_sandbox_task_in_a_pool_pod() {
     let node = NodeEnv::get();
     node.namespace(CONTROLLER_NAMESPACE).await;
     let client = node.client().await;
-    let pool = in_container_pool(
-        "local",
-        json!({"bufferMin": 1, "bufferMax": 1, "poolMin": 1, "poolMax": 2}),
-    );
+    let capacity = json!({"bufferMin": 1, "bufferMax": 1, "poolMin": 1, "poolMax": 2});
+    let pool: Pool = serde_json::from_value(in_container_pool("local", capacity)).unwrap();
     Api::<Pool>::namespaced(client.clone(), CONTROLLER_NAMESPACE)
         .create(&PostParams::default(), &pool)
         .await

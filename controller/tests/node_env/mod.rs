@@ -33,7 +33,7 @@ use kube::api::{Api, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use nix::sched::{CloneFlags, setns};
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// The namespace the node's sandlet-controller watches (`SANDLET_NODE_WATCH_NAMESPACE`).
 pub const CONTROLLER_NAMESPACE: &str = "pool";
@@ -362,6 +362,46 @@ fn exists_or_created<T>(created: kube::Result<T>) {
         Err(kube::Error::Api(e)) if e.is_already_exists() => {}
         Err(e) => panic!("{e}"),
     }
+}
+
+/// A Pool of deploy/pool-in-container.yaml's placement with the local images: sandlet is the
+/// main container's process (the sandbox image's, running as its user) and checks the token.
+pub fn in_container_pool(name: &str, capacity: Value) -> Value {
+    json!({
+        "metadata": {"name": name},
+        "spec": {
+            "capacitySpec": capacity,
+            "template": {"spec": {
+                "terminationGracePeriodSeconds": 1,
+                "initContainers": [{
+                    "name": "install-sandlet",
+                    "image": "sandlet:dev",
+                    "imagePullPolicy": "Never",
+                    "args": ["install", "/opt/sandlet/sandlet"],
+                    "volumeMounts": [{"name": "sandlet-bin", "mountPath": "/opt/sandlet"}],
+                }],
+                "containers": [{
+                    "name": "main",
+                    "image": "sandlet-sandbox:dev",
+                    "imagePullPolicy": "Never",
+                    "command": ["/bin/sh", "-c"],
+                    "args": ["exec /opt/sandlet/sandlet serve --listen-addr 0.0.0.0:5758 --data-dir /var/lib/sandlet/tasks --exec-data-dir /var/lib/sandlet/exec"],
+                    "env": [{"name": "SANDLET_TOKEN_FILE", "value": "/var/run/sandlet/token"}],
+                    "readinessProbe": {"httpGet": {"path": "/ready", "port": 5758}, "periodSeconds": 1},
+                    "volumeMounts": [
+                        {"name": "sandlet-bin", "mountPath": "/opt/sandlet", "readOnly": true},
+                        {"name": "sandlet-data", "mountPath": "/var/lib/sandlet"},
+                        {"name": "sandlet-token", "mountPath": "/var/run/sandlet", "readOnly": true},
+                    ],
+                }],
+                "volumes": [
+                    {"name": "sandlet-bin", "emptyDir": {}},
+                    {"name": "sandlet-data", "emptyDir": {}},
+                    {"name": "sandlet-token", "secret": {"secretName": "sandlet-token"}},
+                ],
+            }},
+        },
+    })
 }
 
 /// See [`NodeEnv::forward`].
