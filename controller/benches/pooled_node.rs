@@ -83,7 +83,7 @@ async fn main() {
         .map(|v| v.parse().expect("SANDLET_BENCH_PODS is a number"))
         .unwrap_or(100);
     let available_before = mem_available();
-    let node = NodeEnv::get();
+    let node = NodeEnv::get_scoped();
     node.namespace(CONTROLLER_NAMESPACE).await;
     let client = node.client().await;
 

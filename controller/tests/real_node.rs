@@ -90,7 +90,7 @@ fn addresses() -> Vec<IpAddr> {
 #[tokio::test]
 #[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
 async fn a_pod_of_the_sandbox_image_runs_as_the_images_non_root_user() {
-    let node = NodeEnv::get();
+    let node = NodeEnv::get_scoped();
     node.namespace("sandbox").await;
     let pods: Api<Pod> = Api::namespaced(node.client().await, "sandbox");
     // id -un resolves the uid in the image's own /etc/passwd.
@@ -113,7 +113,7 @@ async fn a_pod_of_the_sandbox_image_runs_as_the_images_non_root_user() {
 #[tokio::test]
 #[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
 async fn a_sandlet_pod_runs_a_task_through_its_task_api_at_the_pod_ip() {
-    let node = NodeEnv::get();
+    let node = NodeEnv::get_scoped();
     node.namespace("tasks").await;
     let pods: Api<Pod> = Api::namespaced(node.client().await, "tasks");
     let ip = run_pod(
@@ -224,7 +224,7 @@ fn open_gate(node: &NodeEnv, namespace: &str, pod: &str) {
 #[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
 async fn the_controllers_end_to_end_case_on_real_pods() {
     const NS: &str = "e2e";
-    let node = NodeEnv::get();
+    let node = NodeEnv::get_scoped();
     node.namespace(NS).await;
     let client = node.client().await;
     let mut controller = node.spawn_controller(NS);
@@ -418,7 +418,7 @@ async fn the_controllers_end_to_end_case_on_real_pods() {
 #[tokio::test]
 #[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
 async fn the_nodes_controller_runs_a_batch_sandbox_task_in_a_pool_pod() {
-    let node = NodeEnv::get();
+    let node = NodeEnv::get_scoped();
     node.namespace(CONTROLLER_NAMESPACE).await;
     let client = node.client().await;
     let capacity = json!({"bufferMin": 1, "bufferMax": 1, "poolMin": 1, "poolMax": 2});
@@ -463,7 +463,7 @@ const WHERE_AM_I: &str =
 #[tokio::test]
 #[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
 async fn the_opensandbox_readme_pool_runs_every_task_in_its_sandbox_container() {
-    let node = NodeEnv::get();
+    let node = NodeEnv::get_scoped();
     node.namespace(CONTROLLER_NAMESPACE).await;
     let client = node.client().await;
     let pool: Pool = serde_yaml::from_str(include_str!(
@@ -658,7 +658,7 @@ impl TaskApi {
 #[tokio::test]
 #[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
 async fn a_sidecar_follows_its_main_container_through_a_restart_by_the_kubelet() {
-    let node = NodeEnv::get();
+    let node = NodeEnv::get_scoped();
     node.namespace("sidecar").await;
     let pods: Api<Pod> = Api::namespaced(node.client().await, "sidecar");
     let pool: Value = serde_yaml::from_str(include_str!(
@@ -803,7 +803,7 @@ fn rendered_pool(node: &NodeEnv, set: &[&str]) -> Value {
 #[tokio::test]
 #[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
 async fn the_helm_chart_installs_a_controller_that_runs_tasks_in_its_sample_pool() {
-    let node = NodeEnv::get();
+    let node = NodeEnv::get_scoped();
     for placement in ["sidecar", "in-container"] {
         let set = format!("samplePool.placement={placement}");
         helm(
@@ -855,7 +855,7 @@ async fn the_helm_chart_installs_a_controller_that_runs_tasks_in_its_sample_pool
             "--set",
             "samplePool.enabled=true",
             "--set",
-            "samplePool.mainImage=sandlet-sandbox:dev",
+            "samplePool.mainImage=sandlet-sandbox:nonroot",
             "--set",
             "samplePool.imagePullPolicy=Never",
             "--set-json",
@@ -941,7 +941,7 @@ async fn the_helm_chart_installs_a_controller_that_runs_tasks_in_its_sample_pool
 #[test]
 #[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
 fn the_node_tool_runs_commands_against_the_node_in_its_network() {
-    let node = NodeEnv::get();
+    let node = NodeEnv::get_scoped();
     let text = |cmd: &[&str]| {
         let out = node.exec(cmd);
         assert!(out.status.success(), "{cmd:?}: {out:?}");
@@ -971,7 +971,7 @@ fn the_node_tool_runs_commands_against_the_node_in_its_network() {
 #[tokio::test]
 #[ignore = "needs the real node: `./test` builds it (.ci/node-setup) and runs every test"]
 async fn the_node_and_its_pods_stay_in_their_namespaces_and_below_our_cgroups() {
-    let node = NodeEnv::get();
+    let node = NodeEnv::get_scoped();
     node.namespace("contained").await;
     let pods: Api<Pod> = Api::namespaced(node.client().await, "contained");
     let ip = run_pod(&pods, sandbox_pod("sleeper", &["sleep", "3601"])).await;

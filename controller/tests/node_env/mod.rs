@@ -16,8 +16,9 @@
 //! ends (a panic, SIGKILL), the pipe closes and the watcher runs `.ci/node down`, which kills the
 //! node's PID namespace and removes its cgroups, mounts and files.
 //!
-//! The node's own sandlet-controller watches [`CONTROLLER_NAMESPACE`] only: tests that run a
-//! controller of their own ([`NodeEnv::spawn_controller`]) use other namespaces.
+//! The node's own sandlet-controller watches every namespace, or with [`NodeEnv::get_scoped`]
+//! [`CONTROLLER_NAMESPACE`] only: then tests can run a controller of their own
+//! ([`NodeEnv::spawn_controller`]) in other namespaces.
 
 use std::fs::File;
 use std::io;
@@ -35,7 +36,8 @@ use kube::{Client, Config};
 use nix::sched::{CloneFlags, setns};
 use serde_json::{Value, json};
 
-/// The namespace the node's sandlet-controller watches (`SANDLET_NODE_WATCH_NAMESPACE`).
+/// The namespace the node's sandlet-controller watches with [`NodeEnv::get_scoped`]
+/// (`SANDLET_NODE_WATCH_NAMESPACE`).
 pub const CONTROLLER_NAMESPACE: &str = "pool";
 
 pub struct NodeEnv {
@@ -53,6 +55,8 @@ pub struct NodeEnv {
     dir: PathBuf,
     /// The node's init, in this PID namespace.
     pid: u32,
+    /// The one namespace the node's sandlet-controller watches; `None`: all.
+    scope: Option<&'static str>,
     executor_token: String,
     /// Never waited for: it outlives this process, reading its stdin until this process ends
     /// (see the module docs).
@@ -129,15 +133,29 @@ impl NodeEnv {
     /// The node of this test binary, booted on first use. Tests that use it are `#[ignore]`d
     /// with the reason: `cargo test` lists them as ignored, `./test` builds the node and runs
     /// them.
+    /// Its sandlet-controller watches every namespace.
     pub fn get() -> &'static NodeEnv {
-        static NODE: OnceLock<NodeEnv> = OnceLock::new();
-        NODE.get_or_init(|| {
-            assert_prerequisites();
-            NodeEnv::boot()
-        })
+        Self::node(None)
     }
 
-    fn boot() -> NodeEnv {
+    /// The node of this test binary, its sandlet-controller watching [`CONTROLLER_NAMESPACE`]
+    /// only, so that tests can run controllers of their own in other namespaces
+    /// ([`NodeEnv::spawn_controller`]). A test binary uses either this or [`NodeEnv::get`].
+    pub fn get_scoped() -> &'static NodeEnv {
+        Self::node(Some(CONTROLLER_NAMESPACE))
+    }
+
+    fn node(scope: Option<&'static str>) -> &'static NodeEnv {
+        static NODE: OnceLock<NodeEnv> = OnceLock::new();
+        let node = NODE.get_or_init(|| {
+            assert_prerequisites();
+            NodeEnv::boot(scope)
+        });
+        assert_eq!(node.scope, scope, "one test binary, one controller scope");
+        node
+    }
+
+    fn boot(scope: Option<&'static str>) -> NodeEnv {
         let started = Instant::now();
         let prefix = instance_prefix();
         remove_abandoned_instances(&prefix);
@@ -154,7 +172,7 @@ impl NodeEnv {
         let up = Command::new(node_script())
             .arg("up")
             .env("SANDLET_NODE_INSTANCE", &instance)
-            .env("SANDLET_NODE_WATCH_NAMESPACE", CONTROLLER_NAMESPACE)
+            .env("SANDLET_NODE_WATCH_NAMESPACE", scope.unwrap_or_default())
             // The controller this test binary was built with (the image's sandlet is the
             // release build `.ci/node up` makes).
             .env(
@@ -195,6 +213,7 @@ impl NodeEnv {
             kubeconfig_path,
             dir,
             pid: vars["SANDLET_NODE_PID"].parse().unwrap(),
+            scope,
             executor_token: executor_token.trim().into(),
             _watcher: watcher,
         }
