@@ -76,6 +76,19 @@ pub struct ExecClient {
 }
 
 impl ExecClient {
+    /// The same client with `deadline` for each whole request instead of the harness's 30 s:
+    /// for requests whose work grows with their size, on a machine that may be busy.
+    pub fn with_deadline(&self, deadline: Duration) -> ExecClient {
+        ExecClient {
+            base: self.base.clone(),
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(deadline))
+                .build()
+                .into(),
+        }
+    }
+
     /// A request to the exec API with any body and headers.
     pub fn exec_bytes(
         &self,
