@@ -109,7 +109,13 @@ impl TargetWatch {
     /// current process each time it is found, and `None` the moment that process ends.
     pub async fn run(self: Arc<Self>, incarnation: impl Fn(Option<ProcessIdentity>)) {
         loop {
-            let found = tokio::task::block_in_place(|| self.find());
+            // Off the async threads, awaited: at shutdown this task is dropped at the await,
+            // where a find run in place would carry on into a timer of a runtime going away
+            // (and panic there).
+            let finder = Arc::clone(&self);
+            let found = tokio::task::spawn_blocking(move || finder.find())
+                .await
+                .unwrap_or_else(|e| Err(format!("looking for the main container failed: {e}")));
             let (located, pidfd) = match found {
                 Ok(found) => found,
                 Err(why) => {
