@@ -67,6 +67,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     if let Some(target) = &target {
         tracing::info!(main_container = ?target.current().map(|l| l.target.process).ok(), "sidecar mode");
     }
+    let stop_signal = wait_for_signal()?;
     let mut servers = tokio::task::JoinSet::new();
     for (api, listener, app) in apis {
         tracing::info!(
@@ -84,7 +85,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), Error> {
             // A server ends only at shutdown: this one failed.
             ended.map_err(|e| Error::Setup(e.to_string()))??;
         }
-        _ = wait_for_signal() => {}
+        () = stop_signal => {}
     }
     tracing::info!(
         "shutting down: tasks keep running under their shims and are re-adopted at the next start"
@@ -420,12 +421,21 @@ fn code_interpreting(
     ))
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
+/// Resolves at the first SIGTERM or SIGINT. The handlers are installed when this is called,
+/// not when the future is first polled: a signal that arrives once an API answers must reach
+/// them, not the default action.
+fn wait_for_signal() -> Result<impl Future<Output = ()>, Error> {
+    let handler = |kind| {
+        signal(kind).map_err(|e| Error::Setup(format!("cannot handle SIGTERM and SIGINT: {e}")))
+    };
+    let (mut term, mut int) = (
+        handler(SignalKind::terminate())?,
+        handler(SignalKind::interrupt())?,
+    );
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
